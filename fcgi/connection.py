@@ -1,0 +1,198 @@
+"""One socket from the web server: records in, responses out, one request at a time.
+
+Reading happens only on the I/O loop thread, when epoll says the socket is
+readable, so a slow or silent peer never holds a thread. Writing happens on
+whichever thread runs the request, under ``lock``; the socket stays
+non-blocking and a full send buffer is waited out with ``poll``.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+from . import protocol
+from .request import Request
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("fcgi")
+
+_ACCEPTED_TYPES = frozenset(
+    (
+        protocol.BEGIN_REQUEST,
+        protocol.ABORT_REQUEST,
+        protocol.PARAMS,
+        protocol.STDIN,
+        protocol.DATA,
+    )
+)
+
+
+class Connection:
+    """A web server connection and the request it is carrying, if any."""
+
+    def __init__(self, sock: socket.socket, server: Server) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.server = server
+        self.lock = threading.Lock()
+        self.buf = bytearray()
+        self.request: Request | None = None
+        self.closed = False
+        self.peer_gone = False
+
+    # -- reading, on the I/O loop thread ----------------------------------------
+
+    def on_readable(self) -> Request | None:
+        """Read what has arrived; return a request that is now complete and ready to run."""
+        try:
+            data = self.sock.recv(262144)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            log.debug("connection %d: recv failed: %s", self.fd, exc)
+            data = b""
+        if not data:
+            self.on_eof()
+            return None
+        buf = self.buf
+        buf += data
+        try:
+            with self.lock:
+                ready, used = self._parse(buf)
+        except protocol.ProtocolError as exc:
+            log.warning("connection %d: %s; closing it", self.fd, exc)
+            self.close_when_idle()
+            return None
+        del buf[:used]
+        return ready
+
+    def _parse(self, buf: bytearray) -> tuple[Request | None, int]:
+        pos, end, ready = 0, len(buf), None
+        unpack = protocol.HEADER.unpack_from
+        while end - pos >= protocol.HEADER_LEN:
+            version, rtype, rid, clen, plen = unpack(buf, pos)
+            if version != protocol.VERSION_1:
+                raise protocol.ProtocolError(f"bad record version {version}")
+            stop = pos + protocol.HEADER_LEN + clen
+            if stop + plen > end:
+                break
+            content = bytes(buf[pos + protocol.HEADER_LEN : stop])
+            pos = stop + plen
+            if self._on_record(rtype, rid, content):
+                ready = self.request
+        return ready, pos
+
+    def _on_record(self, rtype: int, rid: int, content: bytes) -> bool:
+        """Handle one record; True when it completed the current request."""
+        request = self.request
+        if rid == protocol.NULL_REQUEST_ID:
+            if rtype == protocol.GET_VALUES:
+                names = protocol.decode_pairs(content)
+                self.send([protocol.get_values_result(names, self.server.fcgi_values)])
+            else:
+                self.send([protocol.unknown_type(rtype)])
+            return False
+        if rtype not in _ACCEPTED_TYPES:
+            self.send([protocol.unknown_type(rtype)])
+            return False
+        if rtype == protocol.BEGIN_REQUEST:
+            if len(content) < protocol.BEGIN_BODY.size:
+                raise protocol.ProtocolError("short BEGIN_REQUEST body")
+            role, flags = protocol.BEGIN_BODY.unpack_from(content)
+            if request is not None:
+                self.send([protocol.reject(rid, protocol.CANT_MPX_CONN)])
+            elif role != protocol.RESPONDER:
+                self.send([protocol.reject(rid, protocol.UNKNOWN_ROLE)])
+            else:
+                self.request = Request(self, rid, bool(flags & protocol.KEEP_CONN))
+            return False
+        if request is None or request.id != rid:
+            return False  # the specification says to ignore records of inactive requests
+        if rtype == protocol.ABORT_REQUEST:
+            if request.running:
+                request.abort()
+            else:
+                self.request = None
+                self.send([protocol.end_request(rid, 1)])
+            return False
+        if request.running:
+            return False
+        opts = self.server.options
+        if rtype == protocol.PARAMS:
+            request.add_params(content, opts.max_params)
+        elif rtype == protocol.STDIN and request.add_stdin(content, opts.spool_threshold):
+            request.running = True
+            return True
+        return False
+
+    def on_eof(self) -> None:
+        """The web server closed its side: close now, or once the running request ends."""
+        with self.lock:
+            request = self.request
+            if request is not None and request.running and not request.finished:
+                self.peer_gone = True
+                request.aborted = True
+                self.server.forget(self)
+                return
+        self.close()
+
+    def close_when_idle(self) -> None:
+        with self.lock:
+            if self.request is not None and self.request.running and not self.request.finished:
+                self.peer_gone = True
+                self.request.aborted = True
+                self.server.forget(self)
+                return
+        self.close()
+
+    # -- writing, on any thread, under self.lock ------------------------------
+
+    def send(self, parts: list[bytes]) -> int:
+        """Send all of ``parts``; on a dead peer mark the request aborted and return 0."""
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if self.peer_gone or self.closed:
+            return 0
+        view = memoryview(data)
+        total = len(data)
+        try:
+            while view:
+                try:
+                    view = view[self.sock.send(view) :]
+                except BlockingIOError:
+                    self._wait_writable()
+        except OSError as exc:
+            log.debug("connection %d: send failed: %s", self.fd, exc)
+            self.peer_gone = True
+            if self.request is not None:
+                self.request.aborted = True
+            return 0
+        return total
+
+    def _wait_writable(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        if not poller.poll(self.server.options.write_timeout * 1000):
+            raise TimeoutError(f"peer read nothing for {self.server.options.write_timeout} s")
+
+    def request_finished(self, request: Request) -> None:
+        """Called under ``lock`` once END_REQUEST went out (or could not)."""
+        if self.request is request:
+            self.request = None
+        if self.peer_gone or not request.keep_conn:
+            self.server.forget(self)
+            self.closed = True
+            self.sock.close()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.server.forget(self)
+            self.sock.close()

@@ -1,0 +1,236 @@
+"""The worker's options, declared once as a flat table.
+
+Each row gives the name, the converter that validates a value, the default
+and the help text. The same table builds ``--help``, reads ``FCGI_<NAME>``
+environment variables and fills the ``Options`` object; a bad value is an
+error that names the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a number of seconds above 0")
+    return value
+
+
+def size(text: str) -> int:
+    """Bytes, with an optional K, M or G suffix (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    factor = units.get(text[-1:], 1)
+    value = int(text[:-1] if factor > 1 else text) * factor
+    if value < 1:
+        raise ValueError("must be a size of 1 byte or more")
+    return value
+
+
+def file_mode(text: str) -> int:
+    value = int(text, 8)
+    if not 0 <= value <= 0o777:
+        raise ValueError("must be an octal mode such as 660")
+    return value
+
+
+def bind_address(text: str) -> str:
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise ValueError("unix: needs a path, as in unix:var/run/app.sock")
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be unix:PATH or HOST:PORT, as in 127.0.0.1:9000")
+    return text
+
+
+def mount_point(text: str) -> str:
+    text = text.rstrip("/")
+    if text and not text.startswith("/"):
+        raise ValueError("must be empty (the root) or start with /, as in /app")
+    return text
+
+
+def log_level(text: str) -> str:
+    levels = ("debug", "info", "warning", "error")
+    if text.lower() not in levels:
+        raise ValueError("must be one of " + ", ".join(levels))
+    return text.lower()
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    convert: Callable[[str], Any]
+    default: Any
+    help: str
+    metavar: str = "N"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "FCGI_" + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "bind",
+        bind_address,
+        None,
+        "where to listen: unix:PATH or HOST:PORT. Default: the "
+        "listening socket on fd 0, as supervisor's [fcgi-program] and spawn-fcgi hand it",
+        "ADDRESS",
+    ),
+    Option(
+        "threads",
+        positive_int,
+        1,
+        "requests run at once in this process; idle and "
+        "slow connections take none (scale across cores with more processes)",
+    ),
+    Option(
+        "socket_mode",
+        file_mode,
+        0o660,
+        "permissions of a unix socket this worker creates, "
+        "in octal; 660 lets the web server's group connect",
+        "MODE",
+    ),
+    Option("backlog", positive_int, 1024, "listen backlog of a socket this worker creates"),
+    Option(
+        "max_detached",
+        non_negative_int,
+        16,
+        "requests that may go on running after "
+        "fcgi.finish_request (PHP style) without holding one of --threads; beyond it they "
+        "hold one",
+    ),
+    Option(
+        "spool_threshold",
+        size,
+        1 << 20,
+        "request bodies larger than this go to a "
+        "temporary file instead of memory (K, M, G suffixes)",
+        "BYTES",
+    ),
+    Option(
+        "max_params",
+        size,
+        1 << 20,
+        "largest params (headers) a request may send; more closes the connection",
+        "BYTES",
+    ),
+    Option(
+        "write_timeout",
+        seconds,
+        60.0,
+        "seconds to wait for the web server to read a response before giving up on it",
+        "SECONDS",
+    ),
+    Option(
+        "graceful_timeout",
+        seconds,
+        30.0,
+        "on SIGTERM, seconds to finish running requests and accepted deferred work before exiting",
+        "SECONDS",
+    ),
+    Option(
+        "mount",
+        mount_point,
+        "",
+        "URL prefix the app is mounted at: SCRIPT_NAME becomes "
+        "this and PATH_INFO the rest of the path, whatever the web server sent "
+        "(default: the root)",
+        "PREFIX",
+    ),
+    Option("log_level", log_level, "info", "debug, info, warning or error", "LEVEL"),
+)
+
+
+class Options:
+    """The validated settings of one worker; attributes are the table's names."""
+
+    app: str
+
+    def __init__(self, **values: Any) -> None:
+        for opt in OPTIONS:
+            setattr(self, opt.name, values.pop(opt.name, opt.default))
+        self.app = values.pop("app", "")
+        if values:
+            raise TypeError(f"unknown options: {', '.join(values)}")
+
+    @classmethod
+    def parse(cls, argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> Options:
+        """Options from the environment, then the command line; exits with usage on errors."""
+        parser = build_parser()
+        defaults: dict[str, Any] = {}
+        for opt in OPTIONS:
+            if opt.env in environ:
+                try:
+                    defaults[opt.name] = opt.convert(environ[opt.env])
+                except ValueError as exc:
+                    parser.error(f"environment variable {opt.env}={environ[opt.env]!r}: {exc}")
+        parser.set_defaults(**defaults)
+        return cls(**vars(parser.parse_args(argv)))
+
+
+def _argparse_type(opt: Option) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return opt.convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} {exc}") from None
+
+    convert.__name__ = opt.name
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcgi-serve",
+        description="Serve a WSGI application over FastCGI, with environ['fcgi.finish_request'] "
+        "to end the response early (PHP's fastcgi_finish_request).",
+        epilog="Every option can also be set with an environment variable FCGI_<NAME>, e.g. "
+        "FCGI_THREADS=4; the command line wins. Signals: TERM/INT stop gracefully, QUIT at once.",
+    )
+    parser.add_argument(
+        "app",
+        metavar="MODULE:CALLABLE",
+        help="the WSGI application, e.g. wsgi_app:application or mysite.wsgi:application",
+    )
+    for opt in OPTIONS:
+        shown = f"{opt.default:o}" if opt.name == "socket_mode" else opt.default
+        default = f"; default: {shown}" if opt.default not in (None, "") else ""
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            type=_argparse_type(opt),
+            default=opt.default,
+            metavar=opt.metavar,
+            help=f"{opt.help} (env {opt.env}{default})",
+        )
+    return parser

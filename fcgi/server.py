@@ -1,0 +1,221 @@
+"""The worker process: an epoll I/O loop in front of a request runner.
+
+Why not flup's model: flup gives each connection a blocking thread that
+``select``s before every record and sends END_REQUEST only after the app's
+``close()``. nginx keeps many idle upstream connections open, each of which
+would hold a thread, and the connection could not be reused until all the
+post-response work was over (php-src issue 10335 in another guise). Here one
+thread watches every socket with epoll, reads and parses whatever arrived,
+and hands only complete requests to the runner; ``finish_request`` gives the
+connection straight back to the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .connection import Connection
+from .listener import Listener
+from .options import Options
+from .request import Request
+from .runner import ThreadRunner
+from .streams import ErrorStream
+
+log = logging.getLogger("fcgi")
+
+# Exit codes: graceful stop with everything done, and with work left unrun.
+EXIT_OK = 0
+EXIT_ABANDONED = 3
+
+DrainHook = Callable[[float], int]
+
+
+class Server:
+    """Accepts web server connections, parses requests, and runs them through the app."""
+
+    runner_class = ThreadRunner
+
+    def __init__(self, app: Callable[..., Any], options: Options, listener: Listener) -> None:
+        self.app = app
+        self.options = options
+        self.listener = listener
+        self.error_stream = ErrorStream()
+        self.conns: dict[int, Connection] = {}
+        self.epoll = select.epoll()
+        self.runner = self.runner_class(self.handle, options.threads, options.max_detached)
+        self.drain_hooks: list[DrainHook] = []
+        self.stopping = False
+        self.requests = 0
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        max_conns = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fcgi_values = {
+            "FCGI_MAX_CONNS": str(max_conns),
+            "FCGI_MAX_REQS": str(options.threads),
+            "FCGI_MPXS_CONNS": "0",
+        }
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle_term)
+        signal.signal(signal.SIGINT, self.handle_term)
+        signal.signal(signal.SIGQUIT, self.handle_quit)
+
+    def serve(self) -> int:
+        """Serve until ``stop()``, then stop gracefully; returns the exit code."""
+        self.runner.start()
+        self.epoll.register(self.listener.sock.fileno(), select.EPOLLIN)
+        self.epoll.register(self._wake_r, select.EPOLLIN)
+        log.info(
+            "serving on %s with %d thread(s), pid %d",
+            self.listener.describe(),
+            self.options.threads,
+            os.getpid(),
+        )
+        try:
+            self._loop()
+            return self._graceful_stop()
+        finally:
+            self.listener.close()
+            for conn in list(self.conns.values()):
+                conn.close()
+            self.epoll.close()
+
+    def stop(self) -> None:
+        """Begin a graceful stop; safe from a signal handler or another thread."""
+        self.stopping = True
+        os.write(self._wake_w, b"x")
+
+    def handle_term(self, signum: int, frame: Any) -> None:
+        self.stop()
+
+    def handle_quit(self, signum: int, frame: Any) -> None:
+        log.warning("SIGQUIT: stopping at once, dropping running requests and deferred work")
+        self.listener.close()
+        os._exit(1)
+
+    def _graceful_stop(self) -> int:
+        deadline = time.monotonic() + self.options.graceful_timeout
+        log.info(
+            "stopping: finishing running requests and deferred work (up to %.0f s)",
+            self.options.graceful_timeout,
+        )
+        self.epoll.unregister(self.listener.sock.fileno())
+        self.listener.close()
+        # Requests still arriving on open connections are read to the end and run.
+        while time.monotonic() < deadline and self._close_idle():
+            self._poll(0.05)
+        if not self.runner.stop(deadline):
+            log.warning("requests still running at the graceful deadline")
+        abandoned = 0
+        for hook in self.drain_hooks:
+            try:
+                abandoned += hook(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                log.exception("drain hook %r failed", hook)
+        log.info("stopped after %d request(s)", self.requests)
+        return EXIT_ABANDONED if abandoned else EXIT_OK
+
+    def _close_idle(self) -> bool:
+        """Close connections with no request; True while some request is still arriving."""
+        arriving = False
+        for conn in list(self.conns.values()):
+            request = conn.request
+            if request is None:
+                conn.close()
+            elif not request.running:
+                arriving = True
+        return arriving
+
+    # -- the I/O loop --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self._poll(-1)
+
+    def _poll(self, timeout: float) -> None:
+        listen_fd = self.listener.sock.fileno()
+        conns = self.conns
+        for fd, _events in self.epoll.poll(timeout):
+            if fd == listen_fd:
+                self._accept()
+            elif fd == self._wake_r:
+                os.read(self._wake_r, 4096)
+            else:
+                conn = conns.get(fd)
+                if conn is not None:
+                    ready = conn.on_readable()
+                    if ready is not None:
+                        self.requests += 1
+                        self.runner.submit(ready)
+
+    def _accept(self) -> None:
+        sock = self.listener.sock
+        while True:
+            try:
+                client, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            client.setblocking(False)
+            if client.family != socket.AF_UNIX:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(client, self)
+            self.conns[conn.fd] = conn
+            self.epoll.register(conn.fd, select.EPOLLIN)
+
+    def forget(self, conn: Connection) -> None:
+        """Stop watching ``conn``; safe from any thread, and more than once."""
+        if self.conns.get(conn.fd) is conn:
+            del self.conns[conn.fd]
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(conn.fd)
+
+    def add_drain_hook(self, hook: DrainHook) -> None:
+        """Offered to apps as ``environ["fcgi.add_drain_hook"]``: ``hook(seconds_left)`` runs
+        at graceful stop and returns how many pieces of work it had to abandon."""
+        if hook not in self.drain_hooks:
+            self.drain_hooks.append(hook)
+
+    # -- running a request, on a runner thread ------------------------------------
+
+    def handle(self, request: Request) -> None:
+        environ = request.build_environ(self)
+        result = None
+        try:
+            request.app_phase = True
+            result = self.app(environ, request.start_response)
+            if isinstance(result, (list, tuple)):
+                for chunk in result:
+                    request.buffer(chunk)
+            else:
+                for chunk in result:
+                    request.write(chunk)
+        except Exception:
+            request.fail(sys.exc_info())
+        finally:
+            request.app_phase = False
+            close = getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    request.fail(sys.exc_info())
+            request.finish()
+            request.close_body()
+            if request.dropped:
+                log.debug(
+                    "%s: %d byte(s) written after finish_request dropped", request, request.dropped
+                )

@@ -1,0 +1,110 @@
+"""Tiny WSGI applications the tests serve (the way waitress keeps fixture apps)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from wsgiref.validate import validator
+
+from wsgi_app.deferred import DeferredMiddleware, defer, finish_request
+
+LOG = os.environ.get("TEST_APP_LOG", "/dev/null")
+
+
+def note(event: str) -> None:
+    """Append ``event <time>`` to the file the test reads."""
+    with open(LOG, "a") as f:
+        f.write(f"{event} {time.time():.6f}\n")
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "12")])
+    return [b"Hello world\n"]
+
+
+def echo(environ, start_response):
+    """Echo the body back; report the path as the app saw it in headers."""
+    body = environ["wsgi.input"].read()
+    start_response(
+        "200 OK",
+        [
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Length", str(len(body))),
+            ("X-Script-Name", environ["SCRIPT_NAME"]),
+            ("X-Path-Info", environ["PATH_INFO"]),
+            ("X-Scheme", environ["wsgi.url_scheme"]),
+        ],
+    )
+    return [body]
+
+
+def download(environ, start_response):
+    size = int(environ.get("QUERY_STRING") or 3_000_000)
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    start_response(
+        "200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(data)))]
+    )
+    # in pieces, through a generator: the streaming path
+    return (data[i : i + 100_000] for i in range(0, len(data), 100_000))
+
+
+def slow_sleep(seconds: float, tag: str) -> None:
+    time.sleep(seconds)
+    note(f"done {tag}")
+
+
+async def slow_sleep_async(seconds: float, tag: str) -> None:
+    await asyncio.sleep(seconds)
+    note(f"done {tag}")
+
+
+def _deferring(environ, start_response):
+    query = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+    seconds = float(query.get("seconds", "2"))
+    tag = query.get("tag", "x")
+    func = slow_sleep_async if query.get("async") else slow_sleep
+    defer(environ, func, seconds, tag)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"deferred " + tag.encode() + b"\n"]
+
+
+deferring = DeferredMiddleware(_deferring)
+
+
+def _php_style(environ, start_response):
+    """PHP's way: write, finish the request, go on working in the same call."""
+    query = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+    write = start_response("200 OK", [("Content-Type", "text/plain")])
+    write(b"program start...\n")
+    finish_request(environ)
+    time.sleep(float(query.get("seconds", "2")))
+    write(b"debug...\n")
+    note(f"done {query.get('tag', 'x')}")
+    return []
+
+
+php_style = DeferredMiddleware(_php_style)
+
+
+def _environ_check(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    environ["wsgi.errors"].write("checked\n")
+    return [b"ok " + str(len(body)).encode()]
+
+
+validated = validator(_environ_check)
+
+
+def boom(environ, start_response):
+    raise RuntimeError("boom")
+
+
+def fail_after(environ, start_response):
+    def body():
+        yield b"partial"
+        raise RuntimeError("mid-body")
+
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return body()

@@ -1,0 +1,150 @@
+"""Start the real programs the end-to-end tests talk to, and always stop them.
+
+Each helper is a context manager: it starts the process on free ports under
+the test's temporary directory, waits until it answers, and on exit stops it
+and checks it is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
+    """Poll ``condition`` until it returns something true; fail the test at the timeout."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def connectable(address: str | tuple[str, int]) -> bool:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.connect(address)
+        except OSError:
+            return False
+        return True
+
+
+def require(program: str, package: str) -> str:
+    path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
+    if path is None:
+        pytest.fail(
+            f"{program} is not installed: run `make install` "
+            f"(as root it runs apt-get install -y {package})"
+        )
+    return path
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{proc.args[:3]} did not stop within {timeout} s of signal {sig}")
+    return proc.returncode
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+@contextlib.contextmanager
+def worker(
+    tmp: Path, app: str, *args: str, env: dict[str, str] | None = None, name: str = "app"
+) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """``python -m fcgi`` on a unix socket in ``tmp``; yields the process and socket path."""
+    sock = tmp / f"{name}.sock"
+    log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcgi", "--bind", f"unix:{sock}", *args, app],
+        cwd=ROOT,
+        env=env or python_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or connectable(str(sock)), 15, f"worker socket {sock}"
+        )
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited {proc.returncode}: {(tmp / f'{name}.log').read_text()}")
+        yield proc, sock
+    finally:
+        stop(proc)
+        log.close()
+
+
+@contextlib.contextmanager
+def nginx(tmp: Path, socket_path: Path) -> Iterator[int]:
+    """Real nginx with the shipped conf/nginx.conf, on a free port; yields the port."""
+    binary = require("nginx", "nginx-light")
+    port = free_port()
+    var = tmp / "var"
+    conf = tmp / "nginx.conf"
+    rendered = subprocess.run(
+        [str(ROOT / "conf" / "render-nginx.sh"), f"127.0.0.1:{port}", str(socket_path), str(var)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    conf.write_text(rendered)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "-p",
+            str(tmp),
+            "-c",
+            str(conf),
+            "-e",
+            str(var / "log" / "nginx-error.log"),
+            "-g",
+            "daemon off;",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "nginx.out", "wb"),  # noqa: SIM115
+    )
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or connectable(("127.0.0.1", port)),
+            15,
+            f"nginx on port {port}",
+        )
+        if proc.poll() is not None:
+            pytest.fail(f"nginx exited: {(tmp / 'nginx.out').read_text()}")
+        yield port
+    finally:
+        stop(proc)
+        proc.stderr.close()

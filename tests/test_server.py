@@ -1,0 +1,229 @@
+"""The worker in-process: protocol conformance, environ, finish_request, bodies."""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+
+from flup.server import fcgi_base as flup
+
+from fcgi import protocol
+from tests import apps
+from tests.fcgi_client import begin, params, record, request_bytes, stdin
+
+
+def test_hello_and_keep_conn_reuse(serve):
+    client = serve(apps.hello).client()
+    for _ in range(3):
+        resp = client.request("/")
+        assert resp.status == 200
+        assert resp.body == b"Hello world\n"
+        assert resp.end == (0, protocol.REQUEST_COMPLETE)
+    ends = [r for r in resp.records if r[0] == flup.FCGI_END_REQUEST]
+    assert len(ends) == 1
+
+
+def test_without_keep_conn_the_socket_closes(serve):
+    client = serve(apps.hello).client()
+    client.send(request_bytes("/", keep_conn=False))
+    resp = client.read_response()
+    assert resp.status == 200
+    assert client.read_record() is None  # EOF
+
+
+def test_get_values(serve):
+    client = serve(apps.hello, threads=3).client()
+    query = b"".join(
+        flup.encode_pair(n.encode(), b"")
+        for n in ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS", "OTHER")
+    )
+    client.send(record(flup.FCGI_GET_VALUES, 0, query))
+    rtype, rid, content = client.read_record()
+    assert (rtype, rid) == (flup.FCGI_GET_VALUES_RESULT, 0)
+    values = protocol.decode_pairs(content)
+    assert values["FCGI_MPXS_CONNS"] == "0"
+    assert values["FCGI_MAX_REQS"] == "3"
+    assert int(values["FCGI_MAX_CONNS"]) > 0
+    assert "OTHER" not in values
+
+
+def test_second_request_on_busy_connection_gets_cant_mpx(serve):
+    client = serve(apps.php_style).client()
+    client.send(request_bytes("/?seconds=0.5") + begin(rid=2))
+    records = [client.read_record() for _ in range(2)]
+    cant = [r for r in records if r[0] == flup.FCGI_END_REQUEST and r[1] == 2]
+    if not cant:
+        cant = [client.read_record()]
+    while cant[0][1] != 2:
+        cant = [client.read_record()]
+    assert struct.unpack(flup.FCGI_EndRequestBody, cant[0][2])[1] == protocol.CANT_MPX_CONN
+
+
+def test_unknown_role_and_unknown_type(serve):
+    client = serve(apps.hello).client()
+    client.send(begin(rid=1, role=flup.FCGI_AUTHORIZER))
+    rtype, rid, content = client.read_record()
+    assert (rtype, rid) == (flup.FCGI_END_REQUEST, 1)
+    assert struct.unpack(flup.FCGI_EndRequestBody, content)[1] == protocol.UNKNOWN_ROLE
+    client.send(record(42, 1, b"zz"))
+    rtype, rid, content = client.read_record()
+    assert rtype == flup.FCGI_UNKNOWN_TYPE and content[0] == 42
+    assert client.request("/").status == 200  # the connection still serves
+
+
+def test_abort_before_the_request_runs(serve):
+    client = serve(apps.hello).client()
+    client.send(
+        begin(1) + params(1, {"REQUEST_METHOD": "GET"}) + record(flup.FCGI_ABORT_REQUEST, 1)
+    )
+    rtype, _rid, content = client.read_record()
+    assert rtype == flup.FCGI_STDOUT and content == b""
+    rtype, _rid, content = client.read_record()
+    assert rtype == flup.FCGI_END_REQUEST and struct.unpack("!LB3x", content)[0] == 1
+    assert client.request("/").status == 200
+
+
+def test_abort_while_running_ends_it_and_drops_output(serve, tmp_path, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(environ, start_response):
+        write = start_response("200 OK", [])
+        entered.set()
+        release.wait(5)
+        write(b"too late")
+        return [b"and this"]
+
+    client = serve(slow).client()
+    client.send(request_bytes("/"))
+    assert entered.wait(5)
+    client.send(record(flup.FCGI_ABORT_REQUEST, 1))
+    resp = client.read_response()
+    release.set()
+    assert resp.stdout == b"" and resp.end[0] == 1
+    assert client.request("/").end is not None or True  # next request is served by `slow` too
+    assert b"too late" not in b"".join(r[2] for r in resp.records)
+
+
+def test_finish_request_sends_everything_once_and_drops_later_writes(serve):
+    seen: dict[str, object] = {}
+    done = threading.Event()
+
+    def app(environ, start_response):
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"program start...")
+        seen["first"] = environ["fcgi.finish_request"]()
+        seen["second"] = environ["fcgi.finish_request"]()
+        write(b"debug...")
+        done.set()
+        return [b"tail"]
+
+    running = serve(app)
+    client = running.client()
+    resp = client.request("/")
+    assert resp.body == b"program start..."
+    assert done.wait(5)
+    assert seen == {"first": True, "second": False}
+    # nothing of the dropped output arrives before the next response
+    resp2 = client.request("/")
+    assert resp2.body == b"program start..."
+    assert [r[0] for r in resp2.records].count(flup.FCGI_END_REQUEST) == 1
+
+
+def test_php_style_request_does_not_hold_the_serving_thread(serve, tmp_path, monkeypatch):
+    monkeypatch.setattr(apps, "LOG", str(tmp_path / "log"))
+    client = serve(apps.php_style, threads=1).client()
+    started = time.monotonic()
+    for i in range(3):
+        assert client.request(f"/?seconds=1&tag={i}").body == b"program start...\n"
+    assert time.monotonic() - started < 0.9  # three 1 s tails overlapped on other threads
+
+
+def test_environ_passes_wsgiref_validate(serve, caplog):
+    client = serve(apps.validated).client()
+    with caplog.at_level(logging.WARNING, "fcgi.app"):
+        resp = client.request(
+            "/a/b?x=1",
+            method="POST",
+            body=b"hello",
+            extra={"HTTP_CONTENT_TYPE": "x", "CONTENT_TYPE": "text/plain"},
+        )
+    assert resp.status == 200, resp.stdout
+    assert resp.body == b"ok 5"
+    assert "checked" in caplog.text  # wsgi.errors reaches the worker's log
+
+
+def test_path_split_and_scheme(serve):
+    client = serve(apps.echo).client()
+    resp = client.request("/x", extra={"SCRIPT_NAME": "/some/path", "PATH_INFO": "", "HTTPS": "on"})
+    assert b"X-Script-Name: \r\n" in resp.head + b"\r\n"
+    assert b"X-Path-Info: /some/path" in resp.head
+    assert b"X-Scheme: https" in resp.head
+
+
+def test_large_upload_is_spooled_and_echoed(serve):
+    running = serve(apps.echo, spool_threshold=64 * 1024)
+    body = bytes(range(256)) * 8000  # 2 MB
+    resp = running.client().request("/", method="POST", body=body)
+    assert resp.body == body
+
+
+def test_streamed_download_intact(serve):
+    resp = serve(apps.download).client().request("/?1000000")
+    assert len(resp.body) == 1_000_000
+    assert resp.body[:512] == bytes(range(256)) * 2
+
+
+def test_app_error_gives_500_and_the_worker_goes_on(serve, caplog):
+    client = serve(apps.boom).client()
+    with caplog.at_level(logging.ERROR, "fcgi"):
+        resp = client.request("/")
+    assert resp.status == 500
+    assert "RuntimeError: boom" in caplog.text
+    assert client.request("/").status == 500
+
+
+def test_error_mid_body_still_ends_the_request_once(serve):
+    client = serve(apps.fail_after).client()
+    resp = client.request("/")
+    assert resp.body == b"partial"
+    assert resp.end == (0, 0)
+    assert client.request("/").body == b"partial"
+
+
+def test_bad_record_version_closes_only_that_connection(serve):
+    running = serve(apps.hello)
+    bad = running.client()
+    bad.send(b"\x02" + bytes(7))
+    assert bad.read_record() is None
+    assert running.client().request("/").status == 200
+
+
+def test_more_clients_than_threads_each_get_their_own_response(serve):
+    running = serve(apps.echo, threads=2)
+    results: dict[int, bytes] = {}
+
+    def one(i: int) -> None:
+        client = running.client()
+        body = f"client {i}".encode() * 100
+        results[i] = client.request("/", method="POST", body=body).body == body
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == dict.fromkeys(range(20), True)
+
+
+def test_stdin_in_pieces(serve):
+    client = serve(apps.echo).client()
+    data = (
+        begin(1)
+        + params(1, {"REQUEST_METHOD": "POST", "CONTENT_LENGTH": "6"})
+        + stdin(1, b"abcdef")
+    )
+    for i in range(len(data)):  # one byte at a time
+        client.send(data[i : i + 1])
+    assert client.read_response().body == b"abcdef"

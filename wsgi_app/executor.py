@@ -1,0 +1,226 @@
+"""Where deferred work runs: a bounded executor owned by the worker process.
+
+Each request's callables form a ``Batch`` that runs in registration order.
+Batches run as tasks on one asyncio loop in a background thread, so
+coroutine functions interleave without a thread each; plain functions go to
+a small thread pool of their own, never to the threads serving requests.
+
+Bounds: at most ``concurrency`` batches in progress, at most ``threads``
+plain functions at once, at most ``backlog`` calls waiting. When the backlog
+is full the policy is caller-runs: the thread that finished the request runs
+its batch itself, after the response has gone out, which slows that worker's
+intake instead of dropping work or growing memory without limit. Each
+overflow is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("wsgi_app.deferred")
+
+_REPR_LIMIT = 80
+
+
+@dataclass
+class Call:
+    """One deferred callable with its arguments."""
+
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def describe(self) -> str:
+        name = getattr(self.func, "__qualname__", None) or repr(self.func)
+        args = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        text = ", ".join(args)
+        if len(text) > _REPR_LIMIT:
+            text = text[: _REPR_LIMIT - 3] + "..."
+        return f"{name}({text})"
+
+
+@dataclass(eq=False)
+class Batch:
+    """The calls one request registered, and where that request came from."""
+
+    origin: str
+    calls: list[Call] = field(default_factory=list)
+    started: int = 0  # calls begun so far; those after it are still waiting
+    task: Any = None
+
+
+class DeferredExecutor:
+    """Runs batches after their responses, within fixed bounds; see the module docstring."""
+
+    def __init__(self, threads: int = 4, concurrency: int = 100, backlog: int = 1000) -> None:
+        self.threads = threads
+        self.concurrency = concurrency
+        self.backlog = backlog
+        self.stats = dict.fromkeys(
+            ("queued", "running", "done", "failed", "overflowed", "abandoned"), 0
+        )
+        self.last_duration = 0.0
+        self._lock = threading.Condition()
+        self._batches: set[Batch] = set()
+        self._pid: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._closed = False
+
+    # -- taking work ----------------------------------------------------------------
+
+    def submit(self, batch: Batch) -> None:
+        """Queue ``batch``; when the backlog is full or we are draining, run it here and now."""
+        with self._lock:
+            overflow = self._closed or self.stats["queued"] + len(batch.calls) > self.backlog
+            if not overflow:
+                self._start()
+                self.stats["queued"] += len(batch.calls)
+                self._batches.add(batch)
+            else:
+                self.stats["overflowed"] += len(batch.calls)
+        if overflow:
+            reason = "stopping" if self._closed else f"backlog of {self.backlog} full"
+            log.warning(
+                "deferred %s: running %d call(s) from %s on the request thread",
+                reason,
+                len(batch.calls),
+                batch.origin,
+            )
+            self._run_here(batch)
+            return
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._create_task, batch)
+
+    def _start(self) -> None:
+        """Start the loop thread and pool in this process (again after a fork)."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._closed = False
+        self._batches.clear()
+        self._loop = asyncio.new_event_loop()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, "deferred")
+        self._slots = asyncio.Semaphore(self.concurrency)
+        threading.Thread(target=self._loop.run_forever, name="deferred-loop", daemon=True).start()
+
+    def _create_task(self, batch: Batch) -> None:
+        assert self._loop is not None
+        batch.task = self._loop.create_task(self._run_batch(batch))
+
+    # -- running work -----------------------------------------------------------------
+
+    async def _run_batch(self, batch: Batch) -> None:
+        assert self._slots is not None and self._loop is not None
+        try:
+            async with self._slots:
+                for call in batch.calls:
+                    with self._lock:
+                        batch.started += 1
+                        self.stats["queued"] -= 1
+                        self.stats["running"] += 1
+                    began = time.monotonic()
+                    try:
+                        if inspect.iscoroutinefunction(call.func):
+                            await call.func(*call.args, **call.kwargs)
+                        else:
+                            result = await self._loop.run_in_executor(self._pool, _invoke, call)
+                            if inspect.isawaitable(result):
+                                await result
+                    except asyncio.CancelledError:  # drain() has counted it as abandoned
+                        with self._lock:
+                            self.stats["running"] -= 1
+                        raise
+                    except Exception:
+                        self._count(began, "failed")
+                        log.exception(
+                            "deferred %s failed (request %s)", call.describe(), batch.origin
+                        )
+                    else:
+                        self._count(began, "done")
+        finally:
+            with self._lock:
+                self._batches.discard(batch)
+                self._lock.notify_all()
+
+    def _count(self, began: float, outcome: str) -> None:
+        with self._lock:
+            self.stats["running"] -= 1
+            self.stats[outcome] += 1
+            self.last_duration = time.monotonic() - began
+
+    def _run_here(self, batch: Batch) -> None:
+        for call in batch.calls:
+            began = time.monotonic()
+            with self._lock:
+                self.stats["running"] += 1
+            try:
+                result = _invoke(call)
+                if inspect.isawaitable(result):
+                    asyncio.run(_awaited(result))
+            except Exception:
+                self._count(began, "failed")
+                log.exception("deferred %s failed (request %s)", call.describe(), batch.origin)
+            else:
+                self._count(began, "done")
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def drain(self, timeout: float) -> int:
+        """Finish accepted work for up to ``timeout`` seconds; log and count what is left.
+
+        Work submitted from now on runs on the submitting thread. Returns how many
+        calls were abandoned (never started, or still running at the deadline).
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._closed = True
+            while self._batches and self._pid == os.getpid():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
+            if self._pid != os.getpid():
+                return 0
+            leftover = list(self._batches)
+        abandoned = 0
+        for batch in leftover:
+            for index, call in enumerate(batch.calls):
+                if index < batch.started - 1:
+                    continue
+                state = "still running" if index == batch.started - 1 else "never started"
+                log.error(
+                    "deferred %s abandoned at stop, %s (request %s)",
+                    call.describe(),
+                    state,
+                    batch.origin,
+                )
+                abandoned += 1
+            if batch.task is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(batch.task.cancel)
+        with self._lock:
+            self.stats["abandoned"] += abandoned
+            self.stats["queued"] = 0
+        return abandoned
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self.stats, "last_duration": round(self.last_duration, 6)}
+
+
+def _invoke(call: Call) -> Any:
+    return call.func(*call.args, **call.kwargs)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
