@@ -173,6 +173,7 @@ class Server:
             if client.family != socket.AF_UNIX:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(client, self)
+            log.debug("connection %d: opened", conn.fd)
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, select.EPOLLIN)
 

@@ -8,6 +8,7 @@ and checks it is gone.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shutil
 import signal
@@ -75,6 +76,26 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.
     return proc.returncode
 
 
+class HTTP:
+    """Keep-alive HTTP/1.1 to 127.0.0.1:port; ``get`` returns (response, body, seconds)."""
+
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def get(self, path: str, method: str = "GET", body: bytes | None = None):
+        started = time.monotonic()
+        self.conn.request(method, path, body=body)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        return resp, data, time.monotonic() - started
+
+    def __enter__(self) -> HTTP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
 def python_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -111,6 +132,7 @@ def worker(
 def nginx(tmp: Path, socket_path: Path) -> Iterator[int]:
     """Real nginx with the shipped conf/nginx.conf, on a free port; yields the port."""
     binary = require("nginx", "nginx-light")
+    tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     var = tmp / "var"
     conf = tmp / "nginx.conf"
@@ -121,6 +143,7 @@ def nginx(tmp: Path, socket_path: Path) -> Iterator[int]:
         text=True,
     ).stdout
     conf.write_text(rendered)
+    out = open(tmp / "nginx.out", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
             binary,
@@ -134,7 +157,7 @@ def nginx(tmp: Path, socket_path: Path) -> Iterator[int]:
             "daemon off;",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=open(tmp / "nginx.out", "wb"),  # noqa: SIM115
+        stderr=out,
     )
     try:
         wait_for(
@@ -147,4 +170,4 @@ def nginx(tmp: Path, socket_path: Path) -> Iterator[int]:
         yield port
     finally:
         stop(proc)
-        proc.stderr.close()
+        out.close()

@@ -59,7 +59,8 @@ def test_a_failure_is_logged_with_the_request_and_the_rest_still_run(caplog):
         assert ran.wait(5)
     assert "broken(7) failed (request GET /signup)" in caplog.text
     assert "ValueError: bad 7" in caplog.text
-    assert app.stats()["failed"] == 1 and app.stats()["done"] == 1
+    wait_for(lambda: app.stats()["done"] == 1, what="the second call to be counted")
+    assert app.stats()["failed"] == 1
 
 
 def test_coroutines_interleave_on_one_loop():
@@ -115,8 +116,8 @@ def test_full_backlog_runs_on_the_request_thread_and_drops_nothing(caplog):
         call_app(app, "first")  # queued: 2 calls, the backlog
         threading.Timer(0.2, gate.set).start()
         call_app(app, "second")  # backlog full: runs here, waiting on the gate
+        assert "second" in ran  # done by the time the request thread is back
     assert "backlog of 2 full" in caplog.text
-    assert ran[0] == "second"
     assert drain(5) == 0
     assert sorted(ran) == ["first", "second"]
     assert app.stats()["overflowed"] == 2
