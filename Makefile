@@ -7,12 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NUMPROCS ?= 2
 NGINX_LISTEN ?= 127.0.0.1:8080
-NGINX ?= $(shell command -v nginx || ls /usr/sbin/nginx 2>/dev/null || echo nginx)
+NGINX_BIN ?= $(shell command -v nginx || ls /usr/sbin/nginx 2>/dev/null || echo nginx)
 SUPERVISOR_CONF := conf/supervisord.conf
 CTL := $(VENV)/bin/supervisorctl -c $(SUPERVISOR_CONF)
 ROOT := $(CURDIR)
 
-export NUMPROCS NGINX
+export NUMPROCS NGINX_BIN
 export FCGI_PYTHON := $(ROOT)/$(PY)
 
 .PHONY: install system-packages run start stop restart reload status logs demo test lint format bench clean render
@@ -30,6 +30,7 @@ system-packages:
 	@./conf/install-packages.sh nginx:nginx-light
 
 render: install
+	@mkdir -p var/run var/log var/tmp
 	@./conf/render-nginx.sh $(NGINX_LISTEN) $(ROOT)/var/run/app.sock $(ROOT)/var > var/run/nginx.conf.new
 	@mv var/run/nginx.conf.new var/run/nginx.conf
 
@@ -59,13 +60,14 @@ reload: install
 		$(CTL) restart $$p || exit 1; done
 
 status: install
-	@$(CTL) status || true
+	@if [ -S var/run/supervisor.sock ] && $(CTL) pid >/dev/null 2>&1; then \
+		$(CTL) status; else echo "not running: make start"; fi
 
 logs:
 	tail -F var/log/app_*.log var/log/nginx-error.log var/log/nginx-access.log var/log/demo.log
 
 demo: install
-	$(PY) -m wsgi_app.seed http://$(NGINX_LISTEN)/demo var/log/demo.log
+	$(PY) -m wsgi_app.demo_client http://$(NGINX_LISTEN)/demo var/log/demo.log
 
 test: install
 	$(PY) -m pytest

@@ -171,3 +171,77 @@ def nginx(tmp: Path, socket_path: Path) -> Iterator[int]:
     finally:
         stop(proc)
         out.close()
+
+
+@contextlib.contextmanager
+def stack(tmp: Path, numprocs: int = 2) -> Iterator[tuple[int, Callable[..., str]]]:
+    """The shipped conf/ stack (supervisord, the pool, nginx) run from a copy in ``tmp``.
+
+    Yields nginx's port and ``ctl(*args)``, which runs supervisorctl against it.
+    On exit it shuts supervisord down and checks that none of its processes is left.
+    """
+    shutil.copytree(ROOT / "conf", tmp / "conf")
+    var = tmp / "var"
+    port = free_port()
+    rendered = subprocess.run(
+        [
+            str(tmp / "conf" / "render-nginx.sh"),
+            f"127.0.0.1:{port}",
+            str(var / "run" / "app.sock"),
+            str(var),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    (var / "run" / "nginx.conf").write_text(rendered)
+    env = python_env(
+        NUMPROCS=str(numprocs),
+        FCGI_PYTHON=sys.executable,
+        NGINX_BIN=require("nginx", "nginx-light"),
+    )
+    env.pop("PYTHONPATH")  # the workers import wsgi_app from the installed package
+    bindir = Path(sys.executable).parent
+    conf = str(tmp / "conf" / "supervisord.conf")
+
+    def ctl(*args: str) -> str:
+        return subprocess.run(
+            [str(bindir / "supervisorctl"), "-c", conf, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+
+    proc = subprocess.Popen(
+        [str(bindir / "supervisord"), "-n", "-c", conf],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pids: set[int] = set()
+    try:
+
+        def all_running() -> bool:
+            lines = ctl("status").splitlines()
+            return len(lines) == numprocs + 1 and all(" RUNNING " in ln for ln in lines)
+
+        wait_for(lambda: proc.poll() is not None or all_running(), 30, "the stack to run")
+        assert proc.poll() is None, (var / "log" / "supervisord.log").read_text()
+        wait_for(lambda: connectable(("127.0.0.1", port)), 10, "nginx")
+        pids = {int(ln.split("pid ")[1].split(",")[0]) for ln in ctl("status").splitlines()}
+        yield port, ctl
+        pids |= {
+            int(ln.split("pid ")[1].split(",")[0])
+            for ln in ctl("status").splitlines()
+            if "pid " in ln
+        }
+    finally:
+        stop(proc, timeout=60)
+    left = [
+        pid
+        for pid in pids
+        if Path(f"/proc/{pid}").exists()
+        and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    ]
+    assert not left, f"processes left behind: {left}"

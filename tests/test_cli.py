@@ -129,3 +129,13 @@ def test_unix_socket_mode_and_removal(tmp_path):
     finally:
         assert stop(proc) == 0
     assert not path.exists()
+
+
+def test_readme_documents_every_option_and_setting():
+    from wsgi_app.deferred import SETTINGS
+
+    readme = (ROOT / "README.md").read_text()
+    for opt in OPTIONS:
+        assert f"`{opt.flag}" in readme and f"`{opt.env}`" in readme, opt.name
+    for name, env, default, _ in SETTINGS:
+        assert f"| `{name}` | `{env}` | {default} |" in readme, name
