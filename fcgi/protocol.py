@@ -94,8 +94,13 @@ def encode_pairs(pairs: dict[str, str]) -> bytes:
 
 
 def decode_pairs(data: bytes | bytearray) -> dict[str, str]:
-    """Parse name-value pairs; names and values become latin-1 str as PEP 3333 wants."""
+    """Parse name-value pairs; names and values become latin-1 str as PEP 3333 wants.
+
+    The buffer is decoded once: latin-1 maps byte offsets to the same str offsets,
+    so each name and value is a str slice rather than a decode of its own.
+    """
     pairs: dict[str, str] = {}
+    text = data.decode("latin-1")
     pos, end = 0, len(data)
     try:
         while pos < end:
@@ -111,12 +116,11 @@ def decode_pairs(data: bytes | bytearray) -> dict[str, str]:
                 pos += 4
             else:
                 pos += 1
-            if pos + nlen + vlen > end:
+            stop = pos + nlen + vlen
+            if stop > end:
                 raise ProtocolError("name-value pair longer than its record")
-            name = data[pos : pos + nlen].decode("latin-1")
-            pos += nlen
-            pairs[name] = data[pos : pos + vlen].decode("latin-1")
-            pos += vlen
+            pairs[text[pos : pos + nlen]] = text[pos + nlen : stop]
+            pos = stop
     except (IndexError, struct.error) as exc:
         raise ProtocolError("truncated name-value pair length") from exc
     return pairs

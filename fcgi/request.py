@@ -171,6 +171,20 @@ class Request:
         self.headers_sent = True
         return "\r\n".join(lines).encode("latin-1")
 
+    def _stdout(self, chunks: list[bytes]) -> list[bytes]:
+        """STDOUT records for the headers (if not sent yet) and ``chunks``: small pieces
+        joined into one record, large ones sliced as they are, without a copy."""
+        if not self.headers_sent:
+            chunks = [self._head(), *chunks]
+        size = sum(map(len, chunks))
+        if size <= protocol.MAX_CONTENT:
+            return protocol.stream_records(protocol.STDOUT, self.id, b"".join(chunks))
+        parts: list[bytes] = []
+        for chunk in chunks:
+            if chunk:
+                parts += protocol.stream_records(protocol.STDOUT, self.id, chunk)
+        return parts
+
     def write(self, data: bytes) -> None:
         """WSGI's write callable: send ``data`` now, or count it as dropped after finish."""
         if self.finished:
@@ -180,11 +194,13 @@ class Request:
             return
         if self.status is None:
             raise AssertionError("write() before start_response()")
-        head = b"" if self.headers_sent else self._head()
-        if self._pending:
-            head += b"".join(self._pending)
+        with self.conn.lock:
+            if self.finished:
+                self.dropped += len(data)
+                return
+            parts = self._stdout([*self._pending, data])
             self._pending.clear()
-        self._send(protocol.stream_records(protocol.STDOUT, self.id, head + data))
+            self.sent += self.conn.send(parts)
 
     def buffer(self, data: bytes) -> None:
         """Hold ``data`` to go out with END_REQUEST in one send (a list result's body)."""
@@ -193,33 +209,21 @@ class Request:
         elif data:
             self._pending.append(data)
 
-    def _send(self, parts: list[bytes]) -> None:
-        with self.conn.lock:
-            if self.finished:
-                self.dropped += sum(len(p) for p in parts[1::2])
-                return
-            self.sent += self.conn.send(parts)
-
     def finish(self) -> bool:
         """Send the rest and END_REQUEST, free the connection; True the first time only."""
         with self.conn.lock:
             if self.finished:
                 return False
             self.finished = True
-            parts: list[bytes] = []
             if not self.aborted:
-                if not self.headers_sent:
-                    if self.status is None:
-                        log.error("%s: finished before start_response; answering 500", self)
-                        self.status = "500 Internal Server Error"
-                        self.headers = [("Content-Type", "text/plain")]
-                        self._pending = [b"Internal Server Error\n"]
-                    body = b"".join(self._pending)
-                    parts = protocol.stream_records(protocol.STDOUT, self.id, self._head() + body)
-                elif self._pending:
-                    parts = protocol.stream_records(
-                        protocol.STDOUT, self.id, b"".join(self._pending)
-                    )
+                if self.status is None:
+                    log.error("%s: finished before start_response; answering 500", self)
+                    self.status = "500 Internal Server Error"
+                    self.headers = [("Content-Type", "text/plain")]
+                    self._pending = [b"Internal Server Error\n"]
+                parts = (
+                    self._stdout(self._pending) if self._pending or not self.headers_sent else []
+                )
                 self._pending = []
                 parts.append(protocol.end_request(self.id, 0))
                 self.sent += self.conn.send(parts)

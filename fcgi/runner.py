@@ -1,12 +1,16 @@
-"""Request runners: the threads that call the WSGI application.
+"""Request runners: where the I/O loop's complete requests call the application.
 
-The I/O loop never runs application code; it hands each complete request to
-the runner. A fixed set of ``threads`` serve requests. A request that calls
-``fcgi.finish_request`` while the app is still running (PHP style) has told
-us the rest is background work, so its thread leaves the serving set and a
-fresh one takes its place, up to ``max_detached`` at once: post-finish work
-does not shrink the capacity to answer visitors, PHP-FPM's pool-exhaustion
-fault.
+``InlineRunner`` (``--threads 1``, the default) calls the app on the loop's
+own thread: no hand-off to another thread, no wake-up, which is most of the
+cost of a small request. ``ThreadRunner`` (``--threads N``) queues requests to
+N threads.
+
+Either way, a request that calls ``fcgi.finish_request`` while the app is
+still running (PHP style) has said the rest is background work, so it stops
+counting against ``--threads``: the inline runner hands the I/O loop to a new
+thread, the thread runner starts a new serving thread, up to
+``--max-detached`` at once. Post-finish work never shrinks the capacity to
+answer visitors, which is PHP-FPM's pool-exhaustion fault.
 """
 
 from __future__ import annotations
@@ -15,26 +19,84 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .request import Request
+    from .server import Server
 
 log = logging.getLogger("fcgi")
 
 
-class ThreadRunner:
-    """Runs ready requests on ``threads`` threads, replacing those that detach."""
+class _Detaching:
+    """Counting detached requests, shared by both runners."""
 
-    def __init__(self, handle: Callable[[Request], None], threads: int, max_detached: int) -> None:
-        self.handle = handle
-        self.threads = threads
-        self.max_detached = max_detached
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.handle = server.handle
+        self.max_detached = server.options.max_detached
         self.detached = 0
-        self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._local = threading.local()
+
+    def _claim(self) -> bool:
+        """Count the current request as detached, if the limit allows."""
+        with self._cond:
+            if self.detached >= self.max_detached or getattr(self._local, "detached", False):
+                return False
+            self.detached += 1
+        self._local.detached = True
+        return True
+
+    def _release(self) -> bool:
+        """After a request: True if it had detached (and is no longer counted)."""
+        if not getattr(self._local, "detached", False):
+            return False
+        self._local.detached = False
+        with self._cond:
+            self.detached -= 1
+            self._cond.notify_all()
+        return True
+
+    def _wait_detached(self, deadline: float) -> bool:
+        with self._cond:
+            while self.detached:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+
+class InlineRunner(_Detaching):
+    """Runs each request on the I/O loop's thread; a detaching request takes the
+    thread with it and the loop moves to a new one."""
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, request: Request) -> None:
+        request.on_early_finish = self.detach
+        try:
+            self.handle(request)
+        finally:
+            self._release()
+
+    def detach(self) -> None:
+        if self._claim() and not self.server.hand_over_loop():
+            self._release()
+
+    def stop(self, deadline: float) -> bool:
+        return self._wait_detached(deadline)
+
+
+class ThreadRunner(_Detaching):
+    """Runs requests on ``--threads`` threads, replacing those that detach."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server)
+        self.threads = server.options.threads
+        self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._workers: set[threading.Thread] = set()
         self._seq = 0
 
@@ -46,34 +108,27 @@ class ThreadRunner:
         self._queue.put(request)
 
     def detach(self) -> None:
-        """Called on a request's thread when it finished early: hand its place to a new thread."""
-        with self._lock:
-            if self.detached >= self.max_detached or getattr(self._local, "detached", False):
-                return
-            self.detached += 1
-        self._local.detached = True
-        self._spawn()
+        if self._claim():
+            self._spawn()
 
     def stop(self, deadline: float) -> bool:
-        """Run what is queued, then end every thread; False if some were still busy at deadline."""
+        """Run what is queued, then end every thread; False if some were busy at the deadline."""
         for _ in range(self.threads):
             self._queue.put(None)
-        with self._lock:
+        with self._cond:
             workers = list(self._workers)
         for worker in workers:
             worker.join(max(0.0, deadline - time.monotonic()))
         return not any(worker.is_alive() for worker in workers)
 
     def _spawn(self) -> None:
-        with self._lock:
+        with self._cond:
             self._seq += 1
             worker = threading.Thread(target=self._work, name=f"request-{self._seq}", daemon=True)
             self._workers.add(worker)
         worker.start()
 
     def _work(self) -> None:
-        local = self._local
-        local.detached = False
         try:
             while True:
                 request = self._queue.get()
@@ -81,10 +136,8 @@ class ThreadRunner:
                     return
                 request.on_early_finish = self.detach
                 self.handle(request)
-                if local.detached:
-                    with self._lock:
-                        self.detached -= 1
-                    return
+                if self._release():
+                    return  # a fresh thread has taken this one's place
         finally:
-            with self._lock:
+            with self._cond:
                 self._workers.discard(threading.current_thread())

@@ -20,6 +20,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ from .connection import Connection
 from .listener import Listener
 from .options import Options
 from .request import Request
-from .runner import ThreadRunner
+from .runner import InlineRunner, ThreadRunner
 from .streams import ErrorStream
 
 log = logging.getLogger("fcgi")
@@ -43,8 +44,6 @@ DrainHook = Callable[[float], int]
 class Server:
     """Accepts web server connections, parses requests, and runs them through the app."""
 
-    runner_class = ThreadRunner
-
     def __init__(self, app: Callable[..., Any], options: Options, listener: Listener) -> None:
         self.app = app
         self.options = options
@@ -52,10 +51,14 @@ class Server:
         self.error_stream = ErrorStream()
         self.conns: dict[int, Connection] = {}
         self.epoll = select.epoll()
-        self.runner = self.runner_class(self.handle, options.threads, options.max_detached)
+        runner_class = InlineRunner if options.threads == 1 else ThreadRunner
+        self.runner = runner_class(self)
         self.drain_hooks: list[DrainHook] = []
         self.stopping = False
         self.requests = 0
+        self.exit_code = EXIT_OK
+        self._owner: object = None  # the token of the thread running the loop
+        self._stopped = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         max_conns = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fcgi_values = {
@@ -82,14 +85,41 @@ class Server:
             self.options.threads,
             os.getpid(),
         )
+        self._owner = token = object()
+        self._run_loop(token)
+        self._stopped.wait()  # the loop may have moved to another thread meanwhile
+        return self.exit_code
+
+    def hand_over_loop(self) -> bool:
+        """Move the I/O loop to a new thread, so this one can go on with a detached request.
+
+        The old owner leaves the rest of its event batch: epoll is level-triggered,
+        so whatever it did not read is reported again to the new owner.
+        """
+        if self.stopping:
+            return False
+        self._owner = token = object()
+        threading.Thread(
+            target=self._run_loop, args=(token,), name="fcgi-loop", daemon=True
+        ).start()
+        return True
+
+    def _run_loop(self, token: object) -> None:
         try:
-            self._loop()
-            return self._graceful_stop()
+            while not self.stopping:
+                if not self._poll(-1, token):
+                    return  # another thread owns the loop now
+            self.exit_code = self._graceful_stop(token)
+        except BaseException:
+            log.exception("the I/O loop failed; stopping")
+            self.exit_code = 1
         finally:
-            self.listener.close()
-            for conn in list(self.conns.values()):
-                conn.close()
-            self.epoll.close()
+            if self._owner is token:
+                self.listener.close()
+                for conn in list(self.conns.values()):
+                    conn.close()
+                self.epoll.close()
+                self._stopped.set()
 
     def stop(self) -> None:
         """Begin a graceful stop; safe from a signal handler or another thread."""
@@ -104,7 +134,7 @@ class Server:
         self.listener.close()
         os._exit(1)
 
-    def _graceful_stop(self) -> int:
+    def _graceful_stop(self, token: object) -> int:
         deadline = time.monotonic() + self.options.graceful_timeout
         log.info(
             "stopping: finishing running requests and deferred work (up to %.0f s)",
@@ -114,7 +144,7 @@ class Server:
         self.listener.close()
         # Requests still arriving on open connections are read to the end and run.
         while time.monotonic() < deadline and self._close_idle():
-            self._poll(0.05)
+            self._poll(0.05, token)
         if not self.runner.stop(deadline):
             log.warning("requests still running at the graceful deadline")
         abandoned = 0
@@ -139,11 +169,8 @@ class Server:
 
     # -- the I/O loop --------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self.stopping:
-            self._poll(-1)
-
-    def _poll(self, timeout: float) -> None:
+    def _poll(self, timeout: float, token: object) -> bool:
+        """Handle one batch of events; False if the loop was handed over meanwhile."""
         listen_fd = self.listener.sock.fileno()
         conns = self.conns
         for fd, _events in self.epoll.poll(timeout):
@@ -158,6 +185,9 @@ class Server:
                     if ready is not None:
                         self.requests += 1
                         self.runner.submit(ready)
+                        if self._owner is not token:
+                            return False
+        return True
 
     def _accept(self) -> None:
         sock = self.listener.sock

@@ -1,0 +1,225 @@
+"""Load generation and measurement: wrk runs, a fixed-rate latency probe, RSS."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.procs import ROOT, connectable, free_port, python_env, require, stop, wait_for
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+@dataclass
+class Run:
+    """One measurement: throughput, latency percentiles in ms, errors."""
+
+    rps: float
+    p50: float
+    p99: float
+    errors: int = 0
+    mbps: float = 0.0
+
+
+def _ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(number) * _UNITS_MS[unit]
+
+
+def wrk(url: str, seconds: float, connections: int = 16, script: str | None = None) -> Run:
+    """Run wrk against ``url``; non-2xx responses and socket errors count as errors."""
+    cmd = [require("wrk", "wrk"), "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
+    if script:
+        cmd += ["-s", script]
+    out = subprocess.run(
+        [*cmd, url], capture_output=True, text=True, timeout=seconds + 60, check=True
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
+    scale = {"B": 1 / 2**20, "KB": 1 / 1024, "MB": 1.0, "GB": 1024.0}[transfer.group(2)]
+    return Run(rps, p50, p99, errors, float(transfer.group(1)) * scale)
+
+
+def probe(port: int, path: str, rate: float, seconds: float) -> Run:
+    """Requests at a fixed rate on one kept-alive connection; latency as the visitor sees it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    latencies: list[float] = []
+    errors = 0
+    start = time.monotonic()
+    count = int(rate * seconds)
+    for i in range(count):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        sent = time.perf_counter()
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        latencies.append((time.perf_counter() - sent) * 1000)
+        errors += resp.status != 200
+    conn.close()
+    cuts = statistics.quantiles(latencies, n=100)
+    return Run(count / (time.monotonic() - start), cuts[49], cuts[98], errors)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    """Median, min, max."""
+    return statistics.median(values), min(values), max(values)
+
+
+@contextlib.contextmanager
+def flup_server(tmp: Path, app: str) -> Iterator[Path]:
+    """flup 1.0.3's threaded WSGIServer on a unix socket: the starting point."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    sock = tmp / "flup.sock"
+    module, name = app.split(":")
+    code = (
+        f"from flup.server.fcgi import WSGIServer; from {module} import {name} as app; "
+        f"WSGIServer(app, bindAddress={str(sock)!r}).run()"
+    )
+    log = open(tmp / "flup.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=python_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        wait_for(lambda: connectable(str(sock)), 15, "flup")
+        yield sock
+    finally:
+        stop(proc)
+        log.close()
+
+
+@contextlib.contextmanager
+def gunicorn_behind_nginx(tmp: Path, app: str, workers: int = 1) -> Iterator[tuple[int, int]]:
+    """gunicorn sync workers, with nginx proxy_pass in front; yields (nginx port, master pid)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    gport, port = free_port(), free_port()
+    log = open(tmp / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
+    gun = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            str(workers),
+            "-k",
+            "sync",
+            "-b",
+            f"127.0.0.1:{gport}",
+            "--log-level",
+            "warning",
+            app,
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    var = tmp / "var"
+    for sub in ("log", "tmp", "run"):
+        (var / sub).mkdir(parents=True, exist_ok=True)
+    conf = tmp / "nginx-proxy.conf"
+    conf.write_text(f"""
+worker_processes 1;
+pid {var}/run/nginx.pid;
+error_log {var}/log/nginx-error.log warn;
+{"user root root;" if os.getuid() == 0 else ""}
+events {{ worker_connections 1024; }}
+http {{
+    access_log {var}/log/nginx-access.log;
+    client_body_temp_path {var}/tmp/body; proxy_temp_path {var}/tmp/proxy;
+    fastcgi_temp_path {var}/tmp/fastcgi; uwsgi_temp_path {var}/tmp/uwsgi;
+    scgi_temp_path {var}/tmp/scgi;
+    client_max_body_size 100m;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://127.0.0.1:{gport}; }}
+    }}
+}}
+""")
+    ngx = subprocess.Popen(
+        [
+            require("nginx", "nginx-light"),
+            "-p",
+            str(tmp),
+            "-c",
+            str(conf),
+            "-e",
+            str(var / "log" / "nginx-error.log"),
+            "-g",
+            "daemon off;",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: connectable(("127.0.0.1", gport)), 20, "gunicorn")
+        wait_for(lambda: connectable(("127.0.0.1", port)), 20, "nginx for gunicorn")
+        yield port, gun.pid
+    finally:
+        stop(ngx)
+        stop(gun)
+        log.close()
+
+
+@contextlib.contextmanager
+def uwsgi_server(tmp: Path, app: str) -> Iterator[Path]:
+    """uWSGI (C) serving FastCGI, one process: the ceiling for comparison (BASELINES=uwsgi)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    binary = Path(sys.executable).parent / "uwsgi"
+    if not binary.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "uwsgi"], check=True)
+    sock = tmp / "uwsgi.sock"
+    log = open(tmp / "uwsgi.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "--fastcgi-socket",
+            str(sock),
+            "--module",
+            app,
+            "--processes",
+            "1",
+            "--threads",
+            "1",
+            "--master",
+            "--disable-logging",
+            "--chmod-socket=660",
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        wait_for(lambda: connectable(str(sock)), 20, "uwsgi")
+        yield sock
+    finally:
+        stop(proc, signal.SIGINT)
+        log.close()

@@ -1,0 +1,317 @@
+"""``make bench``: each performance goal measured against a baseline in the same run.
+
+Every comparison runs as alternating rounds (A, B, A, B, ...) so a noisy,
+shared machine slows both sides alike; goals are ratios, never absolute
+numbers. Writes var/bench/report.md and var/bench/bench.png and prints the
+goals with PASS/FAIL. BENCH_SECONDS (5) and BENCH_ROUNDS (3) set the length;
+BASELINES=uwsgi adds uWSGI to the hello-world comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.benchmarks import harness
+from tests.benchmarks.harness import Run, probe, rss_kb, summary, wrk
+from tests.procs import ROOT, nginx, stack, wait_for, worker
+
+SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+BASELINES = os.environ.get("BASELINES", "").split(",")
+OUT = ROOT / "var" / "bench"
+APPS = "tests.benchmarks.apps"
+SCRIPTS = Path(__file__).parent
+
+goals: list[tuple[str, str, str, bool]] = []
+sections: list[str] = []
+chart: dict[str, dict[str, tuple[float, float, float]]] = {}
+
+
+def alternate(targets: dict[str, Callable[[], Run]]) -> dict[str, list[Run]]:
+    """Run each target once per round, in turn, after one untimed warm-up each."""
+    for measure in targets.values():
+        measure()
+    results: dict[str, list[Run]] = {name: [] for name in targets}
+    for _ in range(ROUNDS):
+        for name, measure in targets.items():
+            results[name].append(measure())
+    return results
+
+
+def table(title: str, results: dict[str, list[Run]], field: str, unit: str) -> None:
+    rows = [
+        f"### {title}",
+        "",
+        f"| server | median {unit} | min-max | errors |",
+        "|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        med, low, high = summary([getattr(r, field) for r in runs])
+        rows.append(
+            f"| {name} | {med:,.1f} | {low:,.1f}-{high:,.1f} | {sum(r.errors for r in runs)} |"
+        )
+    sections.append("\n".join(rows) + "\n")
+
+
+def goal(name: str, ratio: float, target: str, ok: bool, note: str = "") -> None:
+    goals.append((name, f"{ratio:.2f}x" + (f" ({note})" if note else ""), target, ok))
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {ratio:.2f}x (goal {target}) {note}", flush=True)
+
+
+def med(runs: list[Run], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in runs)
+
+
+def get_json(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    data = json.loads(conn.getresponse().read())
+    conn.close()
+    return data
+
+
+def url(port: int, path: str = "/") -> str:
+    return f"http://127.0.0.1:{port}{path}"
+
+
+def ours(stack_: contextlib.ExitStack, tmp: Path, app: str, *args: str) -> tuple[int, int]:
+    """Our worker with default options behind the shipped nginx.conf: (port, pid)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc, sock = stack_.enter_context(worker(tmp, app, "--log-level", "warning", *args))
+    return stack_.enter_context(nginx(tmp, sock)), proc.pid
+
+
+def hello_world(tmp: Path) -> None:
+    with contextlib.ExitStack() as es:
+        port, _ = ours(es, tmp / "ours", f"{APPS}:hello")
+        gport, _ = es.enter_context(
+            harness.gunicorn_behind_nginx(tmp / "gunicorn", f"{APPS}:hello")
+        )
+        fsock = es.enter_context(harness.flup_server(tmp / "flup", f"{APPS}:hello"))
+        fport = es.enter_context(nginx(tmp / "flup", fsock))
+        targets = {
+            "fcgi-finish": lambda: wrk(url(port), SECONDS),
+            "gunicorn sync": lambda: wrk(url(gport), SECONDS),
+            "flup WSGIServer": lambda: wrk(url(fport), SECONDS),
+        }
+        if "uwsgi" in BASELINES:
+            usock = es.enter_context(harness.uwsgi_server(tmp / "uwsgi", f"{APPS}:hello"))
+            uport = es.enter_context(nginx(tmp / "uwsgi", usock))
+            targets["uWSGI"] = lambda: wrk(url(uport), SECONDS)
+        res = alternate(targets)
+    table("1. Hello world, one process, nginx keep-conn (req/s)", res, "rps", "req/s")
+    chart["hello world req/s"] = {
+        name: summary([r.rps for r in runs]) for name, runs in res.items()
+    }
+    ratio = med(res["fcgi-finish"], "rps") / med(res["gunicorn sync"], "rps")
+    goal("1. hello world vs gunicorn sync", ratio, ">= 3.0x", ratio >= 3.0)
+    flup = med(res["fcgi-finish"], "rps") / med(res["flup WSGIServer"], "rps")
+    sections.append(f"fcgi-finish is {flup:.2f}x flup's WSGIServer.\n")
+
+
+def pool_scaling(tmp: Path) -> None:
+    with stack(tmp / "one", numprocs=1) as (p1, _), stack(tmp / "two", numprocs=2) as (p2, _):
+        res = alternate(
+            {
+                "pool of 1": lambda: wrk(url(p1, "/ping"), SECONDS),
+                "pool of 2": lambda: wrk(url(p2, "/ping"), SECONDS),
+            }
+        )
+    table("2. The shipped supervisor pool, 1 vs 2 processes, /ping (req/s)", res, "rps", "req/s")
+    ratio = med(res["pool of 2"], "rps") / med(res["pool of 1"], "rps")
+    cores = os.cpu_count() or 1
+    goal(
+        "2. two processes vs one",
+        ratio,
+        ">= 1.6x where cores allow",
+        ratio >= 1.6,
+        f"{cores} cores shared with nginx and wrk",
+    )
+
+
+def finish_overhead(tmp: Path) -> None:
+    with contextlib.ExitStack() as es:
+        port, _ = ours(es, tmp, f"{APPS}:bench")
+        rate = 100
+        res = alternate(
+            {
+                "plain": lambda: probe(port, "/", rate, SECONDS),
+                "deferring 1 s": lambda: probe(port, "/defer?1", rate, SECONDS),
+            }
+        )
+    table(f"3. Latency at {rate} req/s, plain vs deferring 1 s of work (p50 ms)", res, "p50", "ms")
+    table(f"3. Latency at {rate} req/s, plain vs deferring 1 s of work (p99 ms)", res, "p99", "ms")
+    chart["latency ms (p50, p99)"] = {
+        f"{name} {q}": summary([getattr(r, q) for r in runs])
+        for name, runs in res.items()
+        for q in ("p50", "p99")
+    }
+    for q in ("p50", "p99"):
+        ratio = med(res["deferring 1 s"], q) / med(res["plain"], q)
+        goal(f"3. finish overhead, {q} latency", ratio, "<= 1.1x", ratio <= 1.1)
+
+
+def capacity(tmp: Path) -> None:
+    with contextlib.ExitStack() as es:
+        port, _ = ours(es, tmp, f"{APPS}:bench")
+        script = str(SCRIPTS / "one_in_twenty.lua")
+        res = alternate(
+            {
+                "plain": lambda: wrk(url(port), SECONDS),
+                "1 in 20 defers 0.1 s": lambda: wrk(url(port), SECONDS, script=script),
+            }
+        )
+
+        def drained() -> dict:
+            counts = get_json(port, "/count")
+            return (
+                counts if counts["deferred"]["queued"] + counts["deferred"]["running"] == 0 else {}
+            )
+
+        counts = wait_for(drained, 60, "deferred work to finish")
+    table(
+        "4. Capacity: plain vs one request in twenty deferring 0.1 s (req/s)", res, "rps", "req/s"
+    )
+    d = counts["deferred"]
+    ran = d["done"] == counts["registered"] and d["failed"] == 0
+    sections.append(
+        f"Deferred calls registered {counts['registered']:,}, done {d['done']:,}, "
+        f"failed {d['failed']}, run on the request thread (backlog full) "
+        f"{d['overflowed']}.\n"
+    )
+    ratio = med(res["1 in 20 defers 0.1 s"], "rps") / med(res["plain"], "rps")
+    goal(
+        "4. capacity with deferred work",
+        ratio,
+        ">= 0.9x, all deferred run",
+        ratio >= 0.9 and ran,
+        "all run" if ran else "NOT all run",
+    )
+
+
+def large_bodies(tmp: Path) -> None:
+    upload = str(SCRIPTS / "upload_5mb.lua")
+    with contextlib.ExitStack() as es:
+        port, _ = ours(es, tmp / "ours", f"{APPS}:bench")
+        gport, _ = es.enter_context(
+            harness.gunicorn_behind_nginx(tmp / "gunicorn", f"{APPS}:bench")
+        )
+        down = alternate(
+            {
+                "fcgi-finish": lambda: wrk(url(port, "/mb"), SECONDS, 4),
+                "gunicorn sync": lambda: wrk(url(gport, "/mb"), SECONDS, 4),
+            }
+        )
+        up = alternate(
+            {
+                "fcgi-finish": lambda: wrk(url(port, "/upload"), SECONDS, 4, upload),
+                "gunicorn sync": lambda: wrk(url(gport, "/upload"), SECONDS, 4, upload),
+            }
+        )
+    for runs in up.values():
+        for r in runs:
+            r.mbps = r.rps * 5
+    table("5. 1 MB downloads (MB/s)", down, "mbps", "MB/s")
+    table("5. 5 MB uploads (MB/s)", up, "mbps", "MB/s")
+    for kind, res in (("1 MB downloads", down), ("5 MB uploads", up)):
+        ratio = med(res["fcgi-finish"], "mbps") / med(res["gunicorn sync"], "mbps")
+        goal(f"5. {kind} vs gunicorn", ratio, ">= 1.0x", ratio >= 1.0)
+
+
+def memory(tmp: Path) -> None:
+    with contextlib.ExitStack() as es:
+        port, pid = ours(es, tmp, f"{APPS}:bench")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for _ in range(1000):
+            conn.request("GET", "/")
+            conn.getresponse().read()
+        conn.close()
+        before = rss_kb(pid)
+        while get_json(port, "/count")["requests"] < 100_000:
+            wrk(url(port), 2)
+        served = get_json(port, "/count")["requests"]
+        after = rss_kb(pid)
+    growth = (after - before) / 1024
+    sections.append(
+        f"### 6. Memory\n\nWorker RSS {before / 1024:.1f} MB after 1,000 requests, "
+        f"{after / 1024:.1f} MB after {served:,}: {growth:+.2f} MB.\n"
+    )
+    goals.append(
+        ("6. RSS growth, 1,000 to 100,000 requests", f"{growth:+.2f} MB", "<= 5 MB", growth <= 5)
+    )
+    print(f"{'PASS' if growth <= 5 else 'FAIL'}  6. RSS growth: {growth:+.2f} MB (goal <= 5 MB)")
+
+
+def write_report(started: float) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# fcgi-finish benchmark",
+        "",
+        f"`make bench` ({ROUNDS} alternating rounds of {SECONDS:g} s, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
+        f"took {time.time() - started:.0f} s). Ratios compare medians from the same run.",
+        "",
+        "| goal | measured | target | result |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {m} | {t} | {'PASS' if ok else 'FAIL'} |" for n, m, t, ok in goals]
+    lines += ["", *sections, "![throughput and latency](bench.png)", ""]
+    (OUT / "report.md").write_text("\n".join(lines))
+    draw_chart(OUT / "bench.png")
+    print(f"\nreport: {OUT / 'report.md'}, chart: {OUT / 'bench.png'}")
+
+
+def draw_chart(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(chart), figsize=(6 * len(chart), 4.5))
+    for ax, (title, data) in zip(axes if len(chart) > 1 else [axes], chart.items(), strict=True):
+        names = list(data)
+        mids = [data[n][0] for n in names]
+        errs = [
+            [m - data[n][1] for n, m in zip(names, mids, strict=True)],
+            [data[n][2] - m for n, m in zip(names, mids, strict=True)],
+        ]
+        ax.bar(names, mids, yerr=errs, capsize=4, color="#4878a8")
+        ax.set_title(title + " (median, min-max)")
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+SCENARIOS = {
+    "hello": hello_world,
+    "pool": pool_scaling,
+    "finish": finish_overhead,
+    "capacity": capacity,
+    "bodies": large_bodies,
+    "memory": memory,
+}
+
+
+def main() -> int:
+    started = time.time()
+    chosen = sys.argv[1:] or list(SCENARIOS)
+    with tempfile.TemporaryDirectory(prefix="fcgi-bench-") as tmp:
+        for name in chosen:
+            print(f"-- {name}", flush=True)
+            SCENARIOS[name](Path(tmp) / name)
+    write_report(started)
+    print("\n".join(f"{'PASS' if ok else 'FAIL'}  {n}: {m} (goal {t})" for n, m, t, ok in goals))
+    return 0 if all(ok for *_, ok in goals) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
