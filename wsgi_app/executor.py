@@ -19,7 +19,9 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import math
 import os
+import selectors
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +31,17 @@ from typing import Any
 log = logging.getLogger("wsgi_app.deferred")
 
 _REPR_LIMIT = 80
+TICK = 0.005  # seconds: how often a busy loop takes new work and fires timers
+
+
+class _TickSelector(selectors.DefaultSelector):
+    """Rounds the loop's sleeps up to whole ticks, so timers due close together
+    (hundreds of ``asyncio.sleep`` ending each second) fire in one wake-up."""
+
+    def select(self, timeout: float | None = None):
+        if timeout is not None and timeout > 0:
+            timeout = math.ceil(timeout / TICK) * TICK
+        return super().select(timeout)
 
 
 @dataclass
@@ -75,6 +88,10 @@ class DeferredExecutor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._overflow_logged_at = -1.0
+        self._overflow_unlogged = 0
+        self._inbox: list[Batch] = []
+        self._idle = True
         self._closed = False
 
     # -- taking work ----------------------------------------------------------------
@@ -90,17 +107,34 @@ class DeferredExecutor:
             else:
                 self.stats["overflowed"] += len(batch.calls)
         if overflow:
-            reason = "stopping" if self._closed else f"backlog of {self.backlog} full"
-            log.warning(
-                "deferred %s: running %d call(s) from %s on the request thread",
-                reason,
-                len(batch.calls),
-                batch.origin,
-            )
+            self._warn_overflow(batch)
             self._run_here(batch)
             return
+        with self._lock:
+            self._inbox.append(batch)
+            if not self._idle:
+                return  # the loop's next tick takes it
+            self._idle = False
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._create_task, batch)
+        self._loop.call_soon_threadsafe(self._tick)
+
+    def _warn_overflow(self, batch: Batch) -> None:
+        """Log an overflow; under sustained overload, one line a second with the count."""
+        now = time.monotonic()
+        with self._lock:
+            self._overflow_unlogged += 1
+            if now - self._overflow_logged_at < 1.0:
+                return
+            count, self._overflow_unlogged = self._overflow_unlogged, 0
+            self._overflow_logged_at = now
+        reason = "stopping" if self._closed else f"backlog of {self.backlog} full"
+        log.warning(
+            "deferred %s: running %d batch(es) on the request thread, latest %d call(s) from %s",
+            reason,
+            count,
+            len(batch.calls),
+            batch.origin,
+        )
 
     def _start(self) -> None:
         """Start the loop thread and pool in this process (again after a fork)."""
@@ -109,14 +143,29 @@ class DeferredExecutor:
         self._pid = os.getpid()
         self._closed = False
         self._batches.clear()
-        self._loop = asyncio.new_event_loop()
+        self._inbox.clear()
+        self._idle = True
+        self._loop = asyncio.SelectorEventLoop(_TickSelector())
         self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, "deferred")
         self._slots = asyncio.Semaphore(self.concurrency)
         threading.Thread(target=self._loop.run_forever, name="deferred-loop", daemon=True).start()
 
-    def _create_task(self, batch: Batch) -> None:
+    def _tick(self) -> None:
+        """On the loop: start the batches that arrived; tick again while there is work.
+
+        While busy, the loop picks up new batches every ``TICK`` instead of being woken
+        for each: a wake-up is a pipe write and a GIL hand-off that the serving
+        threads pay for. Idle, it sleeps until ``submit`` wakes it.
+        """
         assert self._loop is not None
-        batch.task = self._loop.create_task(self._run_batch(batch))
+        with self._lock:
+            arrived = list(self._inbox)
+            self._inbox.clear()
+            self._idle = not arrived and not self._batches
+        for batch in arrived:
+            batch.task = self._loop.create_task(self._run_batch(batch))
+        if not self._idle:
+            self._loop.call_later(TICK, self._tick)
 
     # -- running work -----------------------------------------------------------------
 

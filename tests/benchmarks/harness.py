@@ -36,7 +36,13 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS_MS[unit]
 
 
-def wrk(url: str, seconds: float, connections: int = 16, script: str | None = None) -> Run:
+def wrk(
+    url: str,
+    seconds: float,
+    connections: int = 16,
+    script: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Run:
     """Run wrk against ``url``; non-2xx responses and socket errors count as errors."""
     cmd = [require("wrk", "wrk"), "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
     if script:

@@ -166,7 +166,7 @@ def capacity(tmp: Path) -> None:
         script = str(SCRIPTS / "one_in_twenty.lua")
         res = alternate(
             {
-                "plain": lambda: wrk(url(port), SECONDS),
+                "plain": lambda: wrk(url(port), SECONDS, script=script, env={"DEFER_PATH": "/"}),
                 "1 in 20 defers 0.1 s": lambda: wrk(url(port), SECONDS, script=script),
             }
         )
