@@ -69,4 +69,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     server = Server(app, options, listener)
     server.install_signals()
-    return server.serve()
+    code = server.serve()
+    if server.recycling and code == 0:
+        restart_in_place()
+    return code
+
+
+def restart_in_place() -> None:
+    """Become a fresh worker in the same process: a new interpreter, the same command line.
+
+    The listening socket stays open on fd 0 across ``exec``, so connections wait in its
+    backlog meanwhile, and supervisord sees no exit: its reference to the pool's socket
+    never drops to zero, which would close the socket for the whole pool.
+    """
+    logging.getLogger("fcgi").info("restarting in place with a fresh interpreter")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

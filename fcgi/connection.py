@@ -12,6 +12,7 @@ import logging
 import select
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from . import protocol
@@ -48,6 +49,8 @@ class Connection:
         self.request: Request | None = None
         self.closed = False
         self.peer_gone = False
+        self.ignored: set[int] = set()  # ids whose late records we drop: ended or refused
+        self.pending_since: float | None = None  # when a half-sent record or request began
 
     # -- reading, on the I/O loop thread ----------------------------------------
 
@@ -65,31 +68,25 @@ class Connection:
             return None
         buf = self.buf
         buf += data
+        ready = None
         try:
+            records, used = protocol.parse_records(buf)
             with self.lock:
-                ready, used = self._parse(buf)
+                for rtype, rid, content in records:
+                    if self._on_record(rtype, rid, content):
+                        ready = self.request
         except protocol.ProtocolError as exc:
             log.warning("connection %d: %s; closing it", self.fd, exc)
             self.close_when_idle()
             return None
         del buf[:used]
+        request = self.request
+        if buf or (request is not None and not request.running):
+            if self.pending_since is None:
+                self.pending_since = time.monotonic()
+        else:
+            self.pending_since = None
         return ready
-
-    def _parse(self, buf: bytearray) -> tuple[Request | None, int]:
-        pos, end, ready = 0, len(buf), None
-        unpack = protocol.HEADER.unpack_from
-        while end - pos >= protocol.HEADER_LEN:
-            version, rtype, rid, clen, plen = unpack(buf, pos)
-            if version != protocol.VERSION_1:
-                raise protocol.ProtocolError(f"bad record version {version}")
-            stop = pos + protocol.HEADER_LEN + clen
-            if stop + plen > end:
-                break
-            content = bytes(buf[pos + protocol.HEADER_LEN : stop])
-            pos = stop + plen
-            if self._on_record(rtype, rid, content):
-                ready = self.request
-        return ready, pos
 
     def _on_record(self, rtype: int, rid: int, content: bytes) -> bool:
         """Handle one record; True when it completed the current request."""
@@ -99,6 +96,11 @@ class Connection:
                 names = protocol.decode_pairs(content)
                 self.send([protocol.get_values_result(names, self.server.fcgi_values)])
             else:
+                log.warning(
+                    "connection %d: record type %d with request id 0; answered UNKNOWN_TYPE",
+                    self.fd,
+                    rtype,
+                )
                 self.send([protocol.unknown_type(rtype)])
             return False
         if rtype not in _ACCEPTED_TYPES:
@@ -109,19 +111,26 @@ class Connection:
                 raise protocol.ProtocolError("short BEGIN_REQUEST body")
             role, flags = protocol.BEGIN_BODY.unpack_from(content)
             if request is not None:
+                self._ignore(rid)
                 self.send([protocol.reject(rid, protocol.CANT_MPX_CONN)])
             elif role != protocol.RESPONDER:
+                self._ignore(rid)
                 self.send([protocol.reject(rid, protocol.UNKNOWN_ROLE)])
             else:
                 self.request = Request(self, rid, bool(flags & protocol.KEEP_CONN))
             return False
         if request is None or request.id != rid:
-            return False  # the specification says to ignore records of inactive requests
+            if rid in self.ignored:
+                return False  # late records of a request that ended: ignore, as the spec says
+            raise protocol.ProtocolError(
+                f"record type {rtype} for request {rid}, which was never begun"
+            )
         if rtype == protocol.ABORT_REQUEST:
             if request.running:
                 request.abort()
             else:
                 self.request = None
+                self._ignore(rid)
                 self.send([protocol.end_request(rid, 1)])
             return False
         if request.running:
@@ -133,6 +142,11 @@ class Connection:
             request.running = True
             return True
         return False
+
+    def _ignore(self, rid: int) -> None:
+        if len(self.ignored) >= 64:  # a peer cycling through ids gets no unbounded memory
+            self.ignored.clear()
+        self.ignored.add(rid)
 
     def on_eof(self) -> None:
         """The web server closed its side: close now, or once the running request ends."""
@@ -212,6 +226,7 @@ class Connection:
         """Called under ``lock`` once END_REQUEST went out (or could not)."""
         if self.request is request:
             self.request = None
+        self._ignore(request.id)
         if self.peer_gone or not request.keep_conn:
             self.server.forget(self)
             self.closed = True

@@ -36,6 +36,13 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_off(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must be a number of seconds, or 0 for off")
+    return value
+
+
 def size(text: str) -> int:
     """Bytes, with an optional K, M or G suffix (powers of 1024)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -156,6 +163,56 @@ OPTIONS: tuple[Option, ...] = (
         seconds,
         30.0,
         "on SIGTERM, seconds to finish running requests and accepted deferred work before exiting",
+        "SECONDS",
+    ),
+    Option(
+        "read_timeout",
+        seconds,
+        30.0,
+        "seconds a record or a request may stay half-sent before its connection is closed "
+        "(idle kept-alive connections never time out)",
+        "SECONDS",
+    ),
+    Option(
+        "max_connections",
+        positive_int,
+        4096,
+        "connections held at once; beyond it new ones wait in the listen backlog",
+    ),
+    Option(
+        "max_requests",
+        non_negative_int,
+        0,
+        "recycle: after this many requests stop accepting, finish, drain and exit 0 so "
+        "supervisor starts a fresh worker (0: never)",
+    ),
+    Option(
+        "max_requests_jitter",
+        non_negative_int,
+        0,
+        "add a random 0..N to --max-requests, so a pool's workers do not recycle together",
+    ),
+    Option(
+        "slow_request",
+        seconds_or_off,
+        0.0,
+        "log the stack of a request still running after this many seconds (0: off)",
+        "SECONDS",
+    ),
+    Option(
+        "slow_deferred",
+        seconds_or_off,
+        0.0,
+        "log the stack of a deferred callable still running after this many seconds; offered "
+        "to the middleware as environ['fcgi.deferred_limits'] (0: off)",
+        "SECONDS",
+    ),
+    Option(
+        "deferred_timeout",
+        seconds_or_off,
+        0.0,
+        "cancel (and log) a deferred coroutine still running after this many seconds; plain "
+        "functions cannot be cancelled and are only slow-logged (0: off)",
         "SECONDS",
     ),
     Option(

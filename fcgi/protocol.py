@@ -48,6 +48,24 @@ class ProtocolError(Exception):
     """The peer sent bytes that are not valid FastCGI; the connection must close."""
 
 
+def parse_records(buf: bytes | bytearray) -> tuple[list[tuple[int, int, bytes]], int]:
+    """The complete records at the start of ``buf`` as (type, request id, content),
+    and how many bytes they took; a partial record is left for the next read."""
+    records = []
+    pos, end = 0, len(buf)
+    unpack = HEADER.unpack_from
+    while end - pos >= HEADER_LEN:
+        version, rtype, rid, clen, plen = unpack(buf, pos)
+        if version != VERSION_1:
+            raise ProtocolError(f"bad record version {version}")
+        stop = pos + HEADER_LEN + clen
+        if stop + plen > end:
+            break
+        records.append((rtype, rid, bytes(buf[pos + HEADER_LEN : stop])))
+        pos = stop + plen
+    return records, pos
+
+
 def record(rtype: int, request_id: int, content: bytes = b"") -> bytes:
     """One record, unpadded (padding is optional and no web server needs it)."""
     return HEADER.pack(VERSION_1, rtype, request_id, len(content), 0) + content

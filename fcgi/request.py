@@ -92,6 +92,9 @@ class Request:
         if not content:
             return True
         self._body_size += len(content)
+        declared = self.params.get("CONTENT_LENGTH")
+        if declared and declared.isdigit() and self._body_size > int(declared):
+            raise protocol.ProtocolError(f"STDIN longer than CONTENT_LENGTH {declared}")
         if isinstance(self._body, list):
             self._body.append(content)
             if self._body_size > spool_threshold:
@@ -142,6 +145,7 @@ class Request:
         env["wsgi.input_terminated"] = True
         env["fcgi.finish_request"] = self.finish
         env["fcgi.add_drain_hook"] = server.add_drain_hook
+        env["fcgi.deferred_limits"] = server.deferred_limits
         env["fcgi.request_id"] = self.id
         self.environ = env
         return env

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import resource
 import select
 import signal
@@ -31,12 +32,15 @@ from .options import Options
 from .request import Request
 from .runner import InlineRunner, ThreadRunner
 from .streams import ErrorStream
+from .watchdog import Watchdog
 
 log = logging.getLogger("fcgi")
 
 # Exit codes: graceful stop with everything done, and with work left unrun.
 EXIT_OK = 0
 EXIT_ABANDONED = 3
+
+SWEEP_INTERVAL = 1.0  # seconds between checks for stalled connections
 
 DrainHook = Callable[[float], int]
 
@@ -56,6 +60,20 @@ class Server:
         self.drain_hooks: list[DrainHook] = []
         self.stopping = False
         self.requests = 0
+        self.recycle_after = options.max_requests and options.max_requests + random.randint(
+            0, options.max_requests_jitter
+        )
+        # Recycling an inherited socket restarts in place (cli.main exec()s): supervisord
+        # closes a pool's socket whenever none of its processes is alive.
+        self.recycling = False
+        self.running: dict[Request, tuple[int, float]] = {}  # request: (thread id, start)
+        self.deferred_limits = {
+            "slow": options.slow_deferred or None,
+            "timeout": options.deferred_timeout or None,
+        }
+        self.watchdog = Watchdog(self, options.slow_request) if options.slow_request else None
+        self._accepting = True
+        self._next_sweep = 0.0
         self.exit_code = EXIT_OK
         self._owner: object = None  # the token of the thread running the loop
         self._stopped = threading.Event()
@@ -77,6 +95,8 @@ class Server:
     def serve(self) -> int:
         """Serve until ``stop()``, then stop gracefully; returns the exit code."""
         self.runner.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
         self.epoll.register(self.listener.sock.fileno(), select.EPOLLIN)
         self.epoll.register(self._wake_r, select.EPOLLIN)
         log.info(
@@ -115,7 +135,8 @@ class Server:
             self.exit_code = 1
         finally:
             if self._owner is token:
-                self.listener.close()
+                if not self.recycling:
+                    self.listener.close()
                 for conn in list(self.conns.values()):
                     conn.close()
                 self.epoll.close()
@@ -140,8 +161,9 @@ class Server:
             "stopping: finishing running requests and deferred work (up to %.0f s)",
             self.options.graceful_timeout,
         )
-        self.epoll.unregister(self.listener.sock.fileno())
-        self.listener.close()
+        self._pause_accepting(True)
+        if not self.recycling:  # a recycled worker keeps its socket for its next life
+            self.listener.close()
         # Requests still arriving on open connections are read to the end and run.
         while time.monotonic() < deadline and self._close_idle():
             self._poll(0.05, token)
@@ -173,6 +195,12 @@ class Server:
         """Handle one batch of events; False if the loop was handed over meanwhile."""
         listen_fd = self.listener.sock.fileno()
         conns = self.conns
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            self._close_stalled(now)
+        if timeout < 0 or timeout > SWEEP_INTERVAL:
+            timeout = SWEEP_INTERVAL
         for fd, _events in self.epoll.poll(timeout):
             if fd == listen_fd:
                 self._accept()
@@ -184,10 +212,26 @@ class Server:
                     ready = conn.on_readable()
                     if ready is not None:
                         self.requests += 1
+                        if self.requests == self.recycle_after:
+                            log.info("recycling after %d requests", self.requests)
+                            self.recycling = self.listener.path is None
+                            self.stop()
                         self.runner.submit(ready)
                         if self._owner is not token:
                             return False
         return True
+
+    def _close_stalled(self, now: float) -> None:
+        """Close connections whose half-sent record or request is older than --read-timeout."""
+        limit = now - self.options.read_timeout
+        for conn in list(self.conns.values()):
+            if conn.pending_since is not None and conn.pending_since < limit:
+                log.warning(
+                    "connection %d: half-sent for over %.0f s; closing it",
+                    conn.fd,
+                    self.options.read_timeout,
+                )
+                conn.close_when_idle()
 
     def _accept(self) -> None:
         sock = self.listener.sock
@@ -206,6 +250,24 @@ class Server:
             log.debug("connection %d: opened", conn.fd)
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, select.EPOLLIN)
+            if len(self.conns) >= self.options.max_connections:
+                log.warning(
+                    "%d connections open (--max-connections); new ones wait in the listen backlog",
+                    len(self.conns),
+                )
+                self._pause_accepting(True)
+                return
+
+    def _pause_accepting(self, pause: bool) -> None:
+        if pause == (not self._accepting) or (self.stopping and not pause):
+            return
+        self._accepting = not pause
+        fd = self.listener.sock.fileno()
+        with contextlib.suppress(OSError, ValueError):
+            if pause:
+                self.epoll.unregister(fd)
+            else:
+                self.epoll.register(fd, select.EPOLLIN)
 
     def forget(self, conn: Connection) -> None:
         """Stop watching ``conn``; safe from any thread, and more than once."""
@@ -213,6 +275,8 @@ class Server:
             del self.conns[conn.fd]
             with contextlib.suppress(OSError, ValueError):
                 self.epoll.unregister(conn.fd)
+            if not self._accepting and len(self.conns) < self.options.max_connections:
+                self._pause_accepting(False)
 
     def add_drain_hook(self, hook: DrainHook) -> None:
         """Offered to apps as ``environ["fcgi.add_drain_hook"]``: ``hook(seconds_left)`` runs
@@ -224,6 +288,7 @@ class Server:
 
     def handle(self, request: Request) -> None:
         environ = request.build_environ(self)
+        self.running[request] = (threading.get_ident(), time.monotonic())
         result = None
         try:
             request.app_phase = True
@@ -246,6 +311,7 @@ class Server:
                     request.fail(sys.exc_info())
             request.finish()
             request.close_body()
+            del self.running[request]
             if request.dropped:
                 log.debug(
                     "%s: %d byte(s) written after finish_request dropped", request, request.dropped

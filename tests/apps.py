@@ -108,3 +108,37 @@ def fail_after(environ, start_response):
 
     start_response("200 OK", [("Content-Type", "text/plain")])
     return body()
+
+
+def _many_deferred(environ, start_response):
+    """Defers ``n`` calls of ``seconds`` each (query n=..&seconds=..)."""
+    query = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+    for i in range(int(query.get("n", "12"))):
+        defer(environ, slow_sleep, float(query.get("seconds", "1.5")), f"job{i}")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"queued\n"]
+
+
+many_deferred = DeferredMiddleware(_many_deferred)
+
+
+def stuck_in_the_app(environ, start_response):
+    time.sleep(float(environ.get("QUERY_STRING") or 1.5))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"late\n"]
+
+
+def _streamer(environ, start_response):
+    """Defers a note, then streams a long body slowly: for visitors who leave."""
+    defer(environ, note, "done streamer")
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+    def body():
+        for _ in range(200):
+            yield b"x" * 65536
+            time.sleep(0.005)
+
+    return body()
+
+
+streamer = DeferredMiddleware(_streamer)

@@ -174,7 +174,9 @@ def nginx(tmp: Path, socket_path: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def stack(tmp: Path, numprocs: int = 2) -> Iterator[tuple[int, Callable[..., str]]]:
+def stack(
+    tmp: Path, numprocs: int = 2, **env_extra: str
+) -> Iterator[tuple[int, Callable[..., str]]]:
     """The shipped conf/ stack (supervisord, the pool, nginx) run from a copy in ``tmp``.
 
     Yields nginx's port and ``ctl(*args)``, which runs supervisorctl against it.
@@ -199,6 +201,7 @@ def stack(tmp: Path, numprocs: int = 2) -> Iterator[tuple[int, Callable[..., str
         NUMPROCS=str(numprocs),
         FCGI_PYTHON=sys.executable,
         NGINX_BIN=require("nginx", "nginx-light"),
+        **env_extra,
     )
     env.pop("PYTHONPATH")  # the workers import wsgi_app from the installed package
     bindir = Path(sys.executable).parent

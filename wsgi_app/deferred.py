@@ -39,43 +39,76 @@ P = ParamSpec("P")
 
 ENVIRON_KEY = "wsgi_app.deferred"
 
-# name, environment variable, default, meaning: the middleware's settings.
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must be a number of seconds, or 0 for off")
+    return value
+
+
+# name, environment variable, default, converter, meaning: the middleware's settings.
 SETTINGS = (
     (
         "threads",
         "DEFERRED_THREADS",
         4,
+        _count,
         "plain functions running at once (mail, webhooks: I/O-bound, so a few overlap well)",
     ),
     (
         "concurrency",
         "DEFERRED_CONCURRENCY",
         100,
+        _count,
         "requests' batches in progress at once (coroutines interleave on one loop)",
     ),
     (
         "backlog",
         "DEFERRED_BACKLOG",
         1000,
+        _count,
         "calls waiting to start; beyond it the finishing request's thread runs its own batch",
+    ),
+    (
+        "slow",
+        "DEFERRED_SLOW",
+        0,
+        _seconds,
+        "log the stack of a call running longer than this many seconds (0: off)",
+    ),
+    (
+        "timeout",
+        "DEFERRED_TIMEOUT",
+        0,
+        _seconds,
+        "cancel a coroutine running longer than this many seconds (0: off)",
     ),
 )
 
 _executors: weakref.WeakSet[DeferredExecutor] = weakref.WeakSet()
 
 
-def _settings(given: Mapping[str, int | None], environ: Mapping[str, str]) -> dict[str, int]:
+def _settings(given: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Keyword arguments first, then the environment, then the defaults; errors name both."""
     values = {}
-    for name, env, default, _meaning in SETTINGS:
+    for name, env, default, convert, _meaning in SETTINGS:
         value = given.get(name)
-        if value is None and env in environ:
-            try:
-                value = int(environ[env])
-            except ValueError:
-                raise ValueError(f"{env}={environ[env]!r} must be a whole number") from None
-        value = default if value is None else value
-        if value < 1:
-            raise ValueError(f"{name} ({env}) must be 1 or more, not {value}")
+        try:
+            if value is None:
+                value = convert(environ[env]) if env in environ else default
+            else:
+                value = convert(str(value))
+        except ValueError as exc:
+            shown = environ.get(env) if given.get(name) is None else value
+            raise ValueError(f"{name} ({env}) = {shown!r}: {exc}") from None
         values[name] = value
     return values
 
@@ -91,11 +124,20 @@ class DeferredMiddleware:
         threads: int | None = None,
         concurrency: int | None = None,
         backlog: int | None = None,
+        slow: float | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.app = app
-        given = {"threads": threads, "concurrency": concurrency, "backlog": backlog}
+        given = {
+            "threads": threads,
+            "concurrency": concurrency,
+            "backlog": backlog,
+            "slow": slow,
+            "timeout": timeout,
+        }
         self.executor = DeferredExecutor(**_settings(given, os.environ))
         _executors.add(self.executor)
+        self._server_limits: object = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         batch = Batch(origin=_origin(environ))
@@ -103,6 +145,10 @@ class DeferredMiddleware:
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None:  # the server keeps each hook once
             add_drain_hook(self.executor.drain)
+        limits = environ.get("fcgi.deferred_limits")
+        if limits is not None and limits is not self._server_limits:
+            self._server_limits = limits  # the worker's --slow-deferred, --deferred-timeout
+            self.executor.configure(**{k: v for k, v in limits.items() if v})
         try:
             result = self.app(environ, start_response)
         except BaseException:

@@ -22,8 +22,10 @@ import logging
 import math
 import os
 import selectors
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,13 +46,15 @@ class _TickSelector(selectors.DefaultSelector):
         return super().select(timeout)
 
 
-@dataclass
+@dataclass(eq=False)
 class Call:
     """One deferred callable with its arguments."""
 
     func: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    thread: int | None = None  # the pool thread running it, for a plain function
+    reported: bool = False  # already in the slow log
 
     def describe(self) -> str:
         name = getattr(self.func, "__qualname__", None) or repr(self.func)
@@ -74,13 +78,23 @@ class Batch:
 class DeferredExecutor:
     """Runs batches after their responses, within fixed bounds; see the module docstring."""
 
-    def __init__(self, threads: int = 4, concurrency: int = 100, backlog: int = 1000) -> None:
+    def __init__(
+        self,
+        threads: int = 4,
+        concurrency: int = 100,
+        backlog: int = 1000,
+        slow: float = 0,
+        timeout: float = 0,
+    ) -> None:
         self.threads = threads
         self.concurrency = concurrency
         self.backlog = backlog
+        self.slow = slow  # seconds before a running call's stack is logged; 0: never
+        self.timeout = timeout  # seconds before a coroutine is cancelled; 0: never
         self.stats = dict.fromkeys(
-            ("queued", "running", "done", "failed", "overflowed", "abandoned"), 0
+            ("queued", "running", "done", "failed", "overflowed", "abandoned", "slow"), 0
         )
+        self._running: dict[Call, tuple[Batch, float, Any]] = {}  # call: (batch, start, task)
         self.last_duration = 0.0
         self._lock = threading.Condition()
         self._batches: set[Batch] = set()
@@ -93,6 +107,13 @@ class DeferredExecutor:
         self._inbox: list[Batch] = []
         self._idle = True
         self._closed = False
+
+    def configure(self, slow: float | None = None, timeout: float | None = None) -> None:
+        """Set the slow-log and timeout limits (the worker offers its own through the environ)."""
+        if slow is not None:
+            self.slow = slow
+        if timeout is not None:
+            self.timeout = timeout
 
     # -- taking work ----------------------------------------------------------------
 
@@ -164,6 +185,7 @@ class DeferredExecutor:
             self._idle = not arrived and not self._batches
         for batch in arrived:
             batch.task = self._loop.create_task(self._run_batch(batch))
+        self._check_slow()
         if not self._idle:
             self._loop.call_later(TICK, self._tick)
 
@@ -179,17 +201,26 @@ class DeferredExecutor:
                         self.stats["queued"] -= 1
                         self.stats["running"] += 1
                     began = time.monotonic()
+                    self._running[call] = (batch, began, asyncio.current_task())
                     try:
                         if inspect.iscoroutinefunction(call.func):
-                            await call.func(*call.args, **call.kwargs)
+                            await self._awaited(call.func(*call.args, **call.kwargs))
                         else:
                             result = await self._loop.run_in_executor(self._pool, _invoke, call)
                             if inspect.isawaitable(result):
-                                await result
+                                await self._awaited(result)
                     except asyncio.CancelledError:  # drain() has counted it as abandoned
                         with self._lock:
                             self.stats["running"] -= 1
                         raise
+                    except TimeoutError:
+                        self._count(began, "failed")
+                        log.error(
+                            "deferred %s cancelled after %g s (request %s)",
+                            call.describe(),
+                            self.timeout,
+                            batch.origin,
+                        )
                     except Exception:
                         self._count(began, "failed")
                         log.exception(
@@ -197,10 +228,44 @@ class DeferredExecutor:
                         )
                     else:
                         self._count(began, "done")
+                    finally:
+                        self._running.pop(call, None)
         finally:
             with self._lock:
                 self._batches.discard(batch)
                 self._lock.notify_all()
+
+    async def _awaited(self, awaitable: Any) -> Any:
+        if self.timeout:
+            return await asyncio.wait_for(awaitable, self.timeout)
+        return await awaitable
+
+    def _check_slow(self) -> None:
+        """On the loop, each tick while work runs: log the stack of calls past ``slow``."""
+        if not self.slow:
+            return
+        now = time.monotonic()
+        frames = None
+        for call, (batch, began, task) in list(self._running.items()):
+            if now - began < self.slow or call.reported:
+                continue
+            call.reported = True
+            if call.thread is not None:
+                frames = frames or sys._current_frames()
+                frame = frames.get(call.thread)
+                stack = traceback.format_stack(frame) if frame else []
+            else:  # a coroutine: the frames down its chain of awaits
+                chain = [(f, f.f_lineno) for f in task.get_stack(limit=20)]
+                stack = traceback.format_list(traceback.StackSummary.extract(chain))
+            with self._lock:
+                self.stats["slow"] += 1
+            log.warning(
+                "slow deferred %s running for %.1f s (request %s):\n%s",
+                call.describe(),
+                now - began,
+                batch.origin,
+                "".join(stack).rstrip(),
+            )
 
     def _count(self, began: float, outcome: str) -> None:
         with self._lock:
@@ -268,6 +333,7 @@ class DeferredExecutor:
 
 
 def _invoke(call: Call) -> Any:
+    call.thread = threading.get_ident()  # where the slow log finds its stack
     return call.func(*call.args, **call.kwargs)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.procs import ROOT, connectable, free_port, python_env, require, stop, wait_for
 
-_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Run:
 
 
 def _ms(text: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text).groups()
     return float(number) * _UNITS_MS[unit]
 
 
@@ -50,9 +50,12 @@ def wrk(
     out = subprocess.run(
         [*cmd, url], capture_output=True, text=True, timeout=seconds + 60, check=True
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    try:
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
+        p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    except (AttributeError, ValueError):
+        raise RuntimeError(f"cannot read wrk's output for {url}:\n{out}") from None
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors += int(non2xx.group(1)) if non2xx else 0

@@ -1,0 +1,61 @@
+"""The slow-request log: PHP-FPM's ``request_slowlog_timeout`` for this worker.
+
+A daemon thread looks at the running requests every half second and logs,
+once per request, the stack of any that has run longer than
+``--slow-request`` seconds: where it is stuck, while it is stuck.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("fcgi.slow")
+
+
+class Watchdog:
+    """Logs the stack of requests running past the limit; counts them in ``slow``."""
+
+    def __init__(self, server: Server, limit: float) -> None:
+        self.server = server
+        self.limit = limit
+        self.slow = 0
+        self._reported: set[int] = set()
+        self._thread = threading.Thread(target=self._watch, name="slow-request", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _watch(self) -> None:
+        period = min(0.5, self.limit / 2)
+        while not self.server.stopping:
+            time.sleep(period)
+            self.check(time.monotonic())
+
+    def check(self, now: float) -> None:
+        frames = sys._current_frames()
+        running = dict(self.server.running)
+        for request, (thread_id, started) in running.items():
+            key = id(request)
+            if now - started < self.limit or key in self._reported:
+                continue
+            self._reported.add(key)
+            self.slow += 1
+            frame = frames.get(thread_id)
+            stack = "".join(traceback.format_stack(frame)) if frame else "(stack unavailable)\n"
+            log.warning(
+                "slow request: %s running for %.1f s, thread %d:\n%s",
+                request,
+                now - started,
+                thread_id,
+                stack.rstrip(),
+            )
+        alive = {id(r) for r in running}
+        self._reported &= alive

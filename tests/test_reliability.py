@@ -1,0 +1,242 @@
+"""Stopping, recycling, timeouts, hostile input and peers that leave."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from flup.server import fcgi_base as flup
+
+from tests import apps
+from tests.fcgi_client import Client, begin, params, record, request_bytes
+from tests.procs import HTTP, python_env, stack, stop, wait_for, worker
+from tests.test_e2e_nginx import done_lines
+from wsgi_app.deferred import DeferredMiddleware, defer
+
+
+def test_sigterm_runs_every_accepted_deferred_call_then_exits_0(tmp_path):
+    log = tmp_path / "work.log"
+    with worker(tmp_path, "tests.apps:many_deferred", env=python_env(TEST_APP_LOG=str(log))) as (
+        proc,
+        sock,
+    ):
+        client = Client(str(sock))
+        for i in range(12):  # twelve requests, so the calls run side by side on 4 threads
+            assert client.request(f"/?n=1&seconds=1.5&i={i}").body == b"queued\n"
+        client.close()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        took = time.monotonic() - started
+    assert [tag for _, tag, _ in done_lines(log)] == ["job0"] * 12
+    assert took >= 4  # 12 calls of 1.5 s on 4 threads: it waited for them
+
+
+def test_sigterm_past_the_deadline_names_what_it_abandons(tmp_path):
+    with worker(tmp_path, "tests.apps:many_deferred", "--graceful-timeout", "1") as (proc, sock):
+        client = Client(str(sock))
+        client.request("/?n=6&seconds=3")
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 3
+    text = (tmp_path / "app.log").read_text()
+    assert text.count("abandoned at stop") == 6
+    assert "slow_sleep(3.0, 'job5') abandoned at stop, never started (request GET /?n=6" in text
+
+
+def test_sigquit_stops_at_once(tmp_path):
+    with worker(tmp_path, "tests.apps:many_deferred") as (proc, sock):
+        client = Client(str(sock))
+        client.request("/?n=4&seconds=10")
+        client.close()
+        started = time.monotonic()
+        assert stop(proc, signal.SIGQUIT) == 1
+        assert time.monotonic() - started < 5
+    assert not sock.exists()
+
+
+HOSTILE = {
+    "bad version": b"\x09" + bytes(15),
+    "garbage": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "params before begin": params(1, {"A": "b"}),
+    "stdin before begin": record(flup.FCGI_STDIN, 1, b"body"),
+    "broken pair lengths": begin(1)
+    + record(flup.FCGI_PARAMS, 1, b"\x7f\x7fab")
+    + record(flup.FCGI_PARAMS, 1),
+    "huge pair length": begin(1)
+    + record(flup.FCGI_PARAMS, 1, b"\xff\xff\xff\xff\x01ab")
+    + record(flup.FCGI_PARAMS, 1),
+    "stdin past content length": begin(1)
+    + params(1, {"CONTENT_LENGTH": "3"})
+    + record(flup.FCGI_STDIN, 1, b"abcdef")
+    + record(flup.FCGI_STDIN, 1),
+    "params over the limit": begin(1)
+    + b"".join(record(flup.FCGI_PARAMS, 1, b"\x01\x7f" + b"x" * 128) for _ in range(200)),
+    "short begin body": record(flup.FCGI_BEGIN_REQUEST, 1, b"\x00"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_input_closes_that_connection_with_one_log_line(serve, caplog, name):
+    running = serve(apps.echo, max_params=16384)
+    bad = running.client()
+    with caplog.at_level(logging.WARNING, "fcgi"):
+        bad.send(HOSTILE[name])
+        bad.sock.settimeout(5)
+        assert bad.read_record() is None  # closed by the worker
+    warnings = [r for r in caplog.records if r.name == "fcgi" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "closing it" in warnings[0].getMessage()
+    assert running.client().request("/after", method="POST", body=b"ok").body == b"ok"
+
+
+def test_request_id_zero_and_non_utf8_bytes(serve, caplog):
+    running = serve(apps.echo)
+    client = running.client()
+    with caplog.at_level(logging.WARNING, "fcgi"):
+        client.send(begin(rid=0))
+        rtype, _rid, content = client.read_record()
+    assert rtype == flup.FCGI_UNKNOWN_TYPE and content[0] == flup.FCGI_BEGIN_REQUEST
+    assert "request id 0" in caplog.text
+    raw_path = "/caf\xe9/\xff\xfe"  # bytes that are not UTF-8, as latin-1 text
+    resp = client.request("/x", extra={"PATH_INFO": raw_path, "HTTP_X": "\x80\x81"})
+    assert resp.status == 200
+    assert resp.head.split(b"X-Path-Info: ")[1].split(b"\r\n")[0] == raw_path.encode("latin-1")
+
+
+def test_half_sent_records_time_out(serve, caplog):
+    running = serve(apps.echo, read_timeout=1)
+    truncated = running.client()
+    truncated.send(begin(1)[:5])  # a header cut short
+    beyond = running.client()
+    beyond.send(struct.pack("!BBHHBx", 1, flup.FCGI_PARAMS, 1, 1000, 0) + b"only this")
+    unfinished = running.client()
+    unfinished.send(begin(1) + params(1, {"REQUEST_METHOD": "POST", "CONTENT_LENGTH": "10"}))
+    with caplog.at_level(logging.WARNING, "fcgi"):
+        for client in (truncated, beyond, unfinished):
+            client.sock.settimeout(10)
+            started = time.monotonic()
+            assert client.read_record() is None
+            assert time.monotonic() - started < 5
+    assert caplog.text.count("half-sent for over 1 s") == 3
+
+
+def test_idle_and_half_sent_connections_do_not_starve_requests(serve):
+    running = serve(apps.echo, read_timeout=60)
+    held = []
+    for i in range(40):
+        client = running.client()
+        if i % 2:
+            client.send(begin(1) + params(1, {"REQUEST_METHOD": "POST", "CONTENT_LENGTH": "5"}))
+        held.append(client)
+    started = time.monotonic()
+    assert running.client().request("/", method="POST", body=b"hello").body == b"hello"
+    assert time.monotonic() - started < 1
+
+
+def test_beyond_max_connections_new_ones_wait_in_the_backlog(serve):
+    running = serve(apps.hello, max_connections=3)
+    idle = [running.client() for _ in range(3)]
+    wait_for(lambda: len(running.server.conns) == 3, what="three accepted connections")
+    waiting = running.client()
+    waiting.send(request_bytes("/"))
+    waiting.sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        waiting.read_record()
+    idle[0].close()
+    waiting.sock.settimeout(5)
+    assert waiting.read_response().status == 200
+
+
+def test_visitor_leaving_mid_response_still_runs_deferred_work(
+    serve, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(apps, "LOG", str(tmp_path / "log"))
+    running = serve(apps.streamer)
+    client = running.client()
+    client.send(request_bytes("/"))
+    assert client.read_record()[0] == flup.FCGI_STDOUT
+    with caplog.at_level(logging.DEBUG):
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # reset: the visitor is gone
+        wait_for(lambda: (tmp_path / "log").exists(), 15, "the deferred note")
+    assert "done streamer" in (tmp_path / "log").read_text()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "send failed" in caplog.text  # noted once, at debug
+    assert running.client().request("/").status == 200
+
+
+def test_slow_request_log_shows_where_it_is(serve, caplog):
+    running = serve(apps.stuck_in_the_app, slow_request=0.3)
+    with caplog.at_level(logging.WARNING, "fcgi.slow"):
+        assert running.client().request("/?1.2").status == 200
+    assert "slow request: request 1 (GET /?1.2) running for" in caplog.text
+    assert "in stuck_in_the_app" in caplog.text
+    assert running.server.watchdog.slow == 1
+
+
+def test_slow_deferred_and_deferred_timeout(serve, caplog):
+    done = threading.Event()
+
+    async def hangs():
+        await asyncio.sleep(30)
+
+    def crawls():
+        time.sleep(1)
+        done.set()
+
+    def inner(environ, start_response):
+        defer(environ, hangs)
+        defer(environ, crawls)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    app = DeferredMiddleware(inner)
+    running = serve(app, slow_deferred=0.3, deferred_timeout=0.5)
+    with caplog.at_level(logging.WARNING, "wsgi_app.deferred"):
+        assert running.client().request("/slow").body == b"ok"
+        assert done.wait(10)
+    assert (
+        "deferred " in caplog.text
+        and "hangs() cancelled after 0.5 s (request GET /slow)" in caplog.text
+    )
+    assert "slow deferred " in caplog.text and "crawls() running for" in caplog.text
+    assert "time.sleep(1)" in caplog.text  # the stack of the pool thread
+    assert app.stats()["failed"] == 1
+
+
+@pytest.mark.e2e
+def test_recycling_every_50_requests_under_load_fails_no_request(tmp_path):
+    with stack(tmp_path, numprocs=2, FCGI_MAX_REQUESTS="50", FCGI_MAX_REQUESTS_JITTER="10") as (
+        port,
+        ctl,
+    ):
+        pids = set(re.findall(r"pid (\d+)", ctl("status", "app:*")))
+        statuses: list[int] = []
+        deadline = time.monotonic() + 10
+
+        def load() -> None:
+            with HTTP(port) as client:
+                while time.monotonic() < deadline:
+                    statuses.append(client.get("/ping")[0].status)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert set(re.findall(r"pid (\d+)", ctl("status", "app:*"))) == pids
+    logs = "".join(p.read_text() for p in (tmp_path / "var" / "log").glob("app_*.log"))
+    recycles = logs.count("restarting in place")
+    assert recycles >= 10, f"only {recycles} recycles in 10 s"
+    assert len(statuses) >= 50 * recycles  # every recycle came after its 50 requests
+    assert set(statuses) == {200}, f"{len(statuses)} requests, {statuses.count(502)} were 502"
+    supervisord = (tmp_path / "var" / "log" / "supervisord.log").read_text()
+    assert "exited: app_" not in supervisord  # recycled in place: supervisord saw no exit
