@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,25 +28,29 @@ class Running:
         return client
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    """Start ``Server(app)`` in a thread; stopped (and checked stopped) after the test."""
-    started: list[tuple[Running, threading.Thread]] = []
-
-    def start(app, **options) -> Running:
-        path = tmp_path / f"s{len(started)}.sock"
-        opts = Options(bind=f"unix:{path}", **options)
-        server = Server(app, opts, open_listener(opts.bind))
-        thread = threading.Thread(target=server.serve, daemon=True)
-        thread.start()
-        running = Running(server, path)
-        started.append((running, thread))
-        return running
-
-    yield start
-    for running, thread in started:
+@contextlib.contextmanager
+def served(app, path: Path, **options) -> Iterator[Running]:
+    """``Server(app)`` on a unix socket at ``path``, in a thread; stopped and checked on exit."""
+    opts = Options(bind=f"unix:{path}", **options)
+    server = Server(app, opts, open_listener(opts.bind))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    running = Running(server, path)
+    try:
+        yield running
+    finally:
         for client in running.clients:
             client.close()
-        running.server.stop()
+        server.stop()
         thread.join(10)
         assert not thread.is_alive(), "server thread did not stop"
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    """Start servers for the test; each is stopped (and checked stopped) afterwards."""
+    numbers = itertools.count()
+    with contextlib.ExitStack() as stack:
+        yield lambda app, **options: stack.enter_context(
+            served(app, tmp_path / f"s{next(numbers)}.sock", **options)
+        )
