@@ -61,16 +61,25 @@ reload: install
 
 status: install
 	@if [ -S var/run/supervisor.sock ] && $(CTL) pid >/dev/null 2>&1; then \
-		$(CTL) status; else echo "not running: make start"; fi
+		$(CTL) status; echo; \
+		curl -sS --max-time 5 http://$(NGINX_LISTEN)/fcgi-status || true; \
+	else echo "not running: make start"; fi
 
 logs:
-	tail -F var/log/app_*.log var/log/nginx-error.log var/log/nginx-access.log var/log/demo.log
+	tail -F var/log/app_*.log var/log/access.log var/log/nginx-error.log var/log/demo.log
 
 demo: install
 	$(PY) -m wsgi_app.demo_client http://$(NGINX_LISTEN)/demo var/log/demo.log
 
 test: install
 	$(PY) -m pytest
+
+# Speed and memory goals, as ratios against baselines measured in the same run.
+# BENCH_SECONDS, BENCH_ROUNDS, BASELINES=uwsgi; `make bench ARGS=hello` runs one scenario.
+bench: install
+	@./conf/install-packages.sh wrk:wrk
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	$(PY) -m tests.benchmarks.run $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

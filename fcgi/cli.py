@@ -63,11 +63,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         app = load_app(options.app)
-        listener = open_listener(options.bind, options.socket_mode, options.backlog)
+        listener = open_listener(
+            options.bind, options.socket_mode, options.backlog, options.socket_group
+        )
     except (AppLoadError, ListenError) as exc:
         print(f"fcgi-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    server = Server(app, options, listener)
+    try:
+        server = Server(app, options, listener)
+    except (ValueError, OSError) as exc:
+        listener.close()
+        print(f"fcgi-serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     server.install_signals()
     code = server.serve()
     if server.recycling and code == 0:

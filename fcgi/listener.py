@@ -7,6 +7,7 @@ how to fix it; the CLI prints that one line and exits.
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import socket
 import stat
@@ -43,11 +44,13 @@ class Listener:
                 pass
 
 
-def open_listener(bind: str | None, mode: int = 0o660, backlog: int = 1024) -> Listener:
+def open_listener(
+    bind: str | None, mode: int = 0o660, backlog: int = 1024, group: str = ""
+) -> Listener:
     if bind is None:
         return _inherited()
     if bind.startswith("unix:"):
-        return _unix(bind[5:], mode, backlog)
+        return _unix(bind[5:], mode, backlog, group)
     host, _, port = bind.rpartition(":")
     return _tcp(host.strip("[]"), int(port), backlog)
 
@@ -66,7 +69,7 @@ def _inherited() -> Listener:
     return Listener(sock)
 
 
-def _unix(path: str, mode: int, backlog: int) -> Listener:
+def _unix(path: str, mode: int, backlog: int, group: str = "") -> Listener:
     path = os.path.abspath(path)
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -89,6 +92,16 @@ def _unix(path: str, mode: int, backlog: int) -> Listener:
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
+    if group:
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        except (KeyError, PermissionError) as exc:
+            sock.close()
+            os.unlink(path)
+            raise ListenError(
+                f"cannot give socket {path} to group {group!r} ({exc}); the user "
+                "running the worker must be a member of that group"
+            ) from None
     sock.listen(backlog)
     return Listener(sock, path)
 

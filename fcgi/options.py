@@ -79,6 +79,36 @@ def mount_point(text: str) -> str:
     return text
 
 
+def url_path(text: str) -> str:
+    if text and not text.startswith("/"):
+        raise ValueError("must be a URL path starting with /, as in /fcgi-status")
+    return text
+
+
+def address_list(text: str) -> frozenset[str]:
+    """Comma-separated IP addresses, as FCGI_WEB_SERVER_ADDRS has them."""
+    import ipaddress
+
+    addresses = {a.strip() for a in text.split(",") if a.strip()}
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"{address!r} is not an IP address") from None
+    return frozenset(addresses)
+
+
+def group_name(text: str) -> str:
+    import grp
+
+    if text:
+        try:
+            grp.getgrnam(text)
+        except KeyError:
+            raise ValueError("is not a group on this machine (see getent group)") from None
+    return text
+
+
 def log_level(text: str) -> str:
     levels = ("debug", "info", "warning", "error")
     if text.lower() not in levels:
@@ -93,6 +123,7 @@ class Option:
     default: Any
     help: str
     metavar: str = "N"
+    env_name: str = ""  # when the variable is not FCGI_<NAME>
 
     @property
     def flag(self) -> str:
@@ -100,7 +131,7 @@ class Option:
 
     @property
     def env(self) -> str:
-        return "FCGI_" + self.name.upper()
+        return self.env_name or "FCGI_" + self.name.upper()
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -224,6 +255,67 @@ OPTIONS: tuple[Option, ...] = (
         "(default: the root)",
         "PREFIX",
     ),
+    Option(
+        "socket_group",
+        group_name,
+        "",
+        "group to give a unix socket this worker creates, e.g. www-data, so a web server in "
+        "that group can connect with --socket-mode 660",
+        "GROUP",
+    ),
+    Option(
+        "allow",
+        address_list,
+        frozenset(),
+        "for a TCP bind: the web servers' addresses allowed to connect, comma-separated; "
+        "others are closed and logged (the FastCGI spec's FCGI_WEB_SERVER_ADDRS)",
+        "ADDRS",
+        "FCGI_WEB_SERVER_ADDRS",
+    ),
+    Option(
+        "status_path",
+        url_path,
+        "",
+        "answer this path with the pool's status (PHP-FPM's fields; ?json, ?openmetrics, "
+        "?full) without calling the app (default: off)",
+        "PATH",
+    ),
+    Option(
+        "ping_path",
+        url_path,
+        "",
+        "answer this path with --ping-response without calling the app, for health checks "
+        "(default: off)",
+        "PATH",
+    ),
+    Option("ping_response", str, "pong", "the body of the ping answer", "TEXT"),
+    Option(
+        "scoreboard",
+        str,
+        "",
+        "folder where the pool's workers share their status slots, e.g. var/run/scoreboard "
+        "(default: a private one, so the status page shows this worker only)",
+        "DIR",
+    ),
+    Option("pool_name", str, "app", "the pool's name on the status page", "NAME"),
+    Option(
+        "access_log",
+        str,
+        "",
+        "write one line per request, when its response is finished, to this file (- for "
+        "stderr); SIGUSR1 reopens it (default: off)",
+        "PATH",
+    ),
+    Option(
+        "access_log_format",
+        str,
+        '{time} {pid} {remote} "{method} {uri}" {status} {bytes} {ms}ms '
+        "deferred={deferred} id={id}",
+        "the access log line, with fields {time} {pid} {remote} {method} {uri} {status} "
+        "{bytes} (body bytes sent) {ms} (response time) {deferred} (callables registered) "
+        "{id} (request id, also on the line written when its deferred work ends)",
+        "FORMAT",
+    ),
     Option("log_level", log_level, "info", "debug, info, warning or error", "LEVEL"),
 )
 
@@ -271,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fcgi-serve",
         description="Serve a WSGI application over FastCGI, with environ['fcgi.finish_request'] "
         "to end the response early (PHP's fastcgi_finish_request).",
-        epilog="Every option can also be set with an environment variable FCGI_<NAME>, e.g. "
-        "FCGI_THREADS=4; the command line wins. Signals: TERM/INT stop gracefully, QUIT at once.",
+        epilog="Every option can also be set with the environment variable shown with it, e.g. "
+        "FCGI_THREADS=4; the command line wins. Signals: TERM/INT stop gracefully, QUIT at "
+        "once, USR1 reopens the access log.",
     )
     parser.add_argument(
         "app",
@@ -281,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for opt in OPTIONS:
         shown = f"{opt.default:o}" if opt.name == "socket_mode" else opt.default
-        default = f"; default: {shown}" if opt.default not in (None, "") else ""
+        default = f"; default: {shown}" if opt.default not in (None, "", frozenset()) else ""
         parser.add_argument(
             opt.flag,
             dest=opt.name,

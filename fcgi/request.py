@@ -8,9 +8,11 @@ is what ``environ["fcgi.finish_request"]`` is.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,7 @@ class Request:
         "_pending",
         "aborted",
         "app_phase",
+        "body_bytes",
         "conn",
         "dropped",
         "environ",
@@ -48,6 +51,7 @@ class Request:
         "params",
         "running",
         "sent",
+        "started",
         "status",
     )
 
@@ -69,6 +73,8 @@ class Request:
         self.aborted = False
         self.app_phase = False
         self.sent = 0
+        self.body_bytes = 0
+        self.started = 0.0
         self.dropped = 0
         self.on_early_finish: Callable[[], None] | None = None
 
@@ -146,7 +152,11 @@ class Request:
         env["fcgi.finish_request"] = self.finish
         env["fcgi.add_drain_hook"] = server.add_drain_hook
         env["fcgi.deferred_limits"] = server.deferred_limits
-        env["fcgi.request_id"] = self.id
+        env["fcgi.request_id"] = request_id = f"{server.pid}-{server.requests}"
+        env["fcgi.add_stats_hook"] = server.add_stats_hook
+        if server.access_log is not None:
+            env["fcgi.log_fields"] = {}
+            env["fcgi.log_deferred"] = functools.partial(server.access_log.deferred, request_id)
         self.environ = env
         return env
 
@@ -202,6 +212,7 @@ class Request:
             if self.finished:
                 self.dropped += len(data)
                 return
+            self.body_bytes += len(data) + sum(map(len, self._pending))
             parts = self._stdout([*self._pending, data])
             self._pending.clear()
             self.sent += self.conn.send(parts)
@@ -225,6 +236,7 @@ class Request:
                     self.status = "500 Internal Server Error"
                     self.headers = [("Content-Type", "text/plain")]
                     self._pending = [b"Internal Server Error\n"]
+                self.body_bytes += sum(map(len, self._pending))
                 parts = (
                     self._stdout(self._pending) if self._pending or not self.headers_sent else []
                 )
@@ -232,6 +244,10 @@ class Request:
                 parts.append(protocol.end_request(self.id, 0))
                 self.sent += self.conn.send(parts)
             self.conn.request_finished(self)
+        access_log = self.conn.server.access_log
+        if access_log is not None:
+            fields = self.environ.get("fcgi.log_fields", {})
+            access_log.request(self, time.monotonic() - self.started, fields)
         if self.app_phase and self.on_early_finish is not None:
             self.on_early_finish()
         return True

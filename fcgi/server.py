@@ -13,6 +13,7 @@ connection straight back to the loop.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import random
@@ -21,16 +22,20 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from . import status
+from .accesslog import AccessLog
 from .connection import Connection
 from .listener import Listener
 from .options import Options
 from .request import Request
 from .runner import InlineRunner, ThreadRunner
+from .scoreboard import Scoreboard
 from .streams import ErrorStream
 from .watchdog import Watchdog
 
@@ -58,6 +63,24 @@ class Server:
         runner_class = InlineRunner if options.threads == 1 else ThreadRunner
         self.runner = runner_class(self)
         self.drain_hooks: list[DrainHook] = []
+        self.stats_hooks: list[Callable[[], dict[str, Any]]] = []
+        self.pid = os.getpid()
+        self.access_log = (
+            AccessLog(options.access_log, options.access_log_format, self.pid)
+            if options.access_log
+            else None
+        )
+        self.scoreboard: Scoreboard | None = None
+        self.answers: dict[str, Callable[[Request], None]] = {}  # paths the worker answers
+        if options.status_path:
+            self.scoreboard = (
+                Scoreboard(options.scoreboard)
+                if options.scoreboard
+                else Scoreboard(tempfile.mkdtemp(prefix="fcgi-status-"), private=True)
+            )
+            self.answers[options.status_path] = self._answer_status
+        if options.ping_path:
+            self.answers[options.ping_path] = self._answer_ping
         self.stopping = False
         self.requests = 0
         self.recycle_after = options.max_requests and options.max_requests + random.randint(
@@ -91,12 +114,29 @@ class Server:
         signal.signal(signal.SIGTERM, self.handle_term)
         signal.signal(signal.SIGINT, self.handle_term)
         signal.signal(signal.SIGQUIT, self.handle_quit)
+        signal.signal(signal.SIGUSR1, self.handle_usr1)
+
+    def handle_usr1(self, signum: int, frame: Any) -> None:
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     def serve(self) -> int:
         """Serve until ``stop()``, then stop gracefully; returns the exit code."""
         self.runner.start()
         if self.watchdog is not None:
             self.watchdog.start()
+        if self.scoreboard is not None:
+            threading.Thread(
+                target=self._refresh_scoreboard, name="scoreboard", daemon=True
+            ).start()
+        if self.listener.sock.family != socket.AF_UNIX and not self.options.allow:
+            host = self.listener.sock.getsockname()[0]
+            if not ipaddress.ip_address(host).is_loopback:
+                log.warning(
+                    "listening on %s with no allow-list: anyone who can reach it can "
+                    "send requests; set --allow or FCGI_WEB_SERVER_ADDRS",
+                    host,
+                )
         self.epoll.register(self.listener.sock.fileno(), select.EPOLLIN)
         self.epoll.register(self._wake_r, select.EPOLLIN)
         log.info(
@@ -137,6 +177,10 @@ class Server:
             if self._owner is token:
                 if not self.recycling:
                     self.listener.close()
+                if self.scoreboard is not None:
+                    self.scoreboard.close()
+                if self.access_log is not None:
+                    self.access_log.close()
                 for conn in list(self.conns.values()):
                     conn.close()
                 self.epoll.close()
@@ -243,9 +287,20 @@ class Server:
             except OSError as exc:
                 log.warning("accept failed: %s", exc)
                 return
-            client.setblocking(False)
             if client.family != socket.AF_UNIX:
+                allow = self.options.allow
+                if allow and _addr[0] not in allow:
+                    log.warning(
+                        "connection from %s refused: not in the allow-list "
+                        "(--allow / FCGI_WEB_SERVER_ADDRS)",
+                        _addr[0],
+                    )
+                    client.close()
+                    continue
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setblocking(False)
+            if self.scoreboard is not None:
+                self.scoreboard.accepted()
             conn = Connection(client, self)
             log.debug("connection %d: opened", conn.fd)
             self.conns[conn.fd] = conn
@@ -278,6 +333,49 @@ class Server:
             if not self._accepting and len(self.conns) < self.options.max_connections:
                 self._pause_accepting(False)
 
+    def add_stats_hook(self, hook: Callable[[], dict[str, Any]]) -> None:
+        """Offered as ``environ["fcgi.add_stats_hook"]``: ``hook()`` returns deferred-work
+        counters (queued, running, done, failed, abandoned) for the status page."""
+        if hook not in self.stats_hooks:
+            self.stats_hooks.append(hook)
+
+    def _refresh_scoreboard(self) -> None:
+        """Copy the counters that change off the request path into our slot, twice a second,
+        and sample the pool for its high-water marks."""
+        board = self.scoreboard
+        assert board is not None
+        while not self.stopping:
+            deferred: dict[str, Any] = {}
+            for hook in self.stats_hooks:
+                for key, value in hook().items():
+                    deferred[key] = deferred.get(key, 0) + value
+            board.set_counters(self.watchdog.slow if self.watchdog else 0, deferred)
+            board.read_all()
+            time.sleep(0.5)
+
+    def _answer_status(self, request: Request) -> None:
+        assert self.scoreboard is not None
+        query = request.environ.get("QUERY_STRING", "")
+        data = status.pool_status(
+            self.scoreboard, self.options.pool_name, "full" in query.split("&")
+        )
+        ctype, body = status.render(data, query)
+        self._answer(request, ctype, body)
+
+    def _answer_ping(self, request: Request) -> None:
+        self._answer(request, "text/plain", self.options.ping_response.encode() + b"\n")
+
+    def _answer(self, request: Request, ctype: str, body: bytes) -> None:
+        request.start_response(
+            "200 OK",
+            [
+                ("Content-Type", ctype),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        request.buffer(body)
+
     def add_drain_hook(self, hook: DrainHook) -> None:
         """Offered to apps as ``environ["fcgi.add_drain_hook"]``: ``hook(seconds_left)`` runs
         at graceful stop and returns how many pieces of work it had to abandon."""
@@ -288,15 +386,31 @@ class Server:
 
     def handle(self, request: Request) -> None:
         environ = request.build_environ(self)
-        self.running[request] = (threading.get_ident(), time.monotonic())
+        request.started = time.monotonic()
+        self.running[request] = (threading.get_ident(), request.started)
+        board = self.scoreboard
+        if board is not None:
+            board.request_started(
+                environ["REQUEST_METHOD"],
+                environ.get("REQUEST_URI", ""),
+                environ.get("CONTENT_LENGTH", ""),
+            )
+        answer = (
+            self.answers.get(environ["SCRIPT_NAME"] + environ["PATH_INFO"])
+            if self.answers
+            else None
+        )
         result = None
         try:
             request.app_phase = True
-            result = self.app(environ, request.start_response)
+            if answer is not None:
+                answer(request)
+            else:
+                result = self.app(environ, request.start_response)
             if isinstance(result, (list, tuple)):
                 for chunk in result:
                     request.buffer(chunk)
-            else:
+            elif result is not None:
                 for chunk in result:
                     request.write(chunk)
         except Exception:
@@ -312,6 +426,8 @@ class Server:
             request.finish()
             request.close_body()
             del self.running[request]
+            if board is not None:
+                board.request_ended()
             if request.dropped:
                 log.debug(
                     "%s: %d byte(s) written after finish_request dropped", request, request.dropped

@@ -142,3 +142,16 @@ def _streamer(environ, start_response):
 
 
 streamer = DeferredMiddleware(_streamer)
+
+
+def never_called(environ, start_response):
+    raise AssertionError("the worker should have answered this path itself")
+
+
+def _one_deferred(environ, start_response):
+    defer(environ, time.sleep, float(environ.get("QUERY_STRING") or 0.3))
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
+    return [b"ok\n"]
+
+
+one_deferred = DeferredMiddleware(_one_deferred)

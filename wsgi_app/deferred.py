@@ -145,6 +145,8 @@ class DeferredMiddleware:
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None:  # the server keeps each hook once
             add_drain_hook(self.executor.drain)
+            environ["fcgi.add_stats_hook"](self.executor.snapshot)
+        batch.on_done = environ.get("fcgi.log_deferred")  # the access log's second line
         limits = environ.get("fcgi.deferred_limits")
         if limits is not None and limits is not self._server_limits:
             self._server_limits = limits  # the worker's --slow-deferred, --deferred-timeout
@@ -159,6 +161,9 @@ class DeferredMiddleware:
         return _ClosingIterable(result, lambda: self._after(environ, batch))
 
     def _after(self, environ: WSGIEnvironment, batch: Batch) -> None:
+        fields = environ.get("fcgi.log_fields")
+        if fields is not None:
+            fields["deferred"] = len(batch.calls)
         finish = environ.get("fcgi.finish_request")
         if finish is not None:
             finish()

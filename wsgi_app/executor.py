@@ -72,7 +72,18 @@ class Batch:
     origin: str
     calls: list[Call] = field(default_factory=list)
     started: int = 0  # calls begun so far; those after it are still waiting
+    failed: int = 0
+    began: float = 0.0
     task: Any = None
+    on_done: Callable[[int, float, int], None] | None = None  # (count, seconds, failures)
+
+    def done(self) -> None:
+        """Report the batch's end to whoever asked (the server's access log)."""
+        if self.on_done is not None and self.calls:
+            try:
+                self.on_done(len(self.calls), time.monotonic() - self.began, self.failed)
+            except Exception:
+                log.exception("reporting deferred work of %s failed", self.origin)
 
 
 class DeferredExecutor:
@@ -195,6 +206,7 @@ class DeferredExecutor:
         assert self._slots is not None and self._loop is not None
         try:
             async with self._slots:
+                batch.began = time.monotonic()
                 for call in batch.calls:
                     with self._lock:
                         batch.started += 1
@@ -214,6 +226,7 @@ class DeferredExecutor:
                             self.stats["running"] -= 1
                         raise
                     except TimeoutError:
+                        batch.failed += 1
                         self._count(began, "failed")
                         log.error(
                             "deferred %s cancelled after %g s (request %s)",
@@ -222,6 +235,7 @@ class DeferredExecutor:
                             batch.origin,
                         )
                     except Exception:
+                        batch.failed += 1
                         self._count(began, "failed")
                         log.exception(
                             "deferred %s failed (request %s)", call.describe(), batch.origin
@@ -230,6 +244,7 @@ class DeferredExecutor:
                         self._count(began, "done")
                     finally:
                         self._running.pop(call, None)
+                batch.done()
         finally:
             with self._lock:
                 self._batches.discard(batch)
@@ -274,6 +289,7 @@ class DeferredExecutor:
             self.last_duration = time.monotonic() - began
 
     def _run_here(self, batch: Batch) -> None:
+        batch.began = time.monotonic()
         for call in batch.calls:
             began = time.monotonic()
             with self._lock:
@@ -283,10 +299,12 @@ class DeferredExecutor:
                 if inspect.isawaitable(result):
                     asyncio.run(_awaited(result))
             except Exception:
+                batch.failed += 1
                 self._count(began, "failed")
                 log.exception("deferred %s failed (request %s)", call.describe(), batch.origin)
             else:
                 self._count(began, "done")
+        batch.done()
 
     # -- stopping ------------------------------------------------------------------------
 

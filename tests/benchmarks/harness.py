@@ -52,8 +52,8 @@ def wrk(
     ).stdout
     try:
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-        p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
-        p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+        p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+        p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     except (AttributeError, ValueError):
         raise RuntimeError(f"cannot read wrk's output for {url}:\n{out}") from None
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))

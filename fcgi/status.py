@@ -1,0 +1,166 @@
+"""The pool status page, in PHP-FPM's fields and formats.
+
+Plain text by default, ``?json`` with PHP-FPM's field names (so monitoring
+that reads PHP-FPM reads this unchanged), ``?openmetrics`` for Prometheus;
+``?full`` adds one entry per process. This project's own fields (deferred
+work) follow PHP-FPM's in each format.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from .scoreboard import Scoreboard
+
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def pool_status(board: Scoreboard, pool_name: str, full: bool) -> dict[str, Any]:
+    """The status as PHP-FPM names it, plus the deferred-work fields."""
+    now = time.time()
+    slots = board.read_all()
+    pool = board.pool()
+    active = [s for s in slots if s["busy_since"]]
+    data: dict[str, Any] = {
+        "pool": pool_name,
+        "process manager": "static",
+        "start time": int(pool["start_time"]),
+        "start since": int(now - pool["start_time"]),
+        "accepted conn": sum(s["accepted"] for s in slots),
+        "listen queue": 0,
+        "max listen queue": 0,
+        "listen queue len": 0,
+        "idle processes": len(slots) - len(active),
+        "active processes": len(active),
+        "total processes": len(slots),
+        "max active processes": max(pool["max_active"], len(active)),
+        "max children reached": pool["max_children_reached"],
+        "slow requests": sum(s["slow"] for s in slots),
+    }
+    for key in ("queued", "running", "done", "failed", "abandoned"):
+        data[f"deferred {key}"] = sum(s["deferred_" + key] for s in slots)
+    data["last deferred duration"] = round(max((s["last_deferred"] for s in slots), default=0), 6)
+    if full:
+        data["processes"] = [_process(s, now) for s in slots]
+    return data
+
+
+def _process(slot: dict[str, Any], now: float) -> dict[str, Any]:
+    busy = bool(slot["busy_since"])
+    duration = now - slot["busy_since"] if busy else slot["last_duration"]
+    return {
+        "pid": slot["pid"],
+        "state": "Running" if busy else "Idle",
+        "start time": int(slot["start_time"]),
+        "start since": int(now - slot["start_time"]),
+        "requests": slot["requests"],
+        "request duration": int(duration * 1_000_000),  # microseconds, as PHP-FPM
+        "request method": slot["method"] or "-",
+        "request uri": slot["uri"] or "-",
+        "content length": slot["content_length"],
+        "user": "-",
+        "script": "-",
+        "last request cpu": 0.0,
+        "last request memory": 0,
+        "deferred queued": slot["deferred_queued"],
+        "deferred running": slot["deferred_running"],
+        "deferred done": slot["deferred_done"],
+        "deferred failed": slot["deferred_failed"],
+        "deferred abandoned": slot["deferred_abandoned"],
+        "last deferred duration": round(slot["last_deferred"], 6),
+    }
+
+
+def render(data: dict[str, Any], query: str) -> tuple[str, bytes]:
+    """(content type, body) in the format the query string asks for."""
+    flags = set(query.split("&"))
+    if "json" in flags:
+        return "application/json", json.dumps(data).encode()
+    if "openmetrics" in flags:
+        return OPENMETRICS_TYPE, _openmetrics(data).encode()
+    return "text/plain; charset=utf-8", _text(data).encode()
+
+
+def _text(data: dict[str, Any]) -> str:
+    lines = [f"{key + ':':<21} {value}" for key, value in data.items() if key != "processes"]
+    for proc in data.get("processes", []):
+        lines.append("\n" + "*" * 24)
+        lines += [f"{key + ':':<21} {value}" for key, value in proc.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _openmetrics(data: dict[str, Any]) -> str:
+    pool = data["pool"].replace("\\", "\\\\").replace('"', '\\"')
+    label = f'pool="{pool}"'
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, Any]]) -> None:
+        out.append(f"# TYPE {name} {kind}")
+        out.append(f"# HELP {name} {help_}")
+        suffix = "_total" if kind == "counter" else ""
+        out.extend(f"{name}{suffix}{{{labels}}} {value}" for labels, value in samples)
+
+    metric(
+        "fcgi_start_time_seconds", "gauge", "When the pool started.", [(label, data["start time"])]
+    )
+    metric(
+        "fcgi_accepted_connections",
+        "counter",
+        "Connections accepted by the pool.",
+        [(label, data["accepted conn"])],
+    )
+    metric(
+        "fcgi_processes",
+        "gauge",
+        "Worker processes by state.",
+        [
+            (f'{label},state="idle"', data["idle processes"]),
+            (f'{label},state="active"', data["active processes"]),
+        ],
+    )
+    metric(
+        "fcgi_max_active_processes",
+        "gauge",
+        "Most processes seen active at once.",
+        [(label, data["max active processes"])],
+    )
+    metric(
+        "fcgi_max_children_reached",
+        "counter",
+        "Times every process was seen busy.",
+        [(label, data["max children reached"])],
+    )
+    metric(
+        "fcgi_slow_requests",
+        "counter",
+        "Requests that ran past --slow-request.",
+        [(label, data["slow requests"])],
+    )
+    metric(
+        "fcgi_deferred",
+        "gauge",
+        "Deferred calls waiting or running now.",
+        [
+            (f'{label},state="queued"', data["deferred queued"]),
+            (f'{label},state="running"', data["deferred running"]),
+        ],
+    )
+    metric(
+        "fcgi_deferred_calls",
+        "counter",
+        "Deferred calls ended, by outcome.",
+        [
+            (f'{label},outcome="{o}"', data[f"deferred {o}"])
+            for o in ("done", "failed", "abandoned")
+        ],
+    )
+    metric(
+        "fcgi_last_deferred_duration_seconds",
+        "gauge",
+        "How long the last deferred call took.",
+        [(label, data["last deferred duration"])],
+    )
+    out.append("# EOF")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,272 @@
+"""What operators use: status page, ping, access log and its rotation, socket security."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from tests import apps
+from tests.fcgi_client import Client, request_bytes
+from tests.procs import HTTP, ROOT, free_port, python_env, stack, stop, wait_for, worker
+
+PHP_FPM_FIELDS = [
+    "pool",
+    "process manager",
+    "start time",
+    "start since",
+    "accepted conn",
+    "listen queue",
+    "max listen queue",
+    "listen queue len",
+    "idle processes",
+    "active processes",
+    "total processes",
+    "max active processes",
+    "max children reached",
+    "slow requests",
+]
+PHP_FPM_PROCESS_FIELDS = [
+    "pid",
+    "state",
+    "start time",
+    "start since",
+    "requests",
+    "request duration",
+    "request method",
+    "request uri",
+    "content length",
+    "user",
+    "script",
+    "last request cpu",
+    "last request memory",
+]
+
+
+def test_status_page_formats(serve):
+    running = serve(apps.one_deferred, status_path="/fcgi-status", pool_name="www")
+    client = running.client()
+    for _ in range(3):
+        assert client.request("/work?0.01").status == 200
+    wait_for(
+        lambda: json.loads(client.request("/fcgi-status?json").body)["deferred done"] == 3,
+        what="the deferred counters to reach the status page",
+    )
+    data = json.loads(client.request("/fcgi-status?json&full").body)
+    assert list(data)[: len(PHP_FPM_FIELDS)] == PHP_FPM_FIELDS
+    assert data["pool"] == "www" and data["total processes"] == 1
+    assert data["accepted conn"] == 1 and data["active processes"] == 1  # this request
+    assert data["deferred done"] == 3 and data["deferred failed"] == 0
+    (proc,) = data["processes"]
+    assert list(proc)[: len(PHP_FPM_PROCESS_FIELDS)] == PHP_FPM_PROCESS_FIELDS
+    assert proc["pid"] == os.getpid() and proc["requests"] >= 3
+    assert proc["request uri"] == "/fcgi-status?json&full" and proc["state"] == "Running"
+
+    text = client.request("/fcgi-status").body.decode()
+    assert "pool:                 www\n" in text and "deferred done:        3\n" in text
+
+    resp = client.request("/fcgi-status?openmetrics")
+    assert b"application/openmetrics-text" in resp.head
+    families = {f.name: f for f in text_string_to_metric_families(resp.body.decode())}
+    outcomes = {s.labels["outcome"]: s.value for s in families["fcgi_deferred_calls"].samples}
+    assert outcomes == {"done": 3, "failed": 0, "abandoned": 0}
+    assert families["fcgi_accepted_connections"].samples[0].value == 1
+
+
+def test_ping_is_answered_without_the_app(serve):
+    client = serve(apps.never_called, ping_path="/ping", ping_response="alive").client()
+    resp = client.request("/ping")
+    assert resp.status == 200 and resp.body == b"alive\n"
+
+
+def test_access_log_line_at_finish_and_deferred_line_after(serve, tmp_path):
+    log = tmp_path / "access.log"
+    running = serve(apps.one_deferred, access_log=str(log))
+    started = time.monotonic()
+    resp = running.client().request("/signup?0.5", extra={"REMOTE_ADDR": "10.1.2.3"})
+    assert resp.status == 200
+    line = wait_for(lambda: log.exists() and log.read_text(), what="the access line")
+    assert time.monotonic() - started < 0.5  # written at the finish, not after the work
+    first = line.splitlines()[0]
+    assert f' {os.getpid()} 10.1.2.3 "GET /signup?0.5" 200 3 ' in first
+    assert " deferred=1 id=" in first
+    request_id = first.rsplit("id=", 1)[1]
+    wait_for(lambda: len(log.read_text().splitlines()) == 2, what="the deferred line")
+    second = log.read_text().splitlines()[1]
+    assert f"deferred id={request_id} count=1 ms=" in second and second.endswith("failed=0")
+
+
+def test_bad_access_log_format_is_one_clear_line():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fcgi",
+            "--bind",
+            "127.0.0.1:0",
+            "--access-log",
+            "-",
+            "--access-log-format",
+            "{oops",
+            "tests.apps:hello",
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--access-log-format cannot be filled" in result.stderr
+
+
+def test_rotating_the_access_log_with_sigusr1_loses_no_line(tmp_path):
+    log = tmp_path / "access.log"
+    with worker(tmp_path, "tests.apps:hello", "--access-log", str(log)) as (proc, sock):
+        served = 0
+        stop_flag = threading.Event()
+
+        def load() -> None:
+            nonlocal served
+            client = Client(str(sock))
+            while not stop_flag.is_set():
+                assert client.request("/").status == 200
+                served += 1
+            client.close()
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        wait_for(lambda: served > 300, 20, "requests before the rotation")
+        log.rename(tmp_path / "access.log.1")
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: log.exists(), 10, "the reopened log")
+        wait_for(lambda: served > 900, 20, "requests after the rotation")
+        stop_flag.set()
+        thread.join(10)
+    old = (tmp_path / "access.log.1").read_text().splitlines()
+    new = log.read_text().splitlines()
+    assert old and new
+    assert len(old) + len(new) == served
+
+
+def test_tcp_allow_list_refuses_other_addresses(tmp_path):
+    port = free_port()
+    env = python_env(FCGI_WEB_SERVER_ADDRS="127.0.0.2")
+    out = open(tmp_path / "tcp.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcgi", "--bind", f"127.0.0.1:{port}", "tests.apps:hello"],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def connect(source: str) -> socket.socket | None:
+            sock = socket.socket()
+            sock.bind((source, 0))
+            try:
+                sock.connect(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                return None
+            return sock
+
+        allowed = wait_for(lambda: connect("127.0.0.2"), 15, "the worker's TCP port")
+        allowed.settimeout(5)
+        allowed.sendall(request_bytes("/"))
+        assert b"Hello world" in allowed.recv(4096)
+        allowed.close()
+        refused = connect("127.0.0.1")
+        refused.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):  # closed without an answer
+            refused.sendall(request_bytes("/"))
+            assert refused.recv(4096) == b""
+        refused.close()
+        wait_for(
+            lambda: b"127.0.0.1 refused" in (tmp_path / "tcp.log").read_bytes(),
+            what="the refusal in the log",
+        )
+    finally:
+        stop(proc)
+        out.close()
+
+
+def test_public_bind_without_allow_list_warns(tmp_path):
+    port = free_port()
+    out = open(tmp_path / "public.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcgi", "--bind", f"0.0.0.0:{port}", "tests.apps:hello"],
+        cwd=ROOT,
+        env=python_env(),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: b"no allow-list" in (tmp_path / "public.log").read_bytes(), 15, "the warning"
+        )
+    finally:
+        stop(proc)
+        out.close()
+
+
+def test_socket_group(tmp_path):
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    with worker(tmp_path, "tests.apps:hello", "--socket-group", group) as (_proc, sock):
+        assert sock.stat().st_gid == os.getgid()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fcgi",
+            "--bind",
+            f"unix:{tmp_path}/x.sock",
+            "--socket-group",
+            "no-such-group-here",
+            "tests.apps:hello",
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "--socket-group" in result.stderr
+
+
+@pytest.mark.e2e
+def test_pool_status_through_nginx_reports_both_workers(tmp_path):
+    with stack(tmp_path, numprocs=2) as (port, _ctl), HTTP(port) as client:
+        for _ in range(20):
+            assert client.get("/")[0].status == 200
+
+        def both() -> dict:
+            data = json.loads(client.get("/fcgi-status?json&full")[1])
+            return data if data["total processes"] == 2 else {}
+
+        data = wait_for(both, 10, "both workers on the status page")
+        assert list(data)[: len(PHP_FPM_FIELDS)] == PHP_FPM_FIELDS
+        assert {
+            "deferred queued",
+            "deferred running",
+            "deferred done",
+            "deferred failed",
+            "deferred abandoned",
+            "last deferred duration",
+        } <= set(data)
+        assert len({p["pid"] for p in data["processes"]}) == 2
+        assert data["accepted conn"] >= 1
+        assert client.get("/fcgi-ping")[1] == b"pong\n"
+    access = (tmp_path / "var" / "log" / "access.log").read_text()
+    assert access.count('"GET /" 200 ') == 20
