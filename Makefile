@@ -25,13 +25,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-# Debian packages the stack and the tests run: nginx (and wrk for `make bench`).
+# Debian packages the stack and the tests run: nginx, and the other web servers
+# the end-to-end tests put in front of the worker (wrk comes with `make bench`).
 system-packages:
-	@./conf/install-packages.sh nginx:nginx-light
+	@./conf/install-packages.sh nginx:nginx-light apache2:apache2 lighttpd:lighttpd caddy:caddy
 
 render: install
 	@mkdir -p var/run var/log var/tmp
-	@./conf/render-nginx.sh $(NGINX_LISTEN) $(ROOT)/var/run/app.sock $(ROOT)/var > var/run/nginx.conf.new
+	@./conf/render.sh conf/nginx.conf $(NGINX_LISTEN) $(ROOT)/var/run/app.sock $(ROOT)/var > var/run/nginx.conf.new
 	@mv var/run/nginx.conf.new var/run/nginx.conf
 
 run: render

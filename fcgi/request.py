@@ -48,6 +48,7 @@ class Request:
         "id",
         "keep_conn",
         "on_early_finish",
+        "outside_mount",
         "params",
         "running",
         "sent",
@@ -77,6 +78,7 @@ class Request:
         self.started = 0.0
         self.dropped = 0
         self.on_early_finish: Callable[[], None] | None = None
+        self.outside_mount = False
 
     # -- filled by the I/O loop -------------------------------------------------
 
@@ -131,10 +133,18 @@ class Request:
         env: dict[str, Any] = self.params  # type: ignore[assignment]
         for key in _NOT_IN_WSGI:
             env.pop(key, None)
+        # The path as the web server decoded it, whatever it put in which variable,
+        # cut at the mount point (REQUEST_URI, raw and undecoded, is never used).
         path = env.get("SCRIPT_NAME", "") + env.get("PATH_INFO", "")
         mount = server.options.mount
         env["SCRIPT_NAME"] = mount
-        env["PATH_INFO"] = path[len(mount) :] if mount else path
+        if not mount:
+            env["PATH_INFO"] = path
+        elif path == mount or path.startswith(mount + "/"):
+            env["PATH_INFO"] = path[len(mount) :]
+        else:
+            env["PATH_INFO"] = path
+            self.outside_mount = True
         env.setdefault("SERVER_NAME", "localhost")
         env.setdefault("SERVER_PORT", "80")
         env.setdefault("SERVER_PROTOCOL", "HTTP/1.1")

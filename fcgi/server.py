@@ -362,6 +362,13 @@ class Server:
         ctype, body = status.render(data, query)
         self._answer(request, ctype, body)
 
+    def _answer_outside_mount(self, request: Request) -> None:
+        body = f"Not Found: outside {self.options.mount}\n".encode()
+        request.start_response(
+            "404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        )
+        request.buffer(body)
+
     def _answer_ping(self, request: Request) -> None:
         self._answer(request, "text/plain", self.options.ping_response.encode() + b"\n")
 
@@ -395,11 +402,10 @@ class Server:
                 environ.get("REQUEST_URI", ""),
                 environ.get("CONTENT_LENGTH", ""),
             )
-        answer = (
-            self.answers.get(environ["SCRIPT_NAME"] + environ["PATH_INFO"])
-            if self.answers
-            else None
-        )
+        full_path = environ["SCRIPT_NAME"] + environ["PATH_INFO"]
+        answer = self.answers.get(full_path) if self.answers else None
+        if answer is None and request.outside_mount:
+            answer = self._answer_outside_mount
         result = None
         try:
             request.app_phase = True

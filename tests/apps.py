@@ -31,8 +31,11 @@ def echo(environ, start_response):
         [
             ("Content-Type", "application/octet-stream"),
             ("Content-Length", str(len(body))),
-            ("X-Script-Name", environ["SCRIPT_NAME"]),
-            ("X-Path-Info", environ["PATH_INFO"]),
+            (
+                "X-Script-Name",
+                f"[{environ['SCRIPT_NAME']}]",
+            ),  # bracketed: some servers drop empty headers
+            ("X-Path-Info", f"[{environ['PATH_INFO']}]"),
             ("X-Scheme", environ["wsgi.url_scheme"]),
         ],
     )
@@ -155,3 +158,16 @@ def _one_deferred(environ, start_response):
 
 
 one_deferred = DeferredMiddleware(_one_deferred)
+
+
+def _router(environ, start_response):
+    """/defer and /php as above; any other path echoes (and reports the path split)."""
+    path = environ["PATH_INFO"]
+    if path == "/defer":
+        return _deferring(environ, start_response)
+    if path == "/php":
+        return _php_style(environ, start_response)
+    return echo(environ, start_response)
+
+
+router = DeferredMiddleware(_router)

@@ -128,21 +128,28 @@ def worker(
         log.close()
 
 
+def render(template: Path, listen: str, socket_path: Path, var: Path) -> str:
+    """A shipped web server config, filled in by conf/render.sh as the Makefile does."""
+    return subprocess.run(
+        [str(ROOT / "conf" / "render.sh"), str(template), listen, str(socket_path), str(var)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
 @contextlib.contextmanager
-def nginx(tmp: Path, socket_path: Path) -> Iterator[int]:
-    """Real nginx with the shipped conf/nginx.conf, on a free port; yields the port."""
+def nginx(tmp: Path, socket_path: Path, edit: Callable[[str], str] = str) -> Iterator[int]:
+    """Real nginx with the shipped conf/nginx.conf (passed through ``edit``), on a free
+    port; yields the port."""
     binary = require("nginx", "nginx-light")
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     var = tmp / "var"
     conf = tmp / "nginx.conf"
-    rendered = subprocess.run(
-        [str(ROOT / "conf" / "render-nginx.sh"), f"127.0.0.1:{port}", str(socket_path), str(var)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    conf.write_text(rendered)
+    conf.write_text(
+        edit(render(ROOT / "conf" / "nginx.conf", f"127.0.0.1:{port}", socket_path, var))
+    )
     out = open(tmp / "nginx.out", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
@@ -185,17 +192,9 @@ def stack(
     shutil.copytree(ROOT / "conf", tmp / "conf")
     var = tmp / "var"
     port = free_port()
-    rendered = subprocess.run(
-        [
-            str(tmp / "conf" / "render-nginx.sh"),
-            f"127.0.0.1:{port}",
-            str(var / "run" / "app.sock"),
-            str(var),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    rendered = render(
+        tmp / "conf" / "nginx.conf", f"127.0.0.1:{port}", var / "run" / "app.sock", var
+    )
     (var / "run" / "nginx.conf").write_text(rendered)
     env = python_env(
         NUMPROCS=str(numprocs),
@@ -248,3 +247,48 @@ def stack(
         and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
     ]
     assert not left, f"processes left behind: {left}"
+
+
+# name: (binary, Debian package, conf template, command line after the binary)
+WEB_SERVERS = {
+    "apache": ("apache2", "apache2", "apache-fcgi.conf", ["-f", "{conf}", "-DFOREGROUND"]),
+    "lighttpd": ("lighttpd", "lighttpd", "lighttpd.conf", ["-D", "-f", "{conf}"]),
+    "caddy": (
+        "caddy",
+        "caddy",
+        "Caddyfile",
+        ["run", "--config", "{conf}", "--adapter", "caddyfile"],
+    ),
+}
+
+
+@contextlib.contextmanager
+def web_server(name: str, tmp: Path, socket_path: Path) -> Iterator[int]:
+    """Apache, lighttpd or Caddy with its shipped conf/ template, on a free port."""
+    program, package, template, args = WEB_SERVERS[name]
+    binary = require(program, package)
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    var = tmp / "var"
+    conf = tmp / template
+    conf.write_text(render(ROOT / "conf" / template, f"127.0.0.1:{port}", socket_path, var))
+    env = dict(os.environ, HOME=str(tmp), XDG_CONFIG_HOME=str(tmp), XDG_DATA_HOME=str(tmp))
+    out = open(tmp / f"{name}.out", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [binary, *(a.format(conf=conf) for a in args)],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or connectable(("127.0.0.1", port)),
+            20,
+            f"{name} on port {port}",
+        )
+        if proc.poll() is not None:
+            pytest.fail(f"{name} exited: {(tmp / f'{name}.out').read_text()}")
+        yield port
+    finally:
+        stop(proc)
+        out.close()

@@ -94,5 +94,27 @@ def test_root_mount_sees_the_whole_path(tmp_path):
         HTTP(port) as client,
     ):
         resp, _body, _ = client.get("/some/path?q=1")
-        assert resp.getheader("X-Script-Name") == ""
-        assert resp.getheader("X-Path-Info") == "/some/path"
+        assert resp.getheader("X-Script-Name") == "[]"
+        assert resp.getheader("X-Path-Info") == "[/some/path]"
+
+
+def test_stock_fastcgi_params_still_give_the_root_app_the_whole_path(tmp_path):
+    """nginx's own fastcgi_params puts the path in SCRIPT_NAME; the worker rejoins it."""
+    stock = "include /etc/nginx/fastcgi_params;"
+
+    def stock_params(text: str) -> str:
+        text = text.replace('fastcgi_param SCRIPT_NAME       "";', stock)
+        return text.replace("fastcgi_param PATH_INFO         $uri;", "")
+
+    with (
+        worker(tmp_path, "tests.apps:echo") as (_proc, sock),
+        nginx(tmp_path, sock, edit=stock_params) as port,
+        HTTP(port) as client,
+    ):
+        conf = (tmp_path / "nginx.conf").read_text()
+        assert stock in conf and "fastcgi_param PATH_INFO" not in conf
+        resp, _body, _ = client.get("/some/path")
+        assert (resp.getheader("X-Script-Name"), resp.getheader("X-Path-Info")) == (
+            "[]",
+            "[/some/path]",
+        )

@@ -159,8 +159,8 @@ def test_environ_passes_wsgiref_validate(serve, caplog):
 def test_path_split_and_scheme(serve):
     client = serve(apps.echo).client()
     resp = client.request("/x", extra={"SCRIPT_NAME": "/some/path", "PATH_INFO": "", "HTTPS": "on"})
-    assert b"X-Script-Name: \r\n" in resp.head + b"\r\n"
-    assert b"X-Path-Info: /some/path" in resp.head
+    assert b"X-Script-Name: []\r\n" in resp.head + b"\r\n"
+    assert b"X-Path-Info: [/some/path]" in resp.head
     assert b"X-Scheme: https" in resp.head
 
 
@@ -229,3 +229,15 @@ def test_stdin_in_pieces(serve):
     for i in range(len(data)):  # one byte at a time
         client.send(data[i : i + 1])
     assert client.read_response().body == b"abcdef"
+
+
+def test_mount_point_splits_the_path_and_refuses_what_is_outside(serve):
+    client = serve(apps.echo, mount="/app").client()
+    resp = client.request("/x", extra={"SCRIPT_NAME": "/app/x/y", "PATH_INFO": ""})
+    assert b"X-Script-Name: [/app]\r\n" in resp.head + b"\r\n"
+    assert b"X-Path-Info: [/x/y]" in resp.head
+    resp = client.request("/x", extra={"SCRIPT_NAME": "", "PATH_INFO": "/app"})
+    assert b"X-Path-Info: []\r\n" in resp.head + b"\r\n"
+    for outside in ("/other", "/application", "/"):
+        resp = client.request(outside, extra={"SCRIPT_NAME": "", "PATH_INFO": outside})
+        assert resp.status == 404, outside
