@@ -103,29 +103,44 @@ def python_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def running(
+    cmd: list[str],
+    log: Path,
+    ready: Callable[[], object],
+    what: str,
+    sig: int = signal.SIGTERM,
+    **popen,
+) -> Iterator[subprocess.Popen]:
+    """Start ``cmd`` with its output appended to ``log``; yield once ``ready()`` holds;
+    on exit stop it with ``sig`` (and fail the test if it will not stop)."""
+    out = open(log, "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **popen)
+    try:
+        wait_for(lambda: proc.poll() is not None or ready(), 20, what)
+        if proc.poll() is not None:
+            pytest.fail(f"{what}: exited {proc.returncode}: {log.read_text()}")
+        yield proc
+    finally:
+        stop(proc, sig)
+        out.close()
+
+
+@contextlib.contextmanager
 def worker(
     tmp: Path, app: str, *args: str, env: dict[str, str] | None = None, name: str = "app"
 ) -> Iterator[tuple[subprocess.Popen, Path]]:
     """``python -m fcgi`` on a unix socket in ``tmp``; yields the process and socket path."""
     sock = tmp / f"{name}.sock"
-    log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fcgi", "--bind", f"unix:{sock}", *args, app],
+    cmd = [sys.executable, "-m", "fcgi", "--bind", f"unix:{sock}", *args, app]
+    with running(
+        cmd,
+        tmp / f"{name}.log",
+        lambda: connectable(str(sock)),
+        f"worker socket {sock}",
         cwd=ROOT,
         env=env or python_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(
-            lambda: proc.poll() is not None or connectable(str(sock)), 15, f"worker socket {sock}"
-        )
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited {proc.returncode}: {(tmp / f'{name}.log').read_text()}")
+    ) as proc:
         yield proc, sock
-    finally:
-        stop(proc)
-        log.close()
 
 
 def render(template: Path, listen: str, socket_path: Path, var: Path) -> str:
@@ -150,34 +165,21 @@ def nginx(tmp: Path, socket_path: Path, edit: Callable[[str], str] = str) -> Ite
     conf.write_text(
         edit(render(ROOT / "conf" / "nginx.conf", f"127.0.0.1:{port}", socket_path, var))
     )
-    out = open(tmp / "nginx.out", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            binary,
-            "-p",
-            str(tmp),
-            "-c",
-            str(conf),
-            "-e",
-            str(var / "log" / "nginx-error.log"),
-            "-g",
-            "daemon off;",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=out,
-    )
-    try:
-        wait_for(
-            lambda: proc.poll() is not None or connectable(("127.0.0.1", port)),
-            15,
-            f"nginx on port {port}",
-        )
-        if proc.poll() is not None:
-            pytest.fail(f"nginx exited: {(tmp / 'nginx.out').read_text()}")
+    cmd = [
+        binary,
+        "-p",
+        str(tmp),
+        "-c",
+        str(conf),
+        "-e",
+        str(var / "log" / "nginx-error.log"),
+        "-g",
+        "daemon off;",
+    ]
+    with running(
+        cmd, tmp / "nginx.out", lambda: connectable(("127.0.0.1", port)), f"nginx on port {port}"
+    ):
         yield port
-    finally:
-        stop(proc)
-        out.close()
 
 
 @contextlib.contextmanager
@@ -269,26 +271,15 @@ def web_server(name: str, tmp: Path, socket_path: Path) -> Iterator[int]:
     binary = require(program, package)
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    var = tmp / "var"
     conf = tmp / template
-    conf.write_text(render(ROOT / "conf" / template, f"127.0.0.1:{port}", socket_path, var))
+    conf.write_text(render(ROOT / "conf" / template, f"127.0.0.1:{port}", socket_path, tmp / "var"))
     env = dict(os.environ, HOME=str(tmp), XDG_CONFIG_HOME=str(tmp), XDG_DATA_HOME=str(tmp))
-    out = open(tmp / f"{name}.out", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [binary, *(a.format(conf=conf) for a in args)],
+    cmd = [binary, *(a.format(conf=conf) for a in args)]
+    with running(
+        cmd,
+        tmp / f"{name}.out",
+        lambda: connectable(("127.0.0.1", port)),
+        f"{name} on port {port}",
         env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(
-            lambda: proc.poll() is not None or connectable(("127.0.0.1", port)),
-            20,
-            f"{name} on port {port}",
-        )
-        if proc.poll() is not None:
-            pytest.fail(f"{name} exited: {(tmp / f'{name}.out').read_text()}")
+    ):
         yield port
-    finally:
-        stop(proc)
-        out.close()

@@ -17,7 +17,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from tests import apps
 from tests.fcgi_client import Client, request_bytes
-from tests.procs import HTTP, ROOT, free_port, python_env, stack, stop, wait_for, worker
+from tests.procs import HTTP, ROOT, free_port, python_env, running, stack, wait_for, worker
 
 PHP_FPM_FIELDS = [
     "pool",
@@ -161,27 +161,27 @@ def test_rotating_the_access_log_with_sigusr1_loses_no_line(tmp_path):
 def test_tcp_allow_list_refuses_other_addresses(tmp_path):
     port = free_port()
     env = python_env(FCGI_WEB_SERVER_ADDRS="127.0.0.2")
-    out = open(tmp_path / "tcp.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fcgi", "--bind", f"127.0.0.1:{port}", "tests.apps:hello"],
-        cwd=ROOT,
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    try:
 
-        def connect(source: str) -> socket.socket | None:
-            sock = socket.socket()
-            sock.bind((source, 0))
-            try:
-                sock.connect(("127.0.0.1", port))
-            except OSError:
-                sock.close()
-                return None
-            return sock
+    def connect(source: str) -> socket.socket | None:
+        sock = socket.socket()
+        sock.bind((source, 0))
+        try:
+            sock.connect(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            return None
+        return sock
 
-        allowed = wait_for(lambda: connect("127.0.0.2"), 15, "the worker's TCP port")
+    cmd = [sys.executable, "-m", "fcgi", "--bind", f"127.0.0.1:{port}", "tests.apps:hello"]
+    allowed: socket.socket | None = None
+
+    def ready() -> socket.socket | None:
+        nonlocal allowed
+        allowed = connect("127.0.0.2")
+        return allowed
+
+    with running(cmd, tmp_path / "tcp.log", ready, "the worker's TCP port", cwd=ROOT, env=env):
+        assert allowed is not None
         allowed.settimeout(5)
         allowed.sendall(request_bytes("/"))
         assert b"Hello world" in allowed.recv(4096)
@@ -196,28 +196,20 @@ def test_tcp_allow_list_refuses_other_addresses(tmp_path):
             lambda: b"127.0.0.1 refused" in (tmp_path / "tcp.log").read_bytes(),
             what="the refusal in the log",
         )
-    finally:
-        stop(proc)
-        out.close()
 
 
 def test_public_bind_without_allow_list_warns(tmp_path):
-    port = free_port()
-    out = open(tmp_path / "public.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fcgi", "--bind", f"0.0.0.0:{port}", "tests.apps:hello"],
+    cmd = [sys.executable, "-m", "fcgi", "--bind", f"0.0.0.0:{free_port()}", "tests.apps:hello"]
+    log = tmp_path / "public.log"
+    with running(
+        cmd,
+        log,
+        lambda: b"serving on" in log.read_bytes(),
+        "the worker",
         cwd=ROOT,
         env=python_env(),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(
-            lambda: b"no allow-list" in (tmp_path / "public.log").read_bytes(), 15, "the warning"
-        )
-    finally:
-        stop(proc)
-        out.close()
+    ):
+        assert b"no allow-list" in log.read_bytes()
 
 
 def test_socket_group(tmp_path):

@@ -33,7 +33,8 @@ from typing import Any
 log = logging.getLogger("wsgi_app.deferred")
 
 _REPR_LIMIT = 80
-TICK = 0.005  # seconds: how often a busy loop takes new work and fires timers
+TICK = 0.02  # seconds: how often a busy loop takes new work and fires timers
+SLOW_CHECK = 0.25  # seconds between looks for slow calls, when --slow-deferred is on
 
 
 class _TickSelector(selectors.DefaultSelector):
@@ -117,6 +118,7 @@ class DeferredExecutor:
         self._overflow_unlogged = 0
         self._inbox: list[Batch] = []
         self._idle = True
+        self._watching = False  # a slow-call check is scheduled
         self._closed = False
 
     def configure(self, slow: float | None = None, timeout: float | None = None) -> None:
@@ -177,28 +179,40 @@ class DeferredExecutor:
         self._batches.clear()
         self._inbox.clear()
         self._idle = True
+        self._watching = False
         self._loop = asyncio.SelectorEventLoop(_TickSelector())
         self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, "deferred")
         self._slots = asyncio.Semaphore(self.concurrency)
         threading.Thread(target=self._loop.run_forever, name="deferred-loop", daemon=True).start()
 
     def _tick(self) -> None:
-        """On the loop: start the batches that arrived; tick again while there is work.
+        """On the loop: start the batches that arrived; tick again while they keep coming.
 
-        While busy, the loop picks up new batches every ``TICK`` instead of being woken
-        for each: a wake-up is a pipe write and a GIL hand-off that the serving
-        threads pay for. Idle, it sleeps until ``submit`` wakes it.
+        Under a stream of submissions the loop picks them up every ``TICK`` instead of
+        being woken for each: a wake-up is a pipe write and a GIL hand-off that the
+        serving threads pay for. When a tick finds nothing new, the loop sleeps until
+        ``submit`` wakes it (or a timer of running work fires).
         """
         assert self._loop is not None
         with self._lock:
             arrived = list(self._inbox)
             self._inbox.clear()
-            self._idle = not arrived and not self._batches
+            self._idle = not arrived
         for batch in arrived:
             batch.task = self._loop.create_task(self._run_batch(batch))
-        self._check_slow()
-        if not self._idle:
+        if self.slow and arrived and not self._watching:
+            self._watching = True
+            self._loop.call_later(SLOW_CHECK, self._watch_slow)
+        if arrived:
             self._loop.call_later(TICK, self._tick)
+
+    def _watch_slow(self) -> None:
+        """While calls run, look for slow ones every ``SLOW_CHECK`` seconds."""
+        assert self._loop is not None
+        self._check_slow()
+        self._watching = bool(self._running or self._batches)
+        if self._watching:
+            self._loop.call_later(SLOW_CHECK, self._watch_slow)
 
     # -- running work -----------------------------------------------------------------
 

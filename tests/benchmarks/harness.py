@@ -12,10 +12,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.procs import ROOT, connectable, free_port, python_env, require, stop, wait_for
+from tests.procs import ROOT, connectable, free_port, python_env, require, running
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
@@ -29,6 +29,7 @@ class Run:
     p99: float
     errors: int = 0
     mbps: float = 0.0
+    samples: list[float] = field(default_factory=list)  # each latency, for pooled percentiles
 
 
 def _ms(text: str) -> float:
@@ -83,7 +84,7 @@ def probe(port: int, path: str, rate: float, seconds: float) -> Run:
         errors += resp.status != 200
     conn.close()
     cuts = statistics.quantiles(latencies, n=100)
-    return Run(count / (time.monotonic() - start), cuts[49], cuts[98], errors)
+    return Run(count / (time.monotonic() - start), cuts[49], cuts[98], errors, 0.0, latencies)
 
 
 def rss_kb(pid: int) -> int:
@@ -108,20 +109,15 @@ def flup_server(tmp: Path, app: str) -> Iterator[Path]:
         f"from flup.server.fcgi import WSGIServer; from {module} import {name} as app; "
         f"WSGIServer(app, bindAddress={str(sock)!r}).run()"
     )
-    log = open(tmp / "flup.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
+    with running(
         [sys.executable, "-c", code],
+        tmp / "flup.log",
+        lambda: connectable(str(sock)),
+        "flup",
         cwd=ROOT,
         env=python_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    try:
-        wait_for(lambda: connectable(str(sock)), 15, "flup")
+    ):
         yield sock
-    finally:
-        stop(proc)
-        log.close()
 
 
 @contextlib.contextmanager
@@ -129,27 +125,6 @@ def gunicorn_behind_nginx(tmp: Path, app: str, workers: int = 1) -> Iterator[tup
     """gunicorn sync workers, with nginx proxy_pass in front; yields (nginx port, master pid)."""
     tmp.mkdir(parents=True, exist_ok=True)
     gport, port = free_port(), free_port()
-    log = open(tmp / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
-    gun = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-w",
-            str(workers),
-            "-k",
-            "sync",
-            "-b",
-            f"127.0.0.1:{gport}",
-            "--log-level",
-            "warning",
-            app,
-        ],
-        cwd=ROOT,
-        env=python_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
     var = tmp / "var"
     for sub in ("log", "tmp", "run"):
         (var / sub).mkdir(parents=True, exist_ok=True)
@@ -172,29 +147,48 @@ http {{
     }}
 }}
 """)
-    ngx = subprocess.Popen(
-        [
-            require("nginx", "nginx-light"),
-            "-p",
-            str(tmp),
-            "-c",
-            str(conf),
-            "-e",
-            str(var / "log" / "nginx-error.log"),
-            "-g",
-            "daemon off;",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: connectable(("127.0.0.1", gport)), 20, "gunicorn")
-        wait_for(lambda: connectable(("127.0.0.1", port)), 20, "nginx for gunicorn")
+    gunicorn = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-w",
+        str(workers),
+        "-k",
+        "sync",
+        "-b",
+        f"127.0.0.1:{gport}",
+        "--log-level",
+        "warning",
+        app,
+    ]
+    nginx_cmd = [
+        require("nginx", "nginx-light"),
+        "-p",
+        str(tmp),
+        "-c",
+        str(conf),
+        "-e",
+        str(var / "log" / "nginx-error.log"),
+        "-g",
+        "daemon off;",
+    ]
+    with (
+        running(
+            gunicorn,
+            tmp / "gunicorn.log",
+            lambda: connectable(("127.0.0.1", gport)),
+            "gunicorn",
+            cwd=ROOT,
+            env=python_env(),
+        ) as gun,
+        running(
+            nginx_cmd,
+            tmp / "nginx.out",
+            lambda: connectable(("127.0.0.1", port)),
+            "nginx for gunicorn",
+        ),
+    ):
         yield port, gun.pid
-    finally:
-        stop(ngx)
-        stop(gun)
-        log.close()
 
 
 @contextlib.contextmanager
@@ -205,30 +199,27 @@ def uwsgi_server(tmp: Path, app: str) -> Iterator[Path]:
     if not binary.exists():
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "uwsgi"], check=True)
     sock = tmp / "uwsgi.sock"
-    log = open(tmp / "uwsgi.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "--fastcgi-socket",
-            str(sock),
-            "--module",
-            app,
-            "--processes",
-            "1",
-            "--threads",
-            "1",
-            "--master",
-            "--disable-logging",
-            "--chmod-socket=660",
-        ],
+    cmd = [
+        str(binary),
+        "--fastcgi-socket",
+        str(sock),
+        "--module",
+        app,
+        "--processes",
+        "1",
+        "--threads",
+        "1",
+        "--master",
+        "--disable-logging",
+        "--chmod-socket=660",
+    ]
+    with running(
+        cmd,
+        tmp / "uwsgi.log",
+        lambda: connectable(str(sock)),
+        "uwsgi",
+        signal.SIGINT,
         cwd=ROOT,
         env=python_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    try:
-        wait_for(lambda: connectable(str(sock)), 20, "uwsgi")
+    ):
         yield sock
-    finally:
-        stop(proc, signal.SIGINT)
-        log.close()

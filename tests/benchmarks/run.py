@@ -141,7 +141,7 @@ def pool_scaling(tmp: Path) -> None:
 def finish_overhead(tmp: Path) -> None:
     with contextlib.ExitStack() as es:
         port, _ = ours(es, tmp, f"{APPS}:bench")
-        rate = 100
+        rate = 200
         res = alternate(
             {
                 "plain": lambda: probe(port, "/", rate, SECONDS),
@@ -155,9 +155,20 @@ def finish_overhead(tmp: Path) -> None:
         for name, runs in res.items()
         for q in ("p50", "p99")
     }
-    for q in ("p50", "p99"):
-        ratio = med(res["deferring 1 s"], q) / med(res["plain"], q)
-        goal(f"3. finish overhead, {q} latency", ratio, "<= 1.1x", ratio <= 1.1)
+    # The goal compares percentiles of all rounds' samples pooled: a p99 of one
+    # round rests on a handful of requests.
+    pooled = {
+        name: statistics.quantiles([x for r in runs for x in r.samples], n=100)
+        for name, runs in res.items()
+    }
+    sections.append(
+        "Pooled over all rounds: "
+        + "; ".join(f"{name} p50 {q[49]:.2f} ms, p99 {q[98]:.2f} ms" for name, q in pooled.items())
+        + ".\n"
+    )
+    for label, index in (("p50", 49), ("p99", 98)):
+        ratio = pooled["deferring 1 s"][index] / pooled["plain"][index]
+        goal(f"3. finish overhead, {label} latency", ratio, "<= 1.1x", ratio <= 1.1)
 
 
 def capacity(tmp: Path) -> None:
