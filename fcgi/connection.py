@@ -64,7 +64,7 @@ class Connection:
             log.debug("connection %d: recv failed: %s", self.fd, exc)
             data = b""
         if not data:
-            self.on_eof()
+            self.close_when_idle()  # the web server closed its side
             return None
         buf = self.buf
         buf += data
@@ -148,22 +148,14 @@ class Connection:
             self.ignored.clear()
         self.ignored.add(rid)
 
-    def on_eof(self) -> None:
-        """The web server closed its side: close now, or once the running request ends."""
+    def close_when_idle(self) -> None:
+        """Close now, or, while a request runs, stop watching and let it close the socket
+        when it ends (its output is dropped: the peer is gone or has broken the protocol)."""
         with self.lock:
             request = self.request
             if request is not None and request.running and not request.finished:
                 self.peer_gone = True
                 request.aborted = True
-                self.server.forget(self)
-                return
-        self.close()
-
-    def close_when_idle(self) -> None:
-        with self.lock:
-            if self.request is not None and self.request.running and not self.request.finished:
-                self.peer_gone = True
-                self.request.aborted = True
                 self.server.forget(self)
                 return
         self.close()
