@@ -153,11 +153,25 @@ def render(template: Path, listen: str, socket_path: Path, var: Path) -> str:
     ).stdout
 
 
+def nginx_command(prefix: Path, conf: Path) -> list[str]:
+    """nginx in the foreground with ``conf``, its files and error log under ``prefix``."""
+    return [
+        require("nginx", "nginx-light"),
+        "-p",
+        str(prefix),
+        "-c",
+        str(conf),
+        "-e",
+        str(prefix / "var" / "log" / "nginx-error.log"),
+        "-g",
+        "daemon off;",
+    ]
+
+
 @contextlib.contextmanager
 def nginx(tmp: Path, socket_path: Path, edit: Callable[[str], str] = str) -> Iterator[int]:
     """Real nginx with the shipped conf/nginx.conf (passed through ``edit``), on a free
     port; yields the port."""
-    binary = require("nginx", "nginx-light")
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     var = tmp / "var"
@@ -165,19 +179,11 @@ def nginx(tmp: Path, socket_path: Path, edit: Callable[[str], str] = str) -> Ite
     conf.write_text(
         edit(render(ROOT / "conf" / "nginx.conf", f"127.0.0.1:{port}", socket_path, var))
     )
-    cmd = [
-        binary,
-        "-p",
-        str(tmp),
-        "-c",
-        str(conf),
-        "-e",
-        str(var / "log" / "nginx-error.log"),
-        "-g",
-        "daemon off;",
-    ]
     with running(
-        cmd, tmp / "nginx.out", lambda: connectable(("127.0.0.1", port)), f"nginx on port {port}"
+        nginx_command(tmp, conf),
+        tmp / "nginx.out",
+        lambda: connectable(("127.0.0.1", port)),
+        f"nginx on port {port}",
     ):
         yield port
 

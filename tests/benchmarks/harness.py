@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.procs import ROOT, connectable, free_port, python_env, require, running
+from tests.procs import ROOT, connectable, free_port, nginx_command, python_env, require, running
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
@@ -161,17 +161,7 @@ http {{
         "warning",
         app,
     ]
-    nginx_cmd = [
-        require("nginx", "nginx-light"),
-        "-p",
-        str(tmp),
-        "-c",
-        str(conf),
-        "-e",
-        str(var / "log" / "nginx-error.log"),
-        "-g",
-        "daemon off;",
-    ]
+    nginx_cmd = nginx_command(tmp, conf)
     with (
         running(
             gunicorn,

@@ -275,10 +275,12 @@ def write_report(started: float) -> None:
         "|---|---|---|---|",
     ]
     lines += [f"| {n} | {m} | {t} | {'PASS' if ok else 'FAIL'} |" for n, m, t, ok in goals]
-    lines += ["", *sections, "![throughput and latency](bench.png)", ""]
+    lines += ["", *sections]
+    if chart:  # only the hello-world and latency scenarios draw
+        lines += ["![throughput and latency](bench.png)", ""]
+        draw_chart(OUT / "bench.png")
     (OUT / "report.md").write_text("\n".join(lines))
-    draw_chart(OUT / "bench.png")
-    print(f"\nreport: {OUT / 'report.md'}, chart: {OUT / 'bench.png'}")
+    print(f"\nreport: {OUT / 'report.md'}" + (f", chart: {OUT / 'bench.png'}" if chart else ""))
 
 
 def draw_chart(path: Path) -> None:
