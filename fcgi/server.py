@@ -22,20 +22,18 @@ import select
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from . import status
 from .accesslog import AccessLog
+from .answers import Answers
 from .connection import Connection
 from .listener import Listener
 from .options import Options
 from .request import Request
 from .runner import InlineRunner, ThreadRunner
-from .scoreboard import Scoreboard
 from .streams import ErrorStream
 from .watchdog import Watchdog
 
@@ -70,17 +68,8 @@ class Server:
             if options.access_log
             else None
         )
-        self.scoreboard: Scoreboard | None = None
-        self.answers: dict[str, Callable[[Request], None]] = {}  # paths the worker answers
-        if options.status_path:
-            self.scoreboard = (
-                Scoreboard(options.scoreboard)
-                if options.scoreboard
-                else Scoreboard(tempfile.mkdtemp(prefix="fcgi-status-"), private=True)
-            )
-            self.answers[options.status_path] = self._answer_status
-        if options.ping_path:
-            self.answers[options.ping_path] = self._answer_ping
+        self.answers = Answers(self)  # status page, ping, 404 outside --mount
+        self.scoreboard = self.answers.scoreboard
         self.stopping = False
         self.requests = 0
         self.recycle_after = options.max_requests and options.max_requests + random.randint(
@@ -125,10 +114,7 @@ class Server:
         self.runner.start()
         if self.watchdog is not None:
             self.watchdog.start()
-        if self.scoreboard is not None:
-            threading.Thread(
-                target=self._refresh_scoreboard, name="scoreboard", daemon=True
-            ).start()
+        self.answers.start()
         if self.listener.sock.family != socket.AF_UNIX and not self.options.allow:
             host = self.listener.sock.getsockname()[0]
             if not ipaddress.ip_address(host).is_loopback:
@@ -177,8 +163,7 @@ class Server:
             if self._owner is token:
                 if not self.recycling:
                     self.listener.close()
-                if self.scoreboard is not None:
-                    self.scoreboard.close()
+                self.answers.close()
                 if self.access_log is not None:
                     self.access_log.close()
                 for conn in list(self.conns.values()):
@@ -339,50 +324,6 @@ class Server:
         if hook not in self.stats_hooks:
             self.stats_hooks.append(hook)
 
-    def _refresh_scoreboard(self) -> None:
-        """Copy the counters that change off the request path into our slot, twice a second,
-        and sample the pool for its high-water marks."""
-        board = self.scoreboard
-        assert board is not None
-        while not self.stopping:
-            deferred: dict[str, Any] = {}
-            for hook in self.stats_hooks:
-                for key, value in hook().items():
-                    deferred[key] = deferred.get(key, 0) + value
-            board.set_counters(self.watchdog.slow if self.watchdog else 0, deferred)
-            board.read_all()
-            time.sleep(0.5)
-
-    def _answer_status(self, request: Request) -> None:
-        assert self.scoreboard is not None
-        query = request.environ.get("QUERY_STRING", "")
-        data = status.pool_status(
-            self.scoreboard, self.options.pool_name, "full" in query.split("&")
-        )
-        ctype, body = status.render(data, query)
-        self._answer(request, ctype, body)
-
-    def _answer_outside_mount(self, request: Request) -> None:
-        body = f"Not Found: outside {self.options.mount}\n".encode()
-        request.start_response(
-            "404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
-        )
-        request.buffer(body)
-
-    def _answer_ping(self, request: Request) -> None:
-        self._answer(request, "text/plain", self.options.ping_response.encode() + b"\n")
-
-    def _answer(self, request: Request, ctype: str, body: bytes) -> None:
-        request.start_response(
-            "200 OK",
-            [
-                ("Content-Type", ctype),
-                ("Content-Length", str(len(body))),
-                ("Cache-Control", "no-store"),
-            ],
-        )
-        request.buffer(body)
-
     def add_drain_hook(self, hook: DrainHook) -> None:
         """Offered to apps as ``environ["fcgi.add_drain_hook"]``: ``hook(seconds_left)`` runs
         at graceful stop and returns how many pieces of work it had to abandon."""
@@ -402,10 +343,7 @@ class Server:
                 environ.get("REQUEST_URI", ""),
                 environ.get("CONTENT_LENGTH", ""),
             )
-        full_path = environ["SCRIPT_NAME"] + environ["PATH_INFO"]
-        answer = self.answers.get(full_path) if self.answers else None
-        if answer is None and request.outside_mount:
-            answer = self._answer_outside_mount
+        answer = self.answers.find(request)
         result = None
         try:
             request.app_phase = True

@@ -1,0 +1,100 @@
+"""Requests the worker answers itself, without calling the app.
+
+The pool status page (``--status-path``, backed by the shared scoreboard), the
+health check (``--ping-path``), and 404 for paths outside ``--mount``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import status
+from .scoreboard import Scoreboard
+
+if TYPE_CHECKING:
+    from .request import Request
+    from .server import Server
+
+Answer = Callable[["Request"], None]
+
+
+class Answers:
+    """The worker's own pages, found by path; owns the scoreboard when status is on."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        options = server.options
+        self.scoreboard: Scoreboard | None = None
+        self.by_path: dict[str, Answer] = {}
+        if options.status_path:
+            self.scoreboard = (
+                Scoreboard(options.scoreboard)
+                if options.scoreboard
+                else Scoreboard(tempfile.mkdtemp(prefix="fcgi-status-"), private=True)
+            )
+            self.by_path[options.status_path] = self.status
+        if options.ping_path:
+            self.by_path[options.ping_path] = self.ping
+
+    def start(self) -> None:
+        if self.scoreboard is not None:
+            threading.Thread(target=self._refresh, name="scoreboard", daemon=True).start()
+
+    def close(self) -> None:
+        if self.scoreboard is not None:
+            self.scoreboard.close()
+
+    def find(self, request: Request) -> Answer | None:
+        """The answer for this request, if the worker gives it rather than the app."""
+        env = request.environ
+        if self.by_path:
+            answer = self.by_path.get(env["SCRIPT_NAME"] + env["PATH_INFO"])
+            if answer is not None:
+                return answer
+        return self.outside_mount if request.outside_mount else None
+
+    def _refresh(self) -> None:
+        """Copy the counters that change off the request path into our slot, twice a
+        second, and sample the pool for its high-water marks."""
+        board = self.scoreboard
+        assert board is not None
+        server = self.server
+        while not server.stopping:
+            deferred: dict[str, Any] = {}
+            for hook in server.stats_hooks:
+                for key, value in hook().items():
+                    deferred[key] = deferred.get(key, 0) + value
+            board.set_counters(server.watchdog.slow if server.watchdog else 0, deferred)
+            board.read_all()
+            time.sleep(0.5)
+
+    def status(self, request: Request) -> None:
+        assert self.scoreboard is not None
+        query = request.environ.get("QUERY_STRING", "")
+        full = "full" in query.split("&")
+        data = status.pool_status(self.scoreboard, self.server.options.pool_name, full)
+        _respond(request, "200 OK", *status.render(data, query))
+
+    def ping(self, request: Request) -> None:
+        body = self.server.options.ping_response.encode() + b"\n"
+        _respond(request, "200 OK", "text/plain", body)
+
+    def outside_mount(self, request: Request) -> None:
+        body = f"Not Found: outside {self.server.options.mount}\n".encode()
+        _respond(request, "404 Not Found", "text/plain", body)
+
+
+def _respond(request: Request, status_line: str, ctype: str, body: bytes) -> None:
+    request.start_response(
+        status_line,
+        [
+            ("Content-Type", ctype),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    request.buffer(body)
