@@ -9,6 +9,8 @@ error that names the option.
 from __future__ import annotations
 
 import argparse
+import grp
+import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -87,8 +89,6 @@ def url_path(text: str) -> str:
 
 def address_list(text: str) -> frozenset[str]:
     """Comma-separated IP addresses, as FCGI_WEB_SERVER_ADDRS has them."""
-    import ipaddress
-
     addresses = {a.strip() for a in text.split(",") if a.strip()}
     for address in addresses:
         try:
@@ -99,8 +99,6 @@ def address_list(text: str) -> frozenset[str]:
 
 
 def group_name(text: str) -> str:
-    import grp
-
     if text:
         try:
             grp.getgrnam(text)
