@@ -52,6 +52,7 @@ class Request:
         "params",
         "running",
         "sent",
+        "seq",
         "started",
         "status",
     )
@@ -65,6 +66,7 @@ class Request:
         self._body: list[bytes] | Any = []
         self._body_size = 0
         self.running = False
+        self.seq = 0  # this worker's count of requests when this one became ready
         self.environ: dict[str, Any] = {}
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
@@ -155,14 +157,15 @@ class Request:
         env["wsgi.url_scheme"] = "https" if https else "http"
         env["wsgi.input"] = self.body()
         env["wsgi.errors"] = server.error_stream
-        env["wsgi.multithread"] = server.options.threads > 1
+        # Requests that finish early go on beside the others, even with --threads 1.
+        env["wsgi.multithread"] = server.options.threads > 1 or server.options.max_detached > 0
         env["wsgi.multiprocess"] = True
         env["wsgi.run_once"] = False
         env["wsgi.input_terminated"] = True
         env["fcgi.finish_request"] = self.finish
         env["fcgi.add_drain_hook"] = server.add_drain_hook
         env["fcgi.deferred_limits"] = server.deferred_limits
-        env["fcgi.request_id"] = request_id = f"{server.pid}-{server.requests}"
+        env["fcgi.request_id"] = request_id = f"{server.pid}-{self.seq}"
         env["fcgi.add_stats_hook"] = server.add_stats_hook
         if server.access_log is not None:
             env["fcgi.log_fields"] = {}

@@ -241,6 +241,7 @@ class Server:
                     ready = conn.on_readable()
                     if ready is not None:
                         self.requests += 1
+                        ready.seq = self.requests
                         if self.requests == self.recycle_after:
                             log.info("recycling after %d requests", self.requests)
                             self.recycling = self.listener.path is None

@@ -240,3 +240,36 @@ def test_mount_point_splits_the_path_and_refuses_what_is_outside(serve):
     for outside in ("/other", "/application", "/"):
         resp = client.request(outside, extra={"SCRIPT_NAME": "", "PATH_INFO": outside})
         assert resp.status == 404, outside
+
+
+def test_request_ids_are_unique_with_many_threads(serve):
+    seen: list[str] = []
+
+    def app(environ, start_response):
+        seen.append(environ["fcgi.request_id"])
+        start_response("200 OK", [])
+        return [b""]
+
+    running = serve(app, threads=4)
+    threads = [
+        threading.Thread(target=lambda: [running.client().request("/") for _ in range(10)])
+        for _ in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(seen) == 60 and len(set(seen)) == 60
+
+
+def test_multithread_is_true_when_requests_can_run_side_by_side(serve):
+    flags = []
+
+    def app(environ, start_response):
+        flags.append(environ["wsgi.multithread"])
+        start_response("200 OK", [])
+        return [b""]
+
+    serve(app, threads=1, max_detached=0).client().request("/")
+    serve(app, threads=1).client().request("/")
+    assert flags == [False, True]
