@@ -311,7 +311,7 @@ class DeferredExecutor:
             try:
                 result = _invoke(call)
                 if inspect.isawaitable(result):
-                    asyncio.run(_awaited(result))
+                    asyncio.run(self._awaited(result))
             except Exception:
                 batch.failed += 1
                 self._count(began, "failed")
@@ -367,7 +367,3 @@ class DeferredExecutor:
 def _invoke(call: Call) -> Any:
     call.thread = threading.get_ident()  # where the slow log finds its stack
     return call.func(*call.args, **call.kwargs)
-
-
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
