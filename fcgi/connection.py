@@ -51,6 +51,8 @@ class Connection:
         self.peer_gone = False
         self.ignored: set[int] = set()  # ids whose late records we drop: ended or refused
         self.pending_since: float | None = None  # when a half-sent record or request began
+        self.opened = time.monotonic()
+        self.fresh = True  # no request begun on it yet
 
     # -- reading, on the I/O loop thread ----------------------------------------
 
@@ -118,6 +120,7 @@ class Connection:
                 self.send([protocol.reject(rid, protocol.UNKNOWN_ROLE)])
             else:
                 self.request = Request(self, rid, bool(flags & protocol.KEEP_CONN))
+                self.fresh = False
             return False
         if request is None or request.id != rid:
             if rid in self.ignored:

@@ -44,6 +44,7 @@ EXIT_OK = 0
 EXIT_ABANDONED = 3
 
 SWEEP_INTERVAL = 1.0  # seconds between checks for stalled connections
+FIRST_REQUEST_GRACE = 2.0  # seconds, when stopping: a new connection's wait for its request
 
 DrainHook = Callable[[float], int]
 
@@ -194,6 +195,7 @@ class Server:
         if not self.recycling:  # a recycled worker keeps its socket for its next life
             self.listener.close()
         # Requests still arriving on open connections are read to the end and run.
+        self._poll(0, token)
         while time.monotonic() < deadline and self._close_idle():
             self._poll(0.05, token)
         if not self.runner.stop(deadline):
@@ -208,12 +210,21 @@ class Server:
         return EXIT_ABANDONED if abandoned else EXIT_OK
 
     def _close_idle(self) -> bool:
-        """Close connections with no request; True while some request is still arriving."""
+        """Close connections with no request; True while some request is still arriving.
+
+        A connection that has carried no request yet gets FIRST_REQUEST_GRACE for its
+        first one: web servers connect only to send a request, and nginx retries a
+        request whose connection was closed under it only if that connection was reused.
+        """
         arriving = False
+        now = time.monotonic()
         for conn in list(self.conns.values()):
             request = conn.request
             if request is None:
-                conn.close()
+                if conn.fresh and now - conn.opened < FIRST_REQUEST_GRACE:
+                    arriving = True
+                else:
+                    conn.close()
             elif not request.running:
                 arriving = True
         return arriving

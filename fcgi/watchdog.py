@@ -7,11 +7,13 @@ once per request, the stack of any that has run longer than
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
 import time
 import traceback
+from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ class Watchdog:
             self.check(time.monotonic())
 
     def check(self, now: float) -> None:
-        frames = sys._current_frames()
+        frames = None
         running = dict(self.server.running)
         for request, (thread_id, started) in running.items():
             key = id(request)
@@ -48,6 +50,7 @@ class Watchdog:
                 continue
             self._reported.add(key)
             self.slow += 1
+            frames = frames or thread_frames()
             frame = frames.get(thread_id)
             stack = "".join(traceback.format_stack(frame)) if frame else "(stack unavailable)\n"
             log.warning(
@@ -59,3 +62,15 @@ class Watchdog:
             )
         alive = {id(r) for r in running}
         self._reported &= alive
+
+
+def thread_frames() -> dict[int, FrameType]:
+    """``sys._current_frames()`` with the collector paused: before CPython 3.11.9 and
+    3.12.3 a collection inside it could deadlock the interpreter (CPython gh-106883)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return sys._current_frames()
+    finally:
+        if enabled:
+            gc.enable()

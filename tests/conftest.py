@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +14,27 @@ from fcgi.listener import open_listener
 from fcgi.options import Options
 from fcgi.server import Server
 from tests.fcgi_client import Client
+
+# pytest-timeout (120 s, pyproject.toml) fails a stuck test by a signal, which only lands
+# when the main thread runs Python. Past this limit a C-level watchdog dumps every thread's
+# stack and ends the run, so a hang anywhere costs minutes, not the whole CI budget.
+HARD_LIMIT = 300.0
+_stderr_key = pytest.StashKey()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # fd 2 is not captured yet here; tests run with it redirected to a capture file.
+    config.stash[_stderr_key] = os.fdopen(os.dup(2), "w")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    stderr = item.config.stash[_stderr_key]
+    faulthandler.dump_traceback_later(HARD_LIMIT, exit=True, file=stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 class Running:

@@ -215,6 +215,17 @@ def test_slow_deferred_and_deferred_timeout(serve, caplog):
     assert app.stats()["failed"] == 1
 
 
+def test_stopping_waits_for_the_first_request_of_a_new_connection(serve):
+    """nginx retries a request when a reused connection is closed under it, not a new
+    one: a stop must not close a just-accepted connection before its request arrives."""
+    running = serve(apps.hello, max_requests=1)
+    fresh = running.client()
+    wait_for(lambda: len(running.server.conns) == 1, what="the new connection accepted")
+    assert running.client().request("/").status == 200  # the last request: stopping
+    wait_for(lambda: running.server.stopping, what="the stop")
+    assert fresh.request("/").status == 200
+
+
 @pytest.mark.e2e
 def test_recycling_every_50_requests_under_load_fails_no_request(tmp_path):
     with stack(tmp_path, numprocs=2, FCGI_MAX_REQUESTS="50", FCGI_MAX_REQUESTS_JITTER="10") as (

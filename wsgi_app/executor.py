@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import inspect
 import logging
 import math
@@ -28,6 +29,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 log = logging.getLogger("wsgi_app.deferred")
@@ -280,7 +282,7 @@ class DeferredExecutor:
                 continue
             call.reported = True
             if call.thread is not None:
-                frames = frames or sys._current_frames()
+                frames = frames or _thread_frames()
                 frame = frames.get(call.thread)
                 stack = traceback.format_stack(frame) if frame else []
             else:  # a coroutine: the frames down its chain of awaits
@@ -367,3 +369,16 @@ class DeferredExecutor:
 def _invoke(call: Call) -> Any:
     call.thread = threading.get_ident()  # where the slow log finds its stack
     return call.func(*call.args, **call.kwargs)
+
+
+def _thread_frames() -> dict[int, FrameType]:
+    """``sys._current_frames()`` with the collector paused: before CPython 3.11.9 and
+    3.12.3 a collection inside it could deadlock the interpreter (CPython gh-106883).
+    (The same guard as fcgi.watchdog's; the two packages do not import each other.)"""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return sys._current_frames()
+    finally:
+        if enabled:
+            gc.enable()
