@@ -91,76 +91,69 @@ def _text(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _openmetrics(data: dict[str, Any]) -> str:
-    pool = data["pool"].replace("\\", "\\\\").replace('"', '\\"')
-    label = f'pool="{pool}"'
-    out: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, Any]]) -> None:
-        out.append(f"# TYPE {name} {kind}")
-        out.append(f"# HELP {name} {help_}")
-        suffix = "_total" if kind == "counter" else ""
-        out.extend(f"{name}{suffix}{{{labels}}} {value}" for labels, value in samples)
-
-    metric(
-        "fcgi_start_time_seconds", "gauge", "When the pool started.", [(label, data["start time"])]
-    )
-    metric(
+# name, type, help, samples as (extra label, status field): one row per metric family.
+_METRICS = (
+    ("fcgi_start_time_seconds", "gauge", "When the pool started.", [("", "start time")]),
+    (
         "fcgi_accepted_connections",
         "counter",
         "Connections accepted by the pool.",
-        [(label, data["accepted conn"])],
-    )
-    metric(
+        [("", "accepted conn")],
+    ),
+    (
         "fcgi_processes",
         "gauge",
         "Worker processes by state.",
-        [
-            (f'{label},state="idle"', data["idle processes"]),
-            (f'{label},state="active"', data["active processes"]),
-        ],
-    )
-    metric(
+        [('state="idle"', "idle processes"), ('state="active"', "active processes")],
+    ),
+    (
         "fcgi_max_active_processes",
         "gauge",
         "Most processes seen active at once.",
-        [(label, data["max active processes"])],
-    )
-    metric(
+        [("", "max active processes")],
+    ),
+    (
         "fcgi_max_children_reached",
         "counter",
         "Times every process was seen busy.",
-        [(label, data["max children reached"])],
-    )
-    metric(
+        [("", "max children reached")],
+    ),
+    (
         "fcgi_slow_requests",
         "counter",
         "Requests that ran past --slow-request.",
-        [(label, data["slow requests"])],
-    )
-    metric(
+        [("", "slow requests")],
+    ),
+    (
         "fcgi_deferred",
         "gauge",
         "Deferred calls waiting or running now.",
-        [
-            (f'{label},state="queued"', data["deferred queued"]),
-            (f'{label},state="running"', data["deferred running"]),
-        ],
-    )
-    metric(
+        [('state="queued"', "deferred queued"), ('state="running"', "deferred running")],
+    ),
+    (
         "fcgi_deferred_calls",
         "counter",
         "Deferred calls ended, by outcome.",
-        [
-            (f'{label},outcome="{o}"', data[f"deferred {o}"])
-            for o in ("done", "failed", "abandoned")
-        ],
-    )
-    metric(
+        [(f'outcome="{o}"', f"deferred {o}") for o in ("done", "failed", "abandoned")],
+    ),
+    (
         "fcgi_last_deferred_duration_seconds",
         "gauge",
         "How long the last deferred call took.",
-        [(label, data["last deferred duration"])],
-    )
+        [("", "last deferred duration")],
+    ),
+)
+
+
+def _openmetrics(data: dict[str, Any]) -> str:
+    pool = data["pool"].replace("\\", "\\\\").replace('"', '\\"')
+    out: list[str] = []
+    for name, kind, help_, samples in _METRICS:
+        out.append(f"# TYPE {name} {kind}")
+        out.append(f"# HELP {name} {help_}")
+        suffix = "_total" if kind == "counter" else ""
+        for extra, field in samples:
+            labels = f'pool="{pool}"' + (f",{extra}" if extra else "")
+            out.append(f"{name}{suffix}{{{labels}}} {data[field]}")
     out.append("# EOF")
     return "\n".join(out) + "\n"
