@@ -79,7 +79,7 @@ class Server:
         # Recycling an inherited socket restarts in place (cli.main exec()s): supervisord
         # closes a pool's socket whenever none of its processes is alive.
         self.recycling = False
-        self.running: dict[Request, tuple[int, float]] = {}  # request: (thread id, start)
+        self.running: dict[Request, int] = {}  # request: the id of the thread running it
         self.deferred_limits = {
             "slow": options.slow_deferred or None,
             "timeout": options.deferred_timeout or None,
@@ -347,7 +347,7 @@ class Server:
     def handle(self, request: Request) -> None:
         environ = request.build_environ(self)
         request.started = time.monotonic()
-        self.running[request] = (threading.get_ident(), request.started)
+        self.running[request] = threading.get_ident()
         board = self.scoreboard
         if board is not None:
             board.request_started(

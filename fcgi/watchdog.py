@@ -44,7 +44,8 @@ class Watchdog:
     def check(self, now: float) -> None:
         frames = None
         running = dict(self.server.running)
-        for request, (thread_id, started) in running.items():
+        for request, thread_id in running.items():
+            started = request.started
             key = id(request)
             if now - started < self.limit or key in self._reported:
                 continue
