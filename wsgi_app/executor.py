@@ -272,7 +272,7 @@ class DeferredExecutor:
         return await awaitable
 
     def _check_slow(self) -> None:
-        """On the loop, each tick while work runs: log the stack of calls past ``slow``."""
+        """On the loop, every ``SLOW_CHECK`` s while work runs: log calls past ``slow``."""
         if not self.slow:
             return
         now = time.monotonic()
