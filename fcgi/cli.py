@@ -1,20 +1,29 @@
-"""``fcgi-serve`` / ``python -m fcgi``: options in, app loaded, socket bound, server run.
+"""``fcgi-serve`` / ``python -m fcgi``: options in, socket bound, user dropped, app loaded,
+server run.
 
-Every failure a user can fix (bad option, app that does not import, socket
-that cannot be bound) ends with one line on stderr that says how, and exit
-status 2.
+Every failure a user can fix (bad option, module not found, socket that cannot
+be bound) ends with one line on stderr that says how, and exit status 2. An app
+that raises while it loads gets its full traceback on stderr, as gunicorn
+prints it, and the same exit status at once: supervisord's log shows it and
+``make start`` fails in seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import grp
 import importlib
 import logging
 import os
+import pwd
+import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import logs
 from .listener import ListenError, open_listener
 from .options import Options
 from .server import Server
@@ -24,6 +33,31 @@ EXIT_USAGE = 2
 
 class AppLoadError(Exception):
     """MODULE:CALLABLE does not name a WSGI application; the message says why."""
+
+
+class AppRaised(AppLoadError):
+    """Importing the app's module raised: the app's own bug, shown with its traceback."""
+
+
+class UserError(Exception):
+    """--user cannot be applied; the message says why."""
+
+
+def setup_path(chdir: str, pythonpath: Sequence[str]) -> None:
+    """gunicorn's meanings: ``--chdir`` changes the folder before the app loads and puts it
+    first on sys.path; ``--pythonpath`` folders go in front of that, in the order given."""
+    if chdir:
+        try:
+            os.chdir(chdir)
+        except OSError as exc:
+            raise AppLoadError(f"--chdir {chdir}: {exc.strerror}") from None
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    for folder in reversed(pythonpath):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
 
 
 def load_app(spec: str) -> Callable[..., Any]:
@@ -38,11 +72,11 @@ def load_app(spec: str) -> Callable[..., Any]:
         if exc.name and module_name.startswith(exc.name):
             raise AppLoadError(
                 f"cannot import module {module_name!r}: run from the folder that "
-                "holds it, or add that folder to PYTHONPATH"
+                "holds it, or give that folder with --chdir or --pythonpath"
             ) from None
-        raise AppLoadError(f"importing {module_name!r} failed: {exc}") from exc
+        raise AppRaised(f"importing {module_name!r} raised {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
-        raise AppLoadError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}") from exc
+        raise AppRaised(f"importing {module_name!r} raised {type(exc).__name__}: {exc}") from exc
     try:
         app = functools.reduce(getattr, attr.split("."), module)
     except AttributeError:
@@ -54,27 +88,92 @@ def load_app(spec: str) -> Callable[..., Any]:
     return app
 
 
+class _Stopped(BaseException):  # not Exception: load_app must not catch it
+    """SIGTERM or SIGINT arrived while the app was loading."""
+
+
+def _stop_while_starting(signum: int, frame: Any) -> None:
+    raise _Stopped
+
+
+def drop_privileges(user: str, socket_path: str | None = None) -> None:
+    """Become ``user`` (its uid, group and supplementary groups) if started as root;
+    stay root only when told so (``--user root``), with a warning either way. A unix
+    socket this worker created is given to ``user`` first, so it can remove it at exit."""
+    log = logging.getLogger("fcgi")
+    if os.geteuid() != 0:
+        if user and pwd.getpwnam(user).pw_uid != os.geteuid():
+            raise UserError(f"--user {user}: only root can change user; this is uid {os.geteuid()}")
+        return
+    if not user:
+        log.warning(
+            "running the app as root: give --user (FCGI_USER), e.g. --user www-data, as "
+            "PHP-FPM runs its pools; --user root keeps root on purpose"
+        )
+        return
+    entry = pwd.getpwnam(user)
+    if entry.pw_uid == 0:
+        log.warning("running the app as root (--user %s), as asked", user)
+        return
+    try:
+        if socket_path:
+            os.chown(socket_path, entry.pw_uid, -1)
+        os.initgroups(entry.pw_name, entry.pw_gid)
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except OSError as exc:
+        raise UserError(f"--user {user}: {exc}") from None
+    group = grp.getgrgid(entry.pw_gid).gr_name
+    log.debug("running as user %s, group %s", user, group)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = Options.parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=options.log_level.upper(),
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(options.log_level, options.log_format)
+    # Until the server installs its handlers, TERM/INT while the app loads end the
+    # worker cleanly: the socket is already there for the web server to see.
+    signal.signal(signal.SIGTERM, _stop_while_starting)
+    signal.signal(signal.SIGINT, _stop_while_starting)
     try:
-        app = load_app(options.app)
+        setup_path(options.chdir, options.pythonpath)
         listener = open_listener(
             options.bind, options.socket_mode, options.backlog, options.socket_group
         )
     except (AppLoadError, ListenError) as exc:
         print(f"fcgi-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except _Stopped:
+        return 0
+    try:
+        drop_privileges(options.user, listener.path)
+        app = load_app(options.app)
+    except AppRaised as exc:
+        with contextlib.suppress(OSError):
+            listener.close()
+        logging.getLogger("fcgi").error(
+            "%s; the app's traceback:\n%s",
+            exc,
+            "".join(traceback.format_exception(exc.__cause__)).rstrip(),
+        )
+        return EXIT_USAGE
+    except (AppLoadError, UserError) as exc:
+        with contextlib.suppress(OSError):
+            listener.close()
+        print(f"fcgi-serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _Stopped:
+        with contextlib.suppress(OSError):
+            listener.close()
+        return 0
     try:
         server = Server(app, options, listener)
     except (ValueError, OSError) as exc:
         listener.close()
         print(f"fcgi-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except _Stopped:
+        listener.close()
+        return 0
     server.install_signals()
     code = server.serve()
     if server.recycling and code == 0:

@@ -12,6 +12,7 @@ import argparse
 import grp
 import ipaddress
 import os
+import pwd
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,32 @@ def group_name(text: str) -> str:
             grp.getgrnam(text)
         except KeyError:
             raise ValueError("is not a group on this machine (see getent group)") from None
+    return text
+
+
+def choice(*names: str) -> Callable[[str], str]:
+    """A converter that accepts one of ``names`` (case-insensitive)."""
+
+    def convert(text: str) -> str:
+        if text.lower() not in names:
+            raise ValueError("must be one of " + ", ".join(names))
+        return text.lower()
+
+    return convert
+
+
+def path_list(text: str) -> tuple[str, ...]:
+    """Folders separated by commas (or os.pathsep), as gunicorn's --pythonpath takes them."""
+    parts = text.replace(os.pathsep, ",").split(",")
+    return tuple(os.path.abspath(p.strip()) for p in parts if p.strip())
+
+
+def user_name(text: str) -> str:
+    if text:
+        try:
+            pwd.getpwnam(text)
+        except KeyError:
+            raise ValueError("is not a user on this machine (see getent passwd)") from None
     return text
 
 
@@ -309,19 +336,86 @@ OPTIONS: tuple[Option, ...] = (
         str,
         '{time} {pid} {remote} "{method} {uri}" {status} {bytes} {ms}ms '
         "deferred={deferred} id={id}",
-        "the access log line, with fields {time} {pid} {remote} {method} {uri} {status} "
-        "{bytes} (body bytes sent) {ms} (response time) {deferred} (callables registered) "
-        "{id} (request id, also on the line written when its deferred work ends)",
+        "the access log line: combined (nginx's combined format, then the response time "
+        "and request id), json (one JSON object per line), or a template with fields {time} "
+        "{pid} {remote} {method} {uri} {protocol} {status} {bytes} (body bytes sent) {ms} "
+        "(response time) {referer} {agent} {deferred} (callables registered) {id} (request "
+        "id, also on the line written when its deferred work ends); every value is escaped",
         "FORMAT",
     ),
     Option("log_level", log_level, "info", "debug, info, warning or error", "LEVEL"),
+    Option(
+        "log_format",
+        choice("text", "json"),
+        "text",
+        "the worker's own log lines on stderr: text, or json (one JSON object per line); "
+        "an app's LOGGING never changes them",
+        "FORMAT",
+    ),
+    Option(
+        "chdir",
+        str,
+        "",
+        "change to this folder before loading the app, as gunicorn's --chdir (the app's "
+        "module is then looked up there first)",
+        "DIR",
+    ),
+    Option(
+        "user",
+        user_name,
+        "",
+        "when started as root: become this user (and its group) after taking the socket, "
+        "before loading the app, as PHP-FPM's pool user; staying root takes --user root, "
+        "and logs a warning",
+        "USER",
+    ),
+    Option(
+        "pythonpath",
+        path_list,
+        (),
+        "folders to put at the front of sys.path before loading the app, comma-separated, "
+        "as gunicorn's --pythonpath, e.g. src,/srv/mysite",
+        "DIRS",
+    ),
 )
 
 
 class Options:
-    """The validated settings of one worker; attributes are the table's names."""
+    """The validated settings of one worker; attributes are the table's names, declared
+    here with their types (the table's converters return them)."""
 
     app: str
+    bind: str | None
+    threads: int
+    socket_mode: int
+    backlog: int
+    max_detached: int
+    spool_threshold: int
+    max_params: int
+    write_timeout: float
+    graceful_timeout: float
+    read_timeout: float
+    max_connections: int
+    max_requests: int
+    max_requests_jitter: int
+    slow_request: float
+    slow_deferred: float
+    deferred_timeout: float
+    mount: str
+    socket_group: str
+    allow: frozenset[str]
+    status_path: str
+    ping_path: str
+    ping_response: str
+    scoreboard: str
+    pool_name: str
+    access_log: str
+    access_log_format: str
+    log_level: str
+    log_format: str
+    chdir: str
+    user: str
+    pythonpath: tuple[str, ...]
 
     def __init__(self, **values: Any) -> None:
         for opt in OPTIONS:
@@ -332,17 +426,18 @@ class Options:
 
     @classmethod
     def parse(cls, argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> Options:
-        """Options from the environment, then the command line; exits with usage on errors."""
+        """Options from the command line, else the environment, else the table's default;
+        exits with usage on errors. Each value is converted once: argparse never sees a
+        default (it would run ``type`` again on a string one)."""
         parser = build_parser()
-        defaults: dict[str, Any] = {}
+        values = vars(parser.parse_args(argv))
         for opt in OPTIONS:
-            if opt.env in environ:
+            if opt.name not in values and opt.env in environ:
                 try:
-                    defaults[opt.name] = opt.convert(environ[opt.env])
+                    values[opt.name] = opt.convert(environ[opt.env])
                 except ValueError as exc:
                     parser.error(f"environment variable {opt.env}={environ[opt.env]!r}: {exc}")
-        parser.set_defaults(**defaults)
-        return cls(**vars(parser.parse_args(argv)))
+        return cls(**values)
 
 
 def _argparse_type(opt: Option) -> Callable[[str], Any]:
@@ -372,12 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for opt in OPTIONS:
         shown = f"{opt.default:o}" if opt.name == "socket_mode" else opt.default
-        default = f"; default: {shown}" if opt.default not in (None, "", frozenset()) else ""
+        default = f"; default: {shown}" if opt.default not in (None, "", frozenset(), ()) else ""
         parser.add_argument(
             opt.flag,
             dest=opt.name,
             type=_argparse_type(opt),
-            default=opt.default,
+            default=argparse.SUPPRESS,  # absent: the environment or the table fills it
             metavar=opt.metavar,
             help=f"{opt.help} (env {opt.env}{default})",
         )

@@ -1,0 +1,106 @@
+"""The worker's own log: the ``fcgi`` logger and its handler on stderr, apart from the app's.
+
+The worker's lines (start, stop, app errors, slow requests) keep their timestamp
+with its UTC offset, pid, level and request id whatever the app does to logging:
+a Django ``LOGGING`` with a root handler, ``disable_existing_loggers`` or
+``logging.basicConfig`` in the app changes the app's loggers, never these. Text
+for people, or ``--log-format json``: one JSON object per line, for machines.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+from typing import Any, TextIO
+
+LOGGER = "fcgi"
+TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+def timestamp(created: float) -> str:
+    """Local time with milliseconds and the UTC offset, ISO 8601: 2026-11-27T06:50:01.123+00:00."""
+    when = datetime.datetime.fromtimestamp(created).astimezone()
+    return when.isoformat(timespec="milliseconds")
+
+
+def request_id(record: logging.LogRecord) -> str | None:
+    """The ``fcgi.request_id`` of the request a worker line is about, if it names one."""
+    found = getattr(record, "request_id", None)
+    if found:
+        return str(found)
+    args = record.args if isinstance(record.args, tuple) else ()
+    for arg in args:
+        environ = getattr(arg, "environ", None)
+        if isinstance(environ, dict) and environ.get("fcgi.request_id"):
+            return str(environ["fcgi.request_id"])
+    return None
+
+
+class TextFormatter(logging.Formatter):
+    """``TIME [PID] LEVEL LOGGER: message id=REQUEST_ID``, then the traceback if any."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return timestamp(record.created)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        rid = request_id(record)
+        if rid and f"id={rid}" not in line:
+            line += f" id={rid}"
+        return line
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, pid, logger, message, request_id, exception.
+    ``json.dumps`` escapes every value, so a line feed in a message never splits a line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": timestamp(record.created),
+            "level": record.levelname,
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rid = request_id(record)
+        if rid:
+            data["request_id"] = rid
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            data["stack"] = record.stack_info
+        return json.dumps(data, ensure_ascii=False)
+
+
+class _SteadyLogger(logging.Logger):
+    """A logger that ``dictConfig(disable_existing_loggers=True)`` cannot switch off."""
+
+    @property  # type: ignore[override]
+    def disabled(self) -> bool:
+        return False
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        pass
+
+
+def setup(level: str, fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:
+    """Give the ``fcgi`` loggers their own handler on ``stream`` (stderr); their lines do
+    not reach the root logger, so the app's handlers neither drop nor restyle them."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    logger = logging.getLogger(LOGGER)
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    for name, child in list(logging.root.manager.loggerDict.items()):
+        if (name == LOGGER or name.startswith(LOGGER + ".")) and isinstance(child, logging.Logger):
+            child.__class__ = _SteadyLogger
+    return handler
