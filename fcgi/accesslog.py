@@ -6,19 +6,62 @@ out at the finish; when the request's deferred work ends, a second line with
 the same request id says how it went, so ``grep id=...`` shows a request end
 to end. SIGUSR1 reopens the file, for log rotation; no line is lost: what is
 written before the reopen lands in the rotated file.
+
+``--access-log-format`` is ``combined`` (nginx's and Apache's, then the response
+time and request id: log analysers read it), ``json`` (one JSON object per line)
+or a template. Every value is escaped before it goes in, as nginx does: a
+REQUEST_URI or User-Agent with a line feed or a quote cannot forge a line or a
+field; in a template that starts with ``{`` values are escaped as JSON strings.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
+import re
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .logs import timestamp
+
 if TYPE_CHECKING:
     from .request import Request
 
+COMBINED = (
+    '{remote} - - [{time_local}] "{method} {uri} {protocol}" {status} {bytes} "{referer}" '
+    '"{agent}" rt={seconds} id={id}'
+)
+FIELDS = (
+    "time",
+    "time_local",
+    "pid",
+    "remote",
+    "method",
+    "uri",
+    "protocol",
+    "status",
+    "bytes",
+    "ms",
+    "seconds",
+    "referer",
+    "agent",
+    "deferred",
+    "id",
+)
 DEFERRED_FORMAT = "{time} {pid} deferred id={id} count={count} ms={ms} failed={failed}"
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\]')
+
+
+def escape(value: object) -> str:
+    """nginx's escaping: quote, backslash and control characters as \\xHH."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02X}", str(value))
+
+
+def escape_json(value: object) -> str:
+    """The inside of a JSON string: safe between the quotes of a JSON-shaped template."""
+    return json.dumps(str(value), ensure_ascii=False)[1:-1]
 
 
 class AccessLog:
@@ -26,7 +69,9 @@ class AccessLog:
 
     def __init__(self, path: str, fmt: str, pid: int) -> None:
         self.path = path
-        self.format = fmt
+        self.json = fmt == "json"
+        self.format = COMBINED if fmt == "combined" else fmt
+        self.escape = escape_json if fmt.lstrip().startswith("{") else escape
         self.pid = pid
         self._lock = threading.Lock()
         self._reopen = False
@@ -41,13 +86,11 @@ class AccessLog:
     def check_format(self) -> None:
         """Fail at start, not at the first request, on a format that cannot be filled.
         Fields the app does not set in ``fcgi.log_fields`` come out as ``-``."""
-        sample = dict.fromkeys(
-            ("time", "pid", "remote", "method", "uri", "status", "bytes", "ms", "deferred", "id"),
-            "",
-        )
+        if self.json:
+            return
         try:
-            self.format.format_map(_Missing(sample))
-        except (IndexError, ValueError) as exc:
+            self.format.format_map(_Missing(dict.fromkeys(FIELDS, "")))
+        except (IndexError, ValueError, AttributeError) as exc:
             raise ValueError(f"--access-log-format cannot be filled: {exc}") from None
 
     def reopen(self) -> None:
@@ -55,32 +98,49 @@ class AccessLog:
 
     def request(self, request: Request, seconds: float, fields: dict[str, Any]) -> None:
         env = request.environ
-        values = {
-            "time": _now(),
+        now = time.time()
+        values: dict[str, Any] = {
+            "time": timestamp(now),
+            "time_local": _time_local(now),
             "pid": self.pid,
-            "remote": env.get("REMOTE_ADDR", "-"),
-            "method": env.get("REQUEST_METHOD", "-"),
-            "uri": env.get("REQUEST_URI") or env.get("PATH_INFO", "-"),
+            "remote": env.get("REMOTE_ADDR") or "-",
+            "method": env.get("REQUEST_METHOD") or "-",
+            "uri": env.get("REQUEST_URI") or env.get("PATH_INFO") or "-",
+            "protocol": env.get("SERVER_PROTOCOL") or "-",
             "status": (request.status or "-")[:3],
             "bytes": request.body_bytes,
             "ms": f"{seconds * 1000:.1f}",
+            "seconds": f"{seconds:.3f}",
+            "referer": env.get("HTTP_REFERER") or "-",
+            "agent": env.get("HTTP_USER_AGENT") or "-",
             "deferred": 0,
             "id": env.get("fcgi.request_id", "-"),
             **fields,
         }
-        self._write(self.format.format_map(_Missing(values)))
+        if self.json:
+            values["status"] = int(values["status"]) if values["status"].isdigit() else None
+            values["ms"] = round(seconds * 1000, 1)
+            del values["time_local"], values["seconds"]
+            self._write(json.dumps(values, ensure_ascii=False, default=str))
+            return
+        safe = {key: self.escape(value) for key, value in values.items()}
+        self._write(self.format.format_map(_Missing(safe)))
 
     def deferred(self, request_id: str, count: int, seconds: float, failed: int) -> None:
-        self._write(
-            DEFERRED_FORMAT.format(
-                time=_now(),
-                pid=self.pid,
-                id=request_id,
-                count=count,
-                ms=f"{seconds * 1000:.1f}",
-                failed=failed,
-            )
-        )
+        values = {
+            "time": timestamp(time.time()),
+            "pid": self.pid,
+            "event": "deferred",
+            "id": request_id,
+            "count": count,
+            "ms": round(seconds * 1000, 1),
+            "failed": failed,
+        }
+        if self.json:
+            self._write(json.dumps(values, ensure_ascii=False))
+        else:
+            values["ms"] = f"{seconds * 1000:.1f}"
+            self._write(DEFERRED_FORMAT.format_map({k: escape(v) for k, v in values.items()}))
 
     def _write(self, line: str) -> None:
         with self._lock:
@@ -98,11 +158,16 @@ class AccessLog:
                 self._file.close()
 
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
 class _Missing(dict):
     def __missing__(self, key: str) -> str:
         return "-"
 
 
-def _now() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+def _time_local(now: float) -> str:
+    """nginx's $time_local: 27/Nov/2026:06:50:01 +0000, English month whatever the locale."""
+    when = datetime.datetime.fromtimestamp(now).astimezone()
+    month = _MONTHS[when.month - 1]
+    return f"{when.day:02d}/{month}/{when:%Y:%H:%M:%S %z}"
