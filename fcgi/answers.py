@@ -6,7 +6,6 @@ health check (``--ping-path``), and 404 for paths outside ``--mount``.
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -31,10 +30,8 @@ class Answers:
         self.scoreboard: Scoreboard | None = None
         self.by_path: dict[str, Answer] = {}
         if options.status_path:
-            self.scoreboard = (
-                Scoreboard(options.scoreboard)
-                if options.scoreboard
-                else Scoreboard(tempfile.mkdtemp(prefix="fcgi-status-"), private=True)
+            self.scoreboard = Scoreboard.for_socket(
+                options.scoreboard, server.listener.sock, inherited=options.bind is None
             )
             self.by_path[options.status_path] = self.status
         if options.ping_path:
@@ -67,7 +64,8 @@ class Answers:
             deferred: dict[str, Any] = {}
             for hook in server.stats_hooks:
                 for key, value in hook().items():
-                    deferred[key] = deferred.get(key, 0) + value
+                    old = deferred.get(key, 0)  # a maximum for the last duration, else a sum
+                    deferred[key] = max(old, value) if key == "last_duration" else old + value
             board.set_counters(server.watchdog.slow if server.watchdog else 0, deferred)
             board.read_all()
             time.sleep(0.5)

@@ -97,7 +97,7 @@ _METRICS = (
     (
         "fcgi_accepted_connections",
         "counter",
-        "Connections accepted by the pool.",
+        "Requests accepted by the pool (PHP-FPM's accepted conn).",
         [("", "accepted conn")],
     ),
     (
