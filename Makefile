@@ -11,11 +11,22 @@ NGINX_BIN ?= $(shell command -v nginx || ls /usr/sbin/nginx 2>/dev/null || echo 
 SUPERVISOR_CONF := conf/supervisord.conf
 CTL := $(VENV)/bin/supervisorctl -c $(SUPERVISOR_CONF)
 ROOT := $(CURDIR)
+# Your app: make APP=mysite.wsgi:application start (FCGI_CHDIR=/srv/mysite if it
+# lives elsewhere; every FCGI_<OPTION> of `python -m fcgi --help` reaches the workers).
+APP ?= wsgi_app:application
+# Served by nginx at /static/: Django's STATIC_ROOT, a Flask app's static folder.
+STATIC_DIR ?= var/static
+# Started as root, the workers and nginx's workers run as this user: www-data where
+# it exists, else nobody. RUN_USER=root keeps root (the workers log a warning).
+RUN_USER ?= $(shell if [ "$$(id -u)" != 0 ]; then id -un; \
+	elif id -u www-data >/dev/null 2>&1; then echo www-data; else echo nobody; fi)
+# What the stack's commands see: supervisord, nginx's config, the systemd unit.
+STACK_ENV = APP='$(APP)' FCGI_USER='$(RUN_USER)' STATIC_DIR='$(abspath $(STATIC_DIR))'
 
 export NUMPROCS NGINX_BIN
 export FCGI_PYTHON := $(ROOT)/$(PY)
 
-.PHONY: install system-packages run start stop restart reload status logs demo test lint format bench clean render
+.PHONY: install system-packages test-packages run start stop restart reload status logs demo test lint format bench clean render service
 
 install: $(VENV)/.installed system-packages
 
@@ -25,26 +36,48 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-# Debian packages the stack and the tests run: nginx, and the other web servers
+# Debian packages the stack runs: nginx. `make test` adds the other web servers
 # the end-to-end tests put in front of the worker (wrk comes with `make bench`).
 system-packages:
-	@./conf/install-packages.sh nginx:nginx-light apache2:apache2 lighttpd:lighttpd caddy:caddy
+	@./conf/install-packages.sh nginx:nginx-light
 
+test-packages:
+	@./conf/install-packages.sh apache2:apache2 lighttpd:lighttpd caddy:caddy \
+		php-fpm8.2:php8.2-fpm systemd-analyze:systemd
+
+# var/ for this stack; started as root, the workers' user gets the files it writes
+# (the access log, the demo log, var/lib for the journal) and must reach the code.
 render: install
-	@mkdir -p var/run var/log var/tmp
-	@./conf/render.sh conf/nginx.conf $(NGINX_LISTEN) $(ROOT)/var/run/app.sock $(ROOT)/var > var/run/nginx.conf.new
+	@mkdir -p var/run var/log var/tmp var/lib $(STATIC_DIR)
+	@$(STACK_ENV) ./conf/render.sh conf/nginx.conf $(NGINX_LISTEN) $(ROOT)/var/run/app.sock $(ROOT)/var > var/run/nginx.conf.new
 	@mv var/run/nginx.conf.new var/run/nginx.conf
+	@if [ "$$(id -u)" = 0 ] && [ "$(RUN_USER)" != root ]; then \
+		touch var/log/access.log var/log/demo.log && \
+		chown $(RUN_USER): var/lib var/log/access.log var/log/demo.log && \
+		./conf/check-reach.sh $(RUN_USER) $(ROOT)/$(PY) $(ROOT); fi
 
 run: render
-	@echo "fcgi-finish on http://$(NGINX_LISTEN)/ with $(NUMPROCS) worker(s); Ctrl-C stops it all"
-	$(VENV)/bin/supervisord -n -c $(SUPERVISOR_CONF)
+	@$(PY) ./conf/wait-running.py before $(NGINX_LISTEN) $(ROOT)/var
+	@echo "fcgi-finish on http://$(NGINX_LISTEN)/ with $(NUMPROCS) worker(s) of $(APP) as $(RUN_USER); Ctrl-C stops it all"
+	$(STACK_ENV) $(VENV)/bin/supervisord -n -c $(SUPERVISOR_CONF)
 
+# Says "running" only once nginx and every worker answer; otherwise it stops what
+# it started and fails with the cause (a taken port, the app's traceback).
 start: render
 	@if [ -S var/run/supervisor.sock ] && $(CTL) pid >/dev/null 2>&1; then \
 		echo "already running: make status, or make restart"; exit 1; fi
-	$(VENV)/bin/supervisord -c $(SUPERVISOR_CONF)
-	@./conf/wait-running.sh "$(CTL)"
-	@echo "fcgi-finish on http://$(NGINX_LISTEN)/ with $(NUMPROCS) worker(s)"
+	@$(PY) ./conf/wait-running.py before $(NGINX_LISTEN) $(ROOT)/var
+	@$(STACK_ENV) $(VENV)/bin/supervisord -c $(SUPERVISOR_CONF)
+	@if ! $(PY) ./conf/wait-running.py after $(NGINX_LISTEN) $(ROOT)/var $(NUMPROCS) $(CTL); then \
+		$(CTL) shutdown >/dev/null 2>&1; \
+		while [ -e var/run/supervisord.pid ]; do sleep 0.2; done; exit 1; fi
+	@echo "fcgi-finish on http://$(NGINX_LISTEN)/ with $(NUMPROCS) worker(s) of $(APP) as $(RUN_USER)"
+
+# A systemd unit for this checkout (supervisord in the foreground, as `make run`):
+# make service && sudo cp var/run/fcgi-finish.service /etc/systemd/system/
+service: render
+	@$(STACK_ENV) NUMPROCS=$(NUMPROCS) ./conf/render.sh conf/fcgi-finish.service $(NGINX_LISTEN) $(ROOT)/var/run/app.sock $(ROOT)/var > var/run/fcgi-finish.service
+	@echo "var/run/fcgi-finish.service: sudo cp var/run/fcgi-finish.service /etc/systemd/system/ && sudo systemctl enable --now fcgi-finish"
 
 stop:
 	@if [ -S var/run/supervisor.sock ] && $(CTL) pid >/dev/null 2>&1; then \
@@ -60,10 +93,12 @@ reload: install
 	@for p in $$($(CTL) status 'app:*' | awk '{print $$1}'); do \
 		$(CTL) restart $$p || exit 1; done
 
+# This stack only: the pool's page is shown if nginx's answer names this var/.
 status: install
 	@if [ -S var/run/supervisor.sock ] && $(CTL) pid >/dev/null 2>&1; then \
 		$(CTL) status; echo; \
-		curl -sS --max-time 5 http://$(NGINX_LISTEN)/fcgi-status || true; \
+		$(PY) -c 'import http.client as h, sys; c = h.HTTPConnection(*sys.argv[1].rsplit(":", 1), timeout=5); c.request("GET", "/fcgi-status"); r = c.getresponse(); b = r.read(); ours = r.getheader("X-Fcgi-Finish-Var") == sys.argv[2]; sys.stdout.write(b.decode() if ours else "this stack'"'"'s nginx does not answer on %s (another server does); see var/log/nginx-error.log\n" % sys.argv[1])' \
+			$(NGINX_LISTEN) $(ROOT)/var 2>/dev/null || echo "nothing answers on $(NGINX_LISTEN); see var/log/nginx-error.log"; \
 	else echo "not running: make start"; fi
 
 logs:
@@ -72,7 +107,7 @@ logs:
 demo: install
 	$(PY) -m wsgi_app.demo_client http://$(NGINX_LISTEN)/demo var/log/demo.log
 
-test: install
+test: install test-packages
 	$(PY) -m pytest
 
 # Speed and memory goals, as ratios against baselines measured in the same run.

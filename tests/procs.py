@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -94,6 +95,10 @@ class HTTP:
 
     def __exit__(self, *exc: object) -> None:
         self.conn.close()
+
+
+def this_user() -> str:
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def python_env(**extra: str) -> dict[str, str]:
@@ -208,7 +213,7 @@ def stack(
         NUMPROCS=str(numprocs),
         FCGI_PYTHON=sys.executable,
         NGINX_BIN=require("nginx", "nginx-light"),
-        **env_extra,
+        **{"APP": "wsgi_app:application", "FCGI_USER": this_user(), **env_extra},
     )
     env.pop("PYTHONPATH")  # the workers import wsgi_app from the installed package
     bindir = Path(sys.executable).parent
