@@ -54,7 +54,7 @@ def setup_path(chdir: str, pythonpath: Sequence[str]) -> None:
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
-    for folder in reversed(pythonpath):
+    for folder in map(os.path.abspath, reversed(pythonpath)):
         if folder in sys.path:
             sys.path.remove(folder)
         sys.path.insert(0, folder)

@@ -120,9 +120,10 @@ def choice(*names: str) -> Callable[[str], str]:
 
 
 def path_list(text: str) -> tuple[str, ...]:
-    """Folders separated by commas (or os.pathsep), as gunicorn's --pythonpath takes them."""
+    """Folders separated by commas (or os.pathsep), as gunicorn's --pythonpath takes them;
+    relative ones are relative to --chdir."""
     parts = text.replace(os.pathsep, ",").split(",")
-    return tuple(os.path.abspath(p.strip()) for p in parts if p.strip())
+    return tuple(p.strip() for p in parts if p.strip())
 
 
 def user_name(text: str) -> str:
@@ -374,7 +375,7 @@ OPTIONS: tuple[Option, ...] = (
         path_list,
         (),
         "folders to put at the front of sys.path before loading the app, comma-separated, "
-        "as gunicorn's --pythonpath, e.g. src,/srv/mysite",
+        "relative to --chdir, as gunicorn's --pythonpath, e.g. src,/srv/lib",
         "DIRS",
     ),
 )

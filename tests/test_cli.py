@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 
 from fcgi.options import OPTIONS
 from tests import fcgi_client
@@ -144,3 +145,80 @@ def test_readme_documents_every_option_and_setting():
         assert f"`{opt.flag}" in readme and f"`{opt.env}`" in readme, opt.name
     for name, env, default, *_ in SETTINGS:
         assert f"| `{name}` | `{env}` | {default} |" in readme, name
+
+
+def project(tmp_path):
+    """A Django-shaped project: proj/src/mysite/wsgi.py, importable as mysite.wsgi."""
+    package = tmp_path / "proj" / "src" / "mysite"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "wsgi.py").write_text(
+        "import os\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [os.getcwd().encode()]\n"
+    )
+    return tmp_path / "proj"
+
+
+def test_chdir_and_pythonpath_as_gunicorn_means_them(tmp_path):
+    proj = project(tmp_path)
+    sock = tmp_path / "app.sock"
+    for args, env in (
+        (["--chdir", str(proj), "--pythonpath", "src"], {}),
+        ([], {"FCGI_CHDIR": str(proj), "FCGI_PYTHONPATH": "src"}),
+    ):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fcgi",
+                "--bind",
+                f"unix:{sock}",
+                *args,
+                "mysite.wsgi:application",
+            ],
+            cwd=tmp_path,
+            env=python_env(**env),
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for(sock.exists, what="the socket")
+            client = fcgi_client.Client(str(sock))
+            assert client.request("/").body == str(proj).encode()  # ran in --chdir
+            client.close()
+        finally:
+            assert stop(proc) == 0
+            proc.stderr.close()
+
+
+def test_module_not_found_names_chdir_and_pythonpath(tmp_path):
+    proj = project(tmp_path)
+    result = run("--bind", "127.0.0.1:0", "--chdir", str(proj), "mysite.wsgi:application")
+    assert result.returncode == 2
+    assert "cannot import module 'mysite.wsgi'" in result.stderr and "--pythonpath" in result.stderr
+
+
+def test_an_app_that_raises_while_loading_shows_its_traceback_at_once(tmp_path):
+    (tmp_path / "brokenapp.py").write_text(
+        "import json\n\ndef helper():\n    raise KeyError('DATABASES')\n\nhelper()\n"
+    )
+    started = time.monotonic()
+    result = run("--bind", "127.0.0.1:0", "--chdir", str(tmp_path), "brokenapp:application")
+    assert time.monotonic() - started < 5
+    assert result.returncode == 2
+    err = result.stderr
+    assert "ERROR fcgi: importing 'brokenapp' raised KeyError: 'DATABASES'" in err
+    assert "Traceback (most recent call last):" in err
+    assert f'File "{tmp_path}/brokenapp.py", line 4, in helper' in err
+    assert err.rstrip().endswith("KeyError: 'DATABASES'")
+
+
+def test_environment_values_are_converted_once_and_the_command_line_wins():
+    from fcgi.options import Options
+
+    env = {"FCGI_MOUNT": "/app/", "FCGI_PYTHONPATH": "a,b", "FCGI_THREADS": "4"}
+    options = Options.parse(["--threads", "2", "x:app"], env)
+    assert options.mount == "/app" and options.threads == 2
+    assert options.pythonpath == ("a", "b")
+    assert Options.parse(["x:app"], {}).threads == 1
