@@ -80,6 +80,7 @@ class Scoreboard:
         self._map = mmap.mmap(self._file.fileno(), SLOT.size)
         self._lock = threading.Lock()  # request threads and the refresher write the slot
         self._running: dict[object, tuple[float, str, str, int]] = {}
+        self._by_thread: dict[int, object] = {}  # the request each thread runs now
         self.values: dict[str, Any] = dict.fromkeys(NAMES, 0)
         self.values.update(pid=os.getpid(), start_time=time.time(), method=b"", uri=b"")
         self._write()
@@ -110,13 +111,14 @@ class Scoreboard:
     def request_started(self, method: str, uri: str, content_length: str) -> object:
         """A request began; returns the token ``request_ended`` takes (default: the
         calling thread, which runs the request to its end)."""
-        token = threading.get_ident()
+        token = object()
         now = time.time()
         length = int(content_length) if content_length.isdigit() else 0
         with self._lock:
             v = self.values
             v["accepted"] += 1
             self._running[token] = (now, method, uri, length)
+            self._by_thread[threading.get_ident()] = token
             v["active"] = len(self._running)
             v["busy_since"] = v["busy_since"] or now
             v["method"] = method.encode("latin-1", "replace")[:8]
@@ -129,7 +131,9 @@ class Scoreboard:
         now = time.time()
         with self._lock:
             v = self.values
-            began = self._running.pop(threading.get_ident() if token is None else token, None)
+            if token is None:
+                token = self._by_thread.pop(threading.get_ident(), None)
+            began = self._running.pop(token, None)
             v["requests"] += 1
             if began is not None:
                 v["last_duration"] = now - began[0]

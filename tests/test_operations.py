@@ -17,7 +17,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from tests import apps
 from tests.fcgi_client import Client, request_bytes
-from tests.procs import HTTP, ROOT, free_port, python_env, running, stack, wait_for, worker
+from tests.procs import HTTP, ROOT, free_port, python_env, running, stack, stop, wait_for, worker
 
 PHP_FPM_FIELDS = [
     "pool",
@@ -270,3 +270,59 @@ def test_pool_status_through_nginx_reports_both_workers(tmp_path):
         assert client.get("/fcgi-ping")[1] == b"pong\n"
     access = (tmp_path / "var" / "log" / "access.log").read_text()
     assert access.count('"GET /" 200 ') == 20
+
+
+def test_overlapping_requests_keep_the_slot_busy_from_the_oldest(tmp_path):
+    """PHP-style requests overlap in one worker: the first to end must not mark the
+    worker idle, nor leave a duration measured from 0 (the epoch) for the other."""
+    from fcgi import status
+    from fcgi.scoreboard import Scoreboard
+
+    board = Scoreboard(tmp_path / "board", private=True)
+    first = board.request_started("GET", "/first", "")
+    began = time.time()
+    second = board.request_started("POST", "/second", "12")
+    board.request_ended(first)
+    (proc,) = status.pool_status(board, "p", full=True)["processes"]
+    assert proc["state"] == "Running" and proc["request uri"] == "/second"
+    assert 0 <= proc["request duration"] < 5_000_000
+    board.request_ended(second)
+    data = status.pool_status(board, "p", full=True)
+    (proc,) = data["processes"]
+    assert proc["state"] == "Idle" and proc["requests"] == 2
+    assert 0 <= proc["request duration"] <= (time.time() - began) * 1_000_000 + 1
+    assert data["accepted conn"] == 2 and data["active processes"] == 0
+    board.close()
+
+
+def test_workers_sharing_a_socket_share_the_status_without_a_flag(tmp_path):
+    path = str(tmp_path / "pool.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    cmd = [sys.executable, "-m", "fcgi", "--status-path", "/status", "tests.apps:hello"]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, env=python_env(), stdin=listener.fileno()) for _ in range(2)
+    ]
+    listener.close()
+    try:
+        client = Client(path)
+        sent = 0
+
+        def pool() -> dict:
+            nonlocal sent
+            sent += 1
+            data = json.loads(client.request("/status?json&full").body)
+            return data if data["total processes"] == 2 else {}
+
+        data = wait_for(pool, 10, "both workers on one status page")
+        assert {p["pid"] for p in data["processes"]} == {p.pid for p in procs}
+        for _ in range(5):
+            assert client.request("/").status == 200
+        sent += 5
+        data = json.loads(client.request("/status?json").body)
+        assert data["accepted conn"] == sent + 1  # every request, this one too
+        client.close()
+    finally:
+        for proc in procs:
+            stop(proc)
