@@ -17,3 +17,10 @@ def fails(environ, start_response):
         raise RuntimeError("boom in the app")
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"ok\n"]
+
+
+def dayone(environ, start_response):
+    """/whoami answers the uid, /boom raises, anything else is ok."""
+    if environ.get("PATH_INFO") == "/whoami":
+        return whoami(environ, start_response)
+    return fails(environ, start_response)
