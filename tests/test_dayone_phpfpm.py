@@ -70,7 +70,6 @@ def test_accepted_conn_counts_requests_as_php_fpm_does(tmp_path):
         ours = accepted_conn(sock, {}, {"QUERY_STRING": "json", "PATH_INFO": "/status"})
     # Both count requests, the status request included, not connections (2 here):
     # N requests and one status request later, both have grown by N + 1.
-    print("accepted conn: php-fpm", theirs, "ours", ours)
     assert theirs[1] - theirs[0] == ours[1] - ours[0] == N + 1
     # Ours is exact from the start; PHP-FPM's reading also counts, in each idle child,
     # the request it is waiting for (at most one per child: 2 here).

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import ROOT, free_port, wait_for
+from tests.procs import ROOT, free_port, require, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -186,3 +186,20 @@ def _proc_uid(pid: int) -> int:
         if line.startswith("Uid:"):
             return int(line.split()[1])
     raise AssertionError(f"no Uid in /proc/{pid}/status")
+
+
+def test_the_systemd_unit_is_rendered_for_this_checkout_and_verifies(checkout):
+    analyze = require("systemd-analyze", "systemd")
+    with traversable(checkout / ".venv" / "bin" / "python"):
+        result = make(checkout, "service", "RUN_USER=www-data", "APP=mysite.wsgi:application")
+    assert result.returncode == 0, result.stderr
+    unit = checkout / "var/run/fcgi-finish.service"
+    text = unit.read_text()
+    assert "@" not in text.replace("file://", "")  # every placeholder filled
+    assert f"ExecStart={checkout}/.venv/bin/supervisord --nodaemon" in text
+    assert "Environment=APP=mysite.wsgi:application" in text
+    assert "Environment=FCGI_USER=www-data" in text
+    verify = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
