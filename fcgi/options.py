@@ -212,7 +212,8 @@ OPTIONS: tuple[Option, ...] = (
         "write_timeout",
         seconds,
         60.0,
-        "seconds to wait for the web server to read a response before giving up on it",
+        "seconds the web server may go without reading any of a response (per stall, not "
+        "for the whole response) before the worker gives up on it",
         "SECONDS",
     ),
     Option(
