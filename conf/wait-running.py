@@ -67,6 +67,15 @@ def new_lines(path: Path, marks: dict[str, int]) -> list[str]:
         return []
 
 
+def settle(path: Path, quiet: float = 0.3, limit: float = 3.0) -> None:
+    """Wait until ``path`` stops growing (supervisord copies output as it comes)."""
+    deadline = time.monotonic() + limit
+    size = -1
+    while time.monotonic() < deadline and path.stat().st_size != size:
+        size = path.stat().st_size
+        time.sleep(quiet)
+
+
 def why_not(var: Path, marks: dict[str, int], listen: str) -> str | None:
     """What the logs of this start say went wrong, if anything yet."""
     nginx_log = var / "log" / "nginx-error.log"
@@ -81,10 +90,10 @@ def why_not(var: Path, marks: dict[str, int], listen: str) -> str | None:
                 )
             return f"nginx cannot start: {line}\n(in {nginx_log})"
     for path in logs(var)[:-1]:
-        lines = new_lines(path, marks)
-        text = "\n".join(lines)
+        text = "\n".join(new_lines(path, marks))
         if "the app's traceback" in text or "fcgi-serve: error:" in text:
-            return f"the app does not load ({path}):\n" + text
+            settle(path)  # the rest of the traceback may still be on its way
+            return f"the app does not load ({path}):\n" + "\n".join(new_lines(path, marks))
     return None
 
 
