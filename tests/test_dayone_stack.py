@@ -179,6 +179,18 @@ def test_make_start_as_root_runs_unprivileged_with_static_files_and_json_logs(ch
 
         access = checkout / "var/log/access.log"
         wait_for(lambda: len(access.read_text().splitlines()) >= 3, 10, "three access lines")
+
+        # Another server on the stack's port: `make status` must not show its page.
+        ctl = [
+            str(checkout / ".venv/bin/supervisorctl"),
+            "-c",
+            str(checkout / "conf/supervisord.conf"),
+        ]
+        subprocess.run([*ctl, "stop", "nginx"], capture_output=True, timeout=60, check=True)
+        with _other_server(port):
+            shown = make(checkout, "status", *settings)
+        assert "Not this stack" not in shown.stdout and "pool:" not in shown.stdout
+        assert "another server does" in shown.stdout
         result = make(checkout, "stop")
         assert result.returncode == 0, result.stderr
 
@@ -193,6 +205,30 @@ def test_make_start_as_root_runs_unprivileged_with_static_files_and_json_logs(ch
     (error,) = [ln for ln in worker_lines if ln["level"] == "ERROR"]
     assert error["request_id"] == boom["id"] and "RuntimeError" in error["exception"]
     assert any(ln["message"].startswith("serving on") for ln in worker_lines)
+
+
+@contextlib.contextmanager
+def _other_server(port: int) -> Iterator[None]:
+    """Some other web server on ``port``, answering 404 to everything."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404, "Not this stack")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", port), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 def _uid(user: str) -> int:
