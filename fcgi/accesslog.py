@@ -11,7 +11,8 @@ written before the reopen lands in the rotated file.
 time and request id: log analysers read it), ``json`` (one JSON object per line)
 or a template. Every value is escaped before it goes in, as nginx does: a
 REQUEST_URI or User-Agent with a line feed or a quote cannot forge a line or a
-field; in a template that starts with ``{`` values are escaped as JSON strings.
+field; in a JSON-shaped template (one that starts with a literal brace, ``{{``)
+values are escaped as JSON strings.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import string
 import sys
 import threading
 import time
@@ -56,7 +58,10 @@ _UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\]')
 
 def escape(value: object) -> str:
     """nginx's escaping: quote, backslash and control characters as \\xHH."""
-    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02X}", str(value))
+    text = str(value)
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text  # the usual case, without the regular expression
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02X}", text)
 
 
 def escape_json(value: object) -> str:
@@ -71,7 +76,12 @@ class AccessLog:
         self.path = path
         self.json = fmt == "json"
         self.format = COMBINED if fmt == "combined" else fmt
-        self.escape = escape_json if fmt.lstrip().startswith("{") else escape
+        # JSON-shaped: starts with a literal brace, written {{ in a format string
+        self.escape = escape_json if fmt.lstrip().startswith("{{") else escape
+        # the fields the format names: only those are worked out and escaped
+        self.used = {
+            name.split(".")[0].split("[")[0] for _, name, _, _ in _parse(self.format) if name
+        }
         self.pid = pid
         self._lock = threading.Lock()
         self._reopen = False
@@ -100,8 +110,6 @@ class AccessLog:
         env = request.environ
         now = time.time()
         values: dict[str, Any] = {
-            "time": timestamp(now),
-            "time_local": _time_local(now),
             "pid": self.pid,
             "remote": env.get("REMOTE_ADDR") or "-",
             "method": env.get("REQUEST_METHOD") or "-",
@@ -109,8 +117,6 @@ class AccessLog:
             "protocol": env.get("SERVER_PROTOCOL") or "-",
             "status": (request.status or "-")[:3],
             "bytes": request.body_bytes,
-            "ms": f"{seconds * 1000:.1f}",
-            "seconds": f"{seconds:.3f}",
             "referer": env.get("HTTP_REFERER") or "-",
             "agent": env.get("HTTP_USER_AGENT") or "-",
             "deferred": 0,
@@ -118,12 +124,22 @@ class AccessLog:
             **fields,
         }
         if self.json:
+            values["time"] = timestamp(now)
             values["status"] = int(values["status"]) if values["status"].isdigit() else None
             values["ms"] = round(seconds * 1000, 1)
-            del values["time_local"], values["seconds"]
             self._write(json.dumps(values, ensure_ascii=False, default=str))
             return
-        safe = {key: self.escape(value) for key, value in values.items()}
+        used = self.used
+        if "time" in used:
+            values["time"] = timestamp(now)
+        if "time_local" in used:
+            values["time_local"] = _time_local(now)
+        if "ms" in used:
+            values["ms"] = f"{seconds * 1000:.1f}"
+        if "seconds" in used:
+            values["seconds"] = f"{seconds:.3f}"
+        escape = self.escape
+        safe = {key: escape(values[key]) for key in used if key in values}
         self._write(self.format.format_map(_Missing(safe)))
 
     def deferred(self, request_id: str, count: int, seconds: float, failed: int) -> None:
@@ -158,6 +174,13 @@ class AccessLog:
                 self._file.close()
 
 
+def _parse(fmt: str) -> list[tuple[str, str | None, str | None, str | None]]:
+    try:
+        return list(string.Formatter().parse(fmt))
+    except ValueError:
+        return []  # check_format says what is wrong
+
+
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -166,8 +189,15 @@ class _Missing(dict):
         return "-"
 
 
+_local: list[Any] = [None, ""]  # the last whole second and its $time_local
+
+
 def _time_local(now: float) -> str:
-    """nginx's $time_local: 27/Nov/2026:06:50:01 +0000, English month whatever the locale."""
-    when = datetime.datetime.fromtimestamp(now).astimezone()
-    month = _MONTHS[when.month - 1]
-    return f"{when.day:02d}/{month}/{when:%Y:%H:%M:%S %z}"
+    """nginx's $time_local: 27/Nov/2026:06:50:01 +0000, English month whatever the locale;
+    worked out once a second."""
+    second = int(now)
+    if _local[0] != second:
+        when = datetime.datetime.fromtimestamp(second).astimezone()
+        month = _MONTHS[when.month - 1]
+        _local[:] = [second, f"{when.day:02d}/{month}/{when:%Y:%H:%M:%S %z}"]
+    return _local[1]

@@ -19,10 +19,19 @@ LOGGER = "fcgi"
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
+_second: list[Any] = [None, "", ""]  # the last whole second, its date-time and offset
+
+
 def timestamp(created: float) -> str:
-    """Local time with milliseconds and the UTC offset, ISO 8601: 2026-11-27T06:50:01.123+00:00."""
-    when = datetime.datetime.fromtimestamp(created).astimezone()
-    return when.isoformat(timespec="milliseconds")
+    """Local time with milliseconds and the UTC offset, ISO 8601: 2026-11-27T06:50:01.123+00:00.
+    The date, time and offset are worked out once a second (access lines call this often)."""
+    second = int(created)
+    cached = _second
+    if cached[0] != second:
+        when = datetime.datetime.fromtimestamp(second).astimezone()
+        offset = when.strftime("%z")
+        cached[:] = [second, when.strftime("%Y-%m-%dT%H:%M:%S"), f"{offset[:3]}:{offset[3:]}"]
+    return f"{cached[1]}.{int((created - second) * 1000):03d}{cached[2]}"
 
 
 def request_id(record: logging.LogRecord) -> str | None:
