@@ -16,6 +16,7 @@ import sys
 from typing import Any, TextIO
 
 LOGGER = "fcgi"
+CHILDREN = ("fcgi.app", "fcgi.slow")  # wsgi.errors, the slow-request log
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
@@ -109,6 +110,8 @@ def setup(level: str, fmt: str = "text", stream: TextIO | None = None) -> loggin
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
+    for name in CHILDREN:  # made now, so an app's later dictConfig cannot switch them off
+        logging.getLogger(name)
     for name, child in list(logging.root.manager.loggerDict.items()):
         if (name == LOGGER or name.startswith(LOGGER + ".")) and isinstance(child, logging.Logger):
             child.__class__ = _SteadyLogger
