@@ -46,14 +46,16 @@ test-packages:
 		php-fpm8.2:php8.2-fpm systemd-analyze:systemd
 
 # var/ for this stack; started as root, the workers' user gets the files it writes
-# (the access log, the demo log, var/lib for the journal) and must reach the code.
+# (the access log, the demo log, the scoreboard, var/lib for the journal) and must
+# reach the code.
 render: install
-	@mkdir -p var/run var/log var/tmp var/lib $(STATIC_DIR)
+	@mkdir -p var/run/scoreboard var/log var/tmp var/lib $(STATIC_DIR)
 	@$(STACK_ENV) ./conf/render.sh conf/nginx.conf $(NGINX_LISTEN) $(ROOT)/var/run/app.sock $(ROOT)/var > var/run/nginx.conf.new
 	@mv var/run/nginx.conf.new var/run/nginx.conf
 	@if [ "$$(id -u)" = 0 ] && [ "$(RUN_USER)" != root ]; then \
 		touch var/log/access.log var/log/demo.log && \
 		chown $(RUN_USER): var/lib var/log/access.log var/log/demo.log && \
+		chown -R $(RUN_USER): var/run/scoreboard && \
 		./conf/check-reach.sh $(RUN_USER) $(ROOT)/$(PY) $(ROOT); fi
 
 run: render

@@ -180,7 +180,7 @@ class Scoreboard:
                 continue
             slot = dict(zip(NAMES, SLOT.unpack(data), strict=True))
             if not _alive(slot["pid"]):
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # gone already, or another user's
                     path.unlink()
                 continue
             for key in _TEXT:
