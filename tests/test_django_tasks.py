@@ -8,11 +8,11 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from wsgiref.util import setup_testing_defaults
 
 import pytest
 
 import examples.django_tasks_app  # noqa: F401 - configures Django unless a test did already
+from tests.inprocess import call as get
 from tests.procs import HTTP, nginx, python_env, wait_for, worker
 from wsgi_app.deferred import DeferredMiddleware, drain
 
@@ -44,17 +44,6 @@ def tasks(app):
     apps_django_tasks.results.clear()
     apps_django_tasks.release.clear()
     return apps_django_tasks
-
-
-def get(app, path: str, query: str = ""):
-    """Call the WSGI app in-process; returns (status, body, response) with close() not yet
-    called: the response is still going out, so deferred work must not have started."""
-    environ: dict = {}
-    setup_testing_defaults(environ)
-    environ.update(PATH_INFO=path, QUERY_STRING=query)
-    answer = []
-    response = app(environ, lambda status, headers, exc_info=None: answer.append(status))
-    return answer[0], b"".join(response), response
 
 
 def test_enqueue_in_a_request_runs_after_the_response_and_updates_its_result(app, tasks):
