@@ -8,7 +8,7 @@ PYTHON ?= python3
 PYTHON_EXE := $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
 	PYENV_VERSION=$$(pyenv whence $(PYTHON) 2>/dev/null | tail -1) \
 	$(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null)
-PYTHON_VERSION := $(or $(shell $(PYTHON_EXE) -c 'import platform; print(platform.python_version())' 2>/dev/null),missing)
+PYTHON_VERSION := $(or $(if $(PYTHON_EXE),$(shell $(PYTHON_EXE) -c 'import platform; print(platform.python_version())')),missing)
 VENV := $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 PY := $(VENV)/bin/python
 NUMPROCS ?= 2

@@ -55,6 +55,14 @@ def held(name: str) -> str:
     return name
 
 
+@task
+def enqueue_from_a_task(name: str) -> str:
+    """Deferred work is outside any request: a task it enqueues runs at once."""
+    inner = record.enqueue(f"{name}-inner")
+    ran.append((name, str(inner.status)))
+    return str(inner.status)
+
+
 def deep_inside(name: str) -> None:
     """Code far below a view, with no request at hand."""
     results[name] = record.enqueue(name)
@@ -67,6 +75,7 @@ def enqueue(request: HttpRequest, which: str) -> HttpResponse:
         "arecord": arecord,
         "with_context": with_context,
         "held": held,
+        "enqueue_from_a_task": enqueue_from_a_task,
     }
     names = request.GET.get("names", "a").split(",")
     for name in names:

@@ -132,6 +132,14 @@ def test_outside_a_request_enqueue_runs_at_once_like_immediate_backend(app, task
     assert tasks.arecord.enqueue("a").return_value == "awaited a"
 
 
+def test_a_task_enqueued_by_deferred_work_runs_at_once_inside_it(app, tasks):
+    _, _, response = get(app, "/enqueue_from_a_task", "names=outer")
+    response.close()
+    wait_for(lambda: tasks.results["outer"].is_finished, what="the outer task")
+    assert [name for name, _ in tasks.ran] == ["outer-inner", "outer"]
+    assert tasks.results["outer"].return_value == TaskResultStatus.SUCCESSFUL
+
+
 def test_what_the_backend_does_not_support_is_refused(app, tasks):
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
     with pytest.raises(InvalidTask, match="run_after"):
