@@ -87,4 +87,11 @@ def enqueue(request: HttpRequest, which: str) -> HttpResponse:
     return HttpResponse(shown + "\n", content_type="text/plain")
 
 
-urlpatterns = [path("<str:which>", enqueue)]
+async def aenqueue(request: HttpRequest) -> HttpResponse:
+    """An async view (Django runs it on an event loop even under WSGI): aenqueue()."""
+    name = request.GET["names"]
+    results[name] = await record.aenqueue(name)
+    return HttpResponse(f"{name}={results[name].status}\n", content_type="text/plain")
+
+
+urlpatterns = [path("async", aenqueue), path("<str:which>", enqueue)]

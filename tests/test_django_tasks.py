@@ -89,6 +89,14 @@ def test_enqueue_from_code_deep_inside_the_view(app, tasks):
     assert tasks.results["d"].return_value == "recorded d"
 
 
+def test_aenqueue_in_an_async_view_also_runs_after_the_response(app, tasks):
+    _, body, response = get(app, "/async", "names=av")
+    assert body == b"av=READY\n" and tasks.ran == []
+    response.close()
+    wait_for(lambda: tasks.results["av"].is_finished, what="the task from the async view")
+    assert tasks.results["av"].return_value == "recorded av"
+
+
 def test_a_failing_task_is_recorded_and_logged_with_its_request(app, tasks, caplog):
     _, _, response = get(app, "/fail", "names=f")
     with caplog.at_level(logging.ERROR):
@@ -192,3 +200,25 @@ def test_six_enqueues_through_nginx_answered_at_once_tasks_run_after_in_the_work
             assert int(run["pid"]) == proc.pid != os.getpid()  # in the worker that answered
             assert float(run["started"]) >= asked[i]
             assert float(run["ended"]) - answered[i] > 0.5  # answered long before it ended
+
+
+@pytest.mark.e2e
+def test_tasks_still_running_at_sigterm_are_finished_before_the_worker_exits(tmp_path):
+    reports = tmp_path / "reports.log"
+    env = python_env(REPORT_FILE=str(reports))
+    with (
+        worker(tmp_path, "examples.django_tasks_app:application", env=env) as (proc, sock),
+        nginx(tmp_path, sock) as port,
+        HTTP(port) as client,
+    ):
+        for i in range(3):
+            resp, _, _ = client.get(f"/report?name=s{i}")
+            assert resp.status == 200
+        assert not reports.exists()  # each task takes a second: none has ended yet
+    # leaving the block stopped nginx, then the worker with SIGTERM: a graceful stop
+    assert proc.returncode == 0
+    assert sorted(line.split()[0] for line in reports.read_text().splitlines()) == [
+        "s0",
+        "s1",
+        "s2",
+    ]
