@@ -14,6 +14,7 @@ import pytest
 import examples.django_tasks_app  # noqa: F401 - configures Django unless a test did already
 from tests.inprocess import call as get
 from tests.procs import HTTP, nginx, python_env, wait_for, worker
+from wsgi_app import django_tasks
 from wsgi_app.deferred import DeferredMiddleware, drain
 
 try:
@@ -34,6 +35,7 @@ def app() -> Iterator[DeferredMiddleware]:
     with override_settings(ROOT_URLCONF="tests.apps_django_tasks", TASKS=BACKEND):
         yield DeferredMiddleware(get_wsgi_application())
         assert drain(10) == 0
+    assert not django_tasks._waiting  # every enqueued result was picked up by its run
 
 
 @pytest.fixture
@@ -146,6 +148,19 @@ def test_a_task_enqueued_by_deferred_work_runs_at_once_inside_it(app, tasks):
     wait_for(lambda: tasks.results["outer"].is_finished, what="the outer task")
     assert [name for name, _ in tasks.ran] == ["outer-inner", "outer"]
     assert tasks.results["outer"].return_value == TaskResultStatus.SUCCESSFUL
+
+
+def test_beyond_the_waiting_limit_the_oldest_result_is_no_longer_updated_but_still_runs(
+    app, tasks, monkeypatch
+):
+    monkeypatch.setattr(django_tasks, "WAITING_LIMIT", 2)
+    _, _, response = get(app, "/record", "names=o1,o2,o3")
+    response.close()
+    wait_for(lambda: len(tasks.ran) == 3, what="three tasks")
+    assert [name for name, _ in tasks.ran] == ["o1", "o2", "o3"]
+    wait_for(lambda: tasks.results["o3"].is_finished, what="the last result")
+    assert tasks.results["o1"].status == TaskResultStatus.READY  # its run built its own
+    assert tasks.results["o2"].status == TaskResultStatus.SUCCESSFUL
 
 
 def test_what_the_backend_does_not_support_is_refused(app, tasks):

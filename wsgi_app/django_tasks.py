@@ -34,6 +34,7 @@ deferred-work event loop.
 from __future__ import annotations
 
 import inspect
+import threading
 import traceback
 from typing import Any
 
@@ -60,8 +61,12 @@ except ImportError:  # the django-tasks backport
 __all__ = ["AfterResponseBackend", "arun_task", "run_task"]
 
 # Results enqueued in this process and not yet run, so the runner updates the very object
-# enqueue() returned. A call run elsewhere (a restarted worker's journal, Celery) builds its own.
+# enqueue() returned. A call run elsewhere (a restarted worker's journal, Celery) builds its own,
+# and so does one whose entry was dropped: a request's calls can be skipped (the request failed)
+# or abandoned (a stop), so the oldest entries go beyond WAITING_LIMIT instead of piling up.
+WAITING_LIMIT = 10_000
 _waiting: dict[str, tuple[AfterResponseBackend, TaskResult]] = {}
+_waiting_lock = threading.Lock()
 
 
 class AfterResponseBackend(BaseTaskBackend):
@@ -91,13 +96,17 @@ class AfterResponseBackend(BaseTaskBackend):
                 pass  # recorded in result.errors and logged by django.tasks, as Immediate does
             return result
         runner = arun_task if inspect.iscoroutinefunction(task.func) else run_task
-        _waiting[result.id] = (self, result)
+        with _waiting_lock:
+            _waiting[result.id] = (self, result)
+            if len(_waiting) > WAITING_LIMIT:
+                del _waiting[next(iter(_waiting))]
         try:  # plain data only, so the journal or Celery can record the call and run it elsewhere
             defer(
                 environ, runner, task.module_path, result.args, result.kwargs, result.id, self.alias
             )
         except BaseException:
-            del _waiting[result.id]
+            with _waiting_lock:
+                _waiting.pop(result.id, None)
             raise
         return result
 
@@ -157,7 +166,8 @@ def _result(
     path: str, args: list[Any], kwargs: dict[str, Any], result_id: str, alias: str
 ) -> tuple[AfterResponseBackend, TaskResult]:
     """The backend and the waiting result, or both found again from the task's import path."""
-    waiting = _waiting.pop(result_id, None)
+    with _waiting_lock:
+        waiting = _waiting.pop(result_id, None)
     if waiting is not None:
         return waiting
     task = import_string(path)
