@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 
-import examples.django_tasks_app  # noqa: F401 - configures Django unless a test did already
 from tests.inprocess import call as get
 from tests.procs import HTTP, nginx, python_env, wait_for, worker
 from wsgi_app import django_tasks
@@ -31,6 +30,8 @@ BACKEND = {"default": {"BACKEND": "wsgi_app.django_tasks.AfterResponseBackend"}}
 def app() -> Iterator[DeferredMiddleware]:
     from django.core.wsgi import get_wsgi_application
     from django.test.utils import override_settings
+
+    import examples.django_tasks_app  # noqa: F401 - configures Django unless a test did already
 
     with override_settings(ROOT_URLCONF="tests.apps_django_tasks", TASKS=BACKEND):
         yield DeferredMiddleware(get_wsgi_application())
