@@ -2,8 +2,14 @@
 # Every target that needs the virtualenv depends on `install`, so both work
 # on a fresh clone.
 
+# PYTHON=python3.13 builds its own virtualenv (.venv-python3.13), so switching back
+# and forth reuses both; a pyenv-installed version works without `pyenv global`.
 PYTHON ?= python3
-VENV := .venv
+PYTHON_EXE := $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
+	PYENV_VERSION=$$(pyenv whence $(PYTHON) 2>/dev/null | tail -1) \
+	$(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null)
+PYTHON_VERSION := $(or $(if $(PYTHON_EXE),$(shell $(PYTHON_EXE) -c 'import platform; print(platform.python_version())')),missing)
+VENV := $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 PY := $(VENV)/bin/python
 NUMPROCS ?= 2
 NGINX_LISTEN ?= 127.0.0.1:8080
@@ -30,10 +36,15 @@ export FCGI_PYTHON := $(ROOT)/$(PY)
 
 install: $(VENV)/.installed system-packages
 
-$(VENV)/.installed: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# The stamp names the interpreter's version: a new python3 rebuilds the virtualenv.
+$(VENV)/.installed: $(VENV)/.python-$(PYTHON_VERSION) setup.cfg pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.python-%:
+	@test -n "$(PYTHON_EXE)" || { echo "$(PYTHON) does not run: install it, or make PYTHON=/path/to/python3.X"; exit 1; }
+	$(PYTHON_EXE) -m venv --clear $(VENV)
 	touch $@
 
 # Debian packages the stack runs: nginx. `make test` adds the other web servers

@@ -1,26 +1,26 @@
 """Flask with deferred work: ``fcgi-serve examples.flask_app:app``.
 
-Flask pops its app context before the response's ``close()``, so deferred work
-that needs ``current_app`` (config, extensions) pushes one of its own.
+``defer_in_app`` runs the call after the response inside a fresh application
+context, so ``current_app`` (config, extensions) works there; ``request`` and
+the request's ``g`` are gone by then, so pass what the call needs.
 """
 
 from flask import Flask, current_app, request
 
-from wsgi_app.deferred import DeferredMiddleware, defer
+from wsgi_app.flask_support import FlaskDeferred, defer_in_app
 
 app = Flask(__name__)
 app.config["WELCOME_FROM"] = "hello@example.org"
-app.wsgi_app = DeferredMiddleware(app.wsgi_app)  # wrap the WSGI app, keep the Flask object
+FlaskDeferred(app)  # wraps app.wsgi_app in DeferredMiddleware, keeps the Flask object
 sent: list[str] = []
 
 
-def send_welcome(flask_app: Flask, address: str) -> None:
-    with flask_app.app_context():  # the request's context is gone by now
-        sent.append(f"{current_app.config['WELCOME_FROM']} -> {address}")
+def send_welcome(address: str) -> None:
+    sent.append(f"{current_app.config['WELCOME_FROM']} -> {address}")
 
 
 @app.post("/signup")
 def signup():
     address = request.form["email"]
-    defer(request.environ, send_welcome, current_app._get_current_object(), address)
+    defer_in_app(send_welcome, address)
     return f"welcome, {address}\n"

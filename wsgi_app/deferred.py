@@ -20,10 +20,15 @@ response's ``close()``, so the worker takes its next request at once.
 The middleware knows nothing of the server beyond environ keys: it finishes
 through ``fcgi.finish_request`` and registers its drain through
 ``fcgi.add_drain_hook``; under gunicorn, call ``drain()`` from ``worker_exit``.
+
+Code with no environ at hand (a helper deep inside a view, a Django Tasks
+backend) calls ``add_task(func, *args, **kwargs)``: the middleware keeps the
+current request in a context variable while the app runs.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import time
 import weakref
@@ -38,6 +43,12 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 
 ENVIRON_KEY = "wsgi_app.deferred"
+
+# The environ of the request whose app call is running in this thread (or task), for
+# add_task(); set only around the app call, so deferred work and streamed bodies see None.
+_current_environ: contextvars.ContextVar[WSGIEnvironment | None] = contextvars.ContextVar(
+    "wsgi_app.deferred.current_environ", default=None
+)
 
 
 def _count(text: str) -> int:
@@ -152,7 +163,11 @@ class DeferredMiddleware:
             self._server_limits = limits  # the worker's --slow-deferred, --deferred-timeout
             self.executor.configure(**{k: v for k, v in limits.items() if v})
         try:
-            result = self.app(environ, start_response)
+            token = _current_environ.set(environ)
+            try:
+                result = self.app(environ, start_response)
+            finally:
+                _current_environ.reset(token)
         except BaseException:
             self._after(environ, batch)
             raise
@@ -225,6 +240,24 @@ def defer(
             "defer() needs DeferredMiddleware around the app: application = DeferredMiddleware(app)"
         )
     batch.calls.append(Call(func, args, kwargs))
+
+
+def add_task(func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+    """``defer()`` onto the request being served, found without its environ: callable from
+    anywhere inside the app call (a view, or code deep below it), like Starlette's
+    ``BackgroundTasks.add_task``. Outside one (deferred work, a shell) it raises RuntimeError."""
+    environ = _current_environ.get()
+    if environ is None:
+        raise RuntimeError(
+            "add_task() runs only inside a request served through DeferredMiddleware "
+            "(not in deferred work, a streamed body, a shell or a test without a request)"
+        )
+    defer(environ, func, *args, **kwargs)
+
+
+def current_environ() -> WSGIEnvironment | None:
+    """The environ of the request whose app call is running here, or None outside one."""
+    return _current_environ.get()
 
 
 def finish_request(environ: WSGIEnvironment) -> bool:
