@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,18 +15,21 @@ from . import status
 from .scoreboard import Scoreboard
 
 if TYPE_CHECKING:
+    from .options import Options
     from .request import Request
-    from .server import Server
 
 Answer = Callable[["Request"], None]
+# (requests past --slow-request, the deferred-work counters summed over the stats hooks)
+Counters = Callable[[], tuple[int, dict[str, Any]]]
 
 
 class Answers:
     """The worker's own pages, found by path; owns the scoreboard when status is on."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        options = server.options
+    def __init__(self, options: Options, counters: Counters) -> None:
+        self.options = options
+        self.counters = counters
+        self._stop = threading.Event()
         self.scoreboard: Scoreboard | None = None
         self.by_path: dict[str, Answer] = {}
         if options.status_path:
@@ -45,6 +47,7 @@ class Answers:
             threading.Thread(target=self._refresh, name="scoreboard", daemon=True).start()
 
     def close(self) -> None:
+        self._stop.set()
         if self.scoreboard is not None:
             self.scoreboard.close()
 
@@ -62,29 +65,25 @@ class Answers:
         second, and sample the pool for its high-water marks."""
         board = self.scoreboard
         assert board is not None
-        server = self.server
-        while not server.stopping:
-            deferred: dict[str, Any] = {}
-            for hook in server.stats_hooks:
-                for key, value in hook().items():
-                    deferred[key] = deferred.get(key, 0) + value
-            board.set_counters(server.watchdog.slow if server.watchdog else 0, deferred)
+        while True:
+            board.set_counters(*self.counters())
             board.read_all()
-            time.sleep(0.5)
+            if self._stop.wait(0.5):
+                return
 
     def status(self, request: Request) -> None:
         assert self.scoreboard is not None
         query = request.environ.get("QUERY_STRING", "")
         full = "full" in query.split("&")
-        data = status.pool_status(self.scoreboard, self.server.options.pool_name, full)
+        data = status.pool_status(self.scoreboard, self.options.pool_name, full)
         _respond(request, "200 OK", *status.render(data, query))
 
     def ping(self, request: Request) -> None:
-        body = self.server.options.ping_response.encode() + b"\n"
+        body = self.options.ping_response.encode() + b"\n"
         _respond(request, "200 OK", "text/plain", body)
 
     def outside_mount(self, request: Request) -> None:
-        body = f"Not Found: outside {self.server.options.mount}\n".encode()
+        body = f"Not Found: outside {self.options.mount}\n".encode()
         _respond(request, "404 Not Found", "text/plain", body)
 
 

@@ -84,6 +84,22 @@ def stream_records(rtype: int, request_id: int, data: bytes) -> list[bytes]:
     return parts
 
 
+def stdout_records(request_id: int, chunks: list[bytes]) -> list[bytes]:
+    """STDOUT records for ``chunks``: small pieces joined into one record, large ones
+    sliced as they are, without a copy."""
+    size = sum(map(len, chunks))
+    if not size:
+        return []  # an empty STDOUT record would end the stream
+    if size <= MAX_CONTENT:
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return [HEADER.pack(VERSION_1, STDOUT, request_id, size, 0), data]
+    parts: list[bytes] = []
+    for chunk in chunks:
+        if chunk:
+            parts += stream_records(STDOUT, request_id, chunk)
+    return parts
+
+
 def end_request(request_id: int, app_status: int = 0, status: int = REQUEST_COMPLETE) -> bytes:
     """The empty STDOUT record that closes the stream, then END_REQUEST."""
     return HEADER.pack(VERSION_1, STDOUT, request_id, 0, 0) + record(
@@ -119,6 +135,8 @@ def decode_pairs(data: bytes | bytearray) -> dict[str, str]:
     """
     pairs: dict[str, str] = {}
     text = data.decode("latin-1")
+    # The 1-or-4-byte length decoding is written out twice (name, then value) rather
+    # than called as a function: this loop runs for every param of every request.
     pos, end = 0, len(data)
     try:
         while pos < end:

@@ -185,12 +185,17 @@ def test_app_error_gives_500_and_the_worker_goes_on(serve, caplog):
     assert client.request("/").status == 500
 
 
-def test_error_mid_body_still_ends_the_request_once(serve):
-    client = serve(apps.fail_after).client()
-    resp = client.request("/")
-    assert resp.body == b"partial"
-    assert resp.end == (0, 0)
-    assert client.request("/").body == b"partial"
+def test_error_mid_body_cuts_the_connection_without_end_request(serve):
+    running = serve(apps.fail_after)
+    for _ in range(2):  # the same worker serves on
+        client = running.client()
+        client.send(request_bytes("/"))
+        records = []
+        while (rec := client.read_record()) is not None:
+            records.append(rec)
+        assert b"partial" in b"".join(r[2] for r in records)
+        assert flup.FCGI_END_REQUEST not in [r[0] for r in records]  # never looks whole
+        assert not [r for r in records if r[0] == flup.FCGI_STDOUT and not r[2]]
 
 
 def test_bad_record_version_closes_only_that_connection(serve):
