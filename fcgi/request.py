@@ -234,7 +234,7 @@ class Request:
         try:
             self.in_app = True
             result = app(self.environ, self.start_response)
-            if type(result) is list or type(result) is tuple:
+            if isinstance(result, (list, tuple)):
                 for chunk in result:
                     self.buffer(chunk)
             else:
