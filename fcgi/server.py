@@ -78,7 +78,8 @@ class Server:
             0, options.max_requests_jitter
         )
         # Recycling an inherited socket restarts in place (cli.main exec()s): supervisord
-        # closes a pool's socket whenever none of its processes is alive.
+        # closes a pool's socket whenever none of its processes is alive. A socket of our
+        # own (--bind) would not survive the exec: then the worker exits for a restart.
         self.recycling = False
         # every request handed to the runner -> the id of the thread running it (0: queued)
         self.in_progress: dict[Request, int] = {}
@@ -261,7 +262,7 @@ class Server:
         self.in_progress[request] = 0
         if self.requests == self.recycle_after:
             log.info("recycling after %d requests", self.requests)
-            self.recycling = self.listener.path is None
+            self.recycling = self.options.bind is None
             self.stop()
         self.runner.submit(request)
 

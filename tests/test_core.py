@@ -7,7 +7,6 @@ import logging
 import resource
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -16,7 +15,7 @@ from flup.server import fcgi_base as flup
 
 from tests import apps, apps_core
 from tests.fcgi_client import Client, record, request_bytes
-from tests.procs import ROOT, python_env, stop, wait_for
+from tests.procs import ROOT, connectable, fcgi_command, free_port, python_env, stop, wait_for
 
 
 def test_a_stalled_reader_does_not_delay_other_clients(serve):
@@ -136,7 +135,7 @@ def test_request_ids_stay_unique_across_in_place_restarts(tmp_path):
     listener.listen(64)
     log = open(tmp_path / "app.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fcgi", "--max-requests", "3", "tests.apps_core:request_id"],
+        fcgi_command("--max-requests", "3", "tests.apps_core:request_id"),
         stdin=listener,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -156,3 +155,32 @@ def test_request_ids_stay_unique_across_in_place_restarts(tmp_path):
     finally:
         stop(proc)
         log.close()
+
+
+@pytest.mark.parametrize("bind", ["unix", "tcp"])
+def test_recycling_with_bind_exits_0_for_a_restart(tmp_path, bind):
+    """A socket of the worker's own would not survive exec: it drains and exits 0."""
+    port = free_port()
+    address = f"unix:{tmp_path / 'app.sock'}" if bind == "unix" else f"127.0.0.1:{port}"
+    log = open(tmp_path / "app.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        fcgi_command("--bind", address, "--max-requests", "2", "tests.apps_core:request_id"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=python_env(),
+    )
+    try:
+        target = str(tmp_path / "app.sock") if bind == "unix" else ("127.0.0.1", port)
+        wait_for(lambda: connectable(target), what="the worker's socket")
+        for _ in range(2):
+            client = Client(target)
+            assert client.request("/").status == 200
+            client.close()
+        assert proc.wait(20) == 0
+    finally:
+        stop(proc)
+        log.close()
+    text = (tmp_path / "app.log").read_text()
+    assert "recycling after 2 requests" in text and "restarting in place" not in text
+    assert not (tmp_path / "app.sock").exists()
