@@ -52,6 +52,7 @@ class Connection:
         self.loop = loop
         self.lock = threading.Lock()
         self._drained = threading.Condition(self.lock)
+        self._waiting = 0  # writers waiting on _drained (notify only when there are some)
         self.out: list[bytes | memoryview] = []
         self.out_size = 0
         self.closed = False
@@ -191,8 +192,12 @@ class Connection:
             self._flush_blocking()
             return
         with self.lock:
-            while self.out_size > LOW_WATER and not self.closed:
-                self._drained.wait()
+            self._waiting += 1
+            try:
+                while self.out_size > LOW_WATER and not self.closed:
+                    self._drained.wait()
+            finally:
+                self._waiting -= 1
 
     def _flush_blocking(self) -> None:
         """On the loop's own thread (the inline runner): wait for the socket with
@@ -239,7 +244,8 @@ class Connection:
                 self.proto.close()  # the peer is gone: the loop closes the socket
                 out.clear()
                 self.out_size = 0
-                self._drained.notify_all()
+                if self._waiting:
+                    self._drained.notify_all()
                 return
             self.out_size -= sent
             self.stalled_since = time.monotonic()
@@ -255,6 +261,5 @@ class Connection:
                 break
         if not out:
             self.stalled_since = None
-            self._drained.notify_all()
-        elif self.out_size <= LOW_WATER:
+        if self._waiting and self.out_size <= LOW_WATER:
             self._drained.notify_all()

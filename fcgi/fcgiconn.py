@@ -15,6 +15,7 @@ CANT_MPX_CONN.
 from __future__ import annotations
 
 import enum
+import io
 import logging
 from dataclasses import dataclass
 
@@ -57,7 +58,17 @@ class RequestState(enum.Enum):
 class IncomingRequest:
     """What the web server sent for one request: its params and its body."""
 
-    __slots__ = ("_params", "body", "content_length", "error", "id", "keep_conn", "params", "state")
+    __slots__ = (
+        "_params",
+        "body",
+        "content_length",
+        "error",
+        "id",
+        "keep_conn",
+        "params",
+        "spool_threshold",
+        "state",
+    )
 
     def __init__(self, request_id: int, keep_conn: bool, spool_threshold: int) -> None:
         self.id = request_id
@@ -65,9 +76,18 @@ class IncomingRequest:
         self.state = RequestState.PARAMS
         self._params = bytearray()
         self.params: dict[str, str] = {}
-        self.body = RequestBody(spool_threshold)
+        self.body: RequestBody | None = None  # made when the first STDIN bytes come
+        self.spool_threshold = spool_threshold
         self.content_length: int | None = None
         self.error: str | None = None  # why the request is bad (answered 400, never run)
+
+    def stream(self) -> io.BufferedIOBase:
+        """The body to read from its start, for ``wsgi.input``."""
+        return io.BytesIO() if self.body is None else self.body.stream()
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
 
 
 @dataclass(slots=True)
@@ -117,6 +137,7 @@ class FCGIConnection:
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._ignored: set[int] = set()
+        self._arriving = 0  # requests begun and not yet complete
 
     # -- bytes in, events out ------------------------------------------------------
 
@@ -141,9 +162,7 @@ class FCGIConnection:
     @property
     def receiving(self) -> bool:
         """True while a record or a request is half-sent (the read timeout applies)."""
-        if self._buf:
-            return True
-        return any(r.state is not RequestState.READY for r in self.requests.values())
+        return self._arriving > 0 or bool(self._buf)
 
     def data_to_send(self) -> list[bytes]:
         """The protocol's own answers queued since the last call."""
@@ -151,6 +170,63 @@ class FCGIConnection:
         return out
 
     def _record(self, rtype: int, rid: int, content: bytes, events: list[Event]) -> None:
+        request = self.requests.get(rid)
+        if request is None or rtype == protocol.BEGIN_REQUEST or rtype == protocol.ABORT_REQUEST:
+            self._other_record(request, rtype, rid, content, events)
+            return
+        # The common case first: PARAMS or STDIN of a request being received.
+        state = request.state
+        if state is RequestState.READY:
+            return  # the rest of a body nobody will read (a request answered 400)
+        if rtype == protocol.PARAMS:
+            if state is not RequestState.PARAMS:
+                raise protocol.ProtocolError("PARAMS after the params stream ended")
+            if content:
+                request._params += content
+                if len(request._params) > self.max_params:
+                    raise protocol.ProtocolError(f"params exceed {self.max_params} bytes")
+                return
+            request.params = params = protocol.decode_pairs(request._params)
+            request._params = bytearray()
+            length = params.get("CONTENT_LENGTH")
+            if length:
+                try:
+                    request.content_length = parse_content_length(length)
+                except ValueError as exc:
+                    request.error = str(exc)
+                    self._ready(request, events)
+                    return
+            request.state = RequestState.STDIN
+        elif rtype == protocol.STDIN:
+            if state is not RequestState.STDIN:
+                raise protocol.ProtocolError("STDIN before the params stream ended")
+            if not content:
+                self._ready(request, events)
+                return
+            body = request.body
+            if body is None:
+                body = request.body = RequestBody(request.spool_threshold)
+            body.add(content)
+            declared = request.content_length
+            if declared is not None and body.size > declared:
+                raise protocol.ProtocolError(f"STDIN longer than CONTENT_LENGTH {declared}")
+        elif rtype not in _ACCEPTED_TYPES:
+            self._out.append(protocol.unknown_type(rtype))
+        # DATA belongs to the FILTER role, which is refused: nothing to do.
+
+    def _ready(self, request: IncomingRequest, events: list[Event]) -> None:
+        request.state = RequestState.READY
+        self._arriving -= 1
+        events.append(RequestReady(request))
+
+    def _other_record(
+        self,
+        request: IncomingRequest | None,
+        rtype: int,
+        rid: int,
+        content: bytes,
+        events: list[Event],
+    ) -> None:
         if rid == protocol.NULL_REQUEST_ID:
             if rtype == protocol.GET_VALUES:
                 names = protocol.decode_pairs(content)
@@ -165,56 +241,18 @@ class FCGIConnection:
         if rtype == protocol.BEGIN_REQUEST:
             self._begin(rid, content)
             return
-        request = self.requests.get(rid)
         if request is None:
             if rid in self._ignored:
                 return  # late records of a request that ended: ignored, as the spec says
             raise protocol.ProtocolError(
                 f"record type {rtype} for request {rid}, which was never begun"
             )
-        if rtype == protocol.ABORT_REQUEST:
-            running = request.state is RequestState.READY
-            self._forget(request)
-            self._out.append(protocol.end_request(rid, 1))
-            if running:
-                events.append(RequestAborted(rid))
-            return
-        state = request.state
-        if state is RequestState.READY:
-            return  # the rest of a body nobody will read (a request answered 400)
-        if rtype == protocol.PARAMS:
-            if state is not RequestState.PARAMS:
-                raise protocol.ProtocolError("PARAMS after the params stream ended")
-            if content:
-                request._params += content
-                if len(request._params) > self.max_params:
-                    raise protocol.ProtocolError(f"params exceed {self.max_params} bytes")
-                return
-            request.params = protocol.decode_pairs(request._params)
-            request._params = bytearray()
-            try:
-                request.content_length = parse_content_length(
-                    request.params.get("CONTENT_LENGTH", "")
-                )
-            except ValueError as exc:
-                request.error = str(exc)
-                request.state = RequestState.READY
-                events.append(RequestReady(request))
-                return
-            request.state = RequestState.STDIN
-        elif rtype == protocol.STDIN:
-            if state is not RequestState.STDIN:
-                raise protocol.ProtocolError("STDIN before the params stream ended")
-            if not content:
-                request.state = RequestState.READY
-                events.append(RequestReady(request))
-                return
-            body = request.body
-            body.add(content)
-            declared = request.content_length
-            if declared is not None and body.size > declared:
-                raise protocol.ProtocolError(f"STDIN longer than CONTENT_LENGTH {declared}")
-        # DATA belongs to the FILTER role, which is refused: nothing to do.
+        # ABORT_REQUEST
+        running = request.state is RequestState.READY
+        self._forget(request)
+        self._out.append(protocol.end_request(rid, 1))
+        if running:
+            events.append(RequestAborted(rid))
 
     def _begin(self, rid: int, content: bytes) -> None:
         if len(content) < protocol.BEGIN_BODY.size:
@@ -232,6 +270,7 @@ class FCGIConnection:
             self.requests[rid] = IncomingRequest(
                 rid, bool(flags & protocol.KEEP_CONN), self.spool_threshold
             )
+            self._arriving += 1
             self.state = ConnState.ACTIVE
             self.fresh = False
 
@@ -242,6 +281,8 @@ class FCGIConnection:
 
     def _forget(self, request: IncomingRequest) -> None:
         del self.requests[request.id]
+        if request.state is not RequestState.READY:
+            self._arriving -= 1
         self._ignore(request.id)
         if not request.keep_conn:
             self.state = ConnState.CLOSING
@@ -279,6 +320,8 @@ class FCGIConnection:
         request = self.requests.pop(rid, None)
         if request is not None:
             self._ignore(rid)
+            if request.state is not RequestState.READY:
+                self._arriving -= 1
         self.state = ConnState.CLOSED
 
     def close(self) -> None:

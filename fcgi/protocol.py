@@ -100,8 +100,22 @@ def stdout_records(request_id: int, chunks: list[bytes]) -> list[bytes]:
     return parts
 
 
+_END_CACHE: dict[int, bytes] = {}
+
+
 def end_request(request_id: int, app_status: int = 0, status: int = REQUEST_COMPLETE) -> bytes:
     """The empty STDOUT record that closes the stream, then END_REQUEST."""
+    if not app_status and status == REQUEST_COMPLETE:
+        cached = _END_CACHE.get(request_id)
+        if cached is None:
+            if len(_END_CACHE) > 256:
+                _END_CACHE.clear()
+            cached = _END_CACHE[request_id] = _end_request(request_id, 0, status)
+        return cached
+    return _end_request(request_id, app_status, status)
+
+
+def _end_request(request_id: int, app_status: int, status: int) -> bytes:
     return HEADER.pack(VERSION_1, STDOUT, request_id, 0, 0) + record(
         END_REQUEST, request_id, END_BODY.pack(app_status & 0xFFFFFFFF, status)
     )

@@ -31,6 +31,53 @@ _NOT_IN_WSGI = ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH")
 _STATUS = re.compile(r"[0-9]{3} [^\x00\r\n]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(r"[^\x00\r\n]*")
+_CHECKED_MAX = 512
+# Status lines and header lines already checked and encoded: apps send the same few
+# again and again, so most responses skip the checks.
+_checked_status: dict[str, bytes] = {}
+_checked_headers: dict[tuple[str, str], bytes] = {}
+
+
+def _status_line(status: str) -> bytes:
+    line = _checked_status.get(status) if type(status) is str else None
+    if line is None:
+        if type(status) is not str or not _STATUS.fullmatch(status):
+            raise ValueError(f"bad WSGI status {status!r}: want three digits, a space, a reason")
+        try:
+            line = f"Status: {status}\r\n".encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"response status is not latin-1: {status!r}") from None
+        if len(_checked_status) >= _CHECKED_MAX:
+            _checked_status.clear()
+        _checked_status[status] = line
+    return line
+
+
+def _header_line(header: tuple[str, str]) -> bytes:
+    try:
+        line = _checked_headers.get(header)
+    except TypeError:  # not hashable: not a pair of str either
+        line = None
+    if line is None:
+        try:
+            name, value = header
+        except (TypeError, ValueError):
+            raise ValueError(f"bad response header {header!r}: want a (name, value) pair") from None
+        if (
+            type(name) is not str
+            or type(value) is not str
+            or not _HEADER_NAME.fullmatch(name)
+            or not _HEADER_VALUE.fullmatch(value)
+        ):
+            raise ValueError(f"bad response header {name!r}: {value!r}")
+        try:
+            line = f"{name}: {value}\r\n".encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"response header is not latin-1: {name!r}: {value!r}") from None
+        if len(_checked_headers) >= _CHECKED_MAX:
+            _checked_headers.clear()
+        _checked_headers[(name, value)] = line
+    return line
 
 
 class ErrorAnswer:
@@ -131,7 +178,7 @@ class Request:
         https = env.get("HTTPS", "").lower() in ("on", "1") or env.get("REQUEST_SCHEME") == "https"
         env.update(base)
         env["wsgi.url_scheme"] = "https" if https else "http"
-        env["wsgi.input"] = self.incoming.body.stream()
+        env["wsgi.input"] = self.incoming.stream()
         env["fcgi.finish_request"] = self.finish
         env["fcgi.request_id"] = self.request_id
         return env
@@ -152,25 +199,11 @@ class Request:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
-        if type(status) is not str or not _STATUS.fullmatch(status):
-            raise ValueError(f"bad WSGI status {status!r}: want three digits, a space, a reason")
-        lines = ["Status: ", status, "\r\n"]
-        for name, value in headers:
-            if (
-                type(name) is not str
-                or type(value) is not str
-                or not _HEADER_NAME.fullmatch(name)
-                or not _HEADER_VALUE.fullmatch(value)
-            ):
-                raise ValueError(f"bad response header {name!r}: {value!r}")
-            lines += (name, ": ", value, "\r\n")
-        lines.append("\r\n")
-        try:
-            head = "".join(lines).encode("latin-1")
-        except UnicodeEncodeError:
-            raise ValueError(
-                f"response status or header is not latin-1: {status!r} {headers!r}"
-            ) from None
+        lines = [_status_line(status)]
+        for header in headers:
+            lines.append(_header_line(header))
+        lines.append(b"\r\n")
+        head = b"".join(lines)
         self.status = status
         self.headers = headers
         self._head = head
@@ -245,7 +278,7 @@ class Request:
             self.fail(sys.exc_info())
         finally:
             self.in_app = False
-            close = getattr(result, "close", None)
+            close = None if type(result) is list else getattr(result, "close", None)
             if close is not None:
                 try:
                     close()

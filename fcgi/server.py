@@ -318,7 +318,7 @@ class Server:
             else:
                 request.call_app(self.app)
         finally:
-            request.incoming.body.close()
+            request.incoming.close()
             del self.in_progress[request]
             if board is not None:
                 board.request_ended()

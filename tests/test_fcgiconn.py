@@ -77,7 +77,7 @@ def run(data: bytes, pieces: int) -> tuple[FCGIConnection, list, list, str | Non
     for event in events:
         if isinstance(event, RequestReady):
             req = event.request
-            body = req.body.stream().read().decode("latin-1")
+            body = req.stream().read().decode("latin-1")
             seen.append(["ready", req.id, body, req.error])
         else:
             assert isinstance(event, RequestAborted)
