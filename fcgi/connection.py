@@ -83,9 +83,8 @@ class Connection:
             except Exception as exc:  # ProtocolError, or a body that cannot be spooled
                 log.warning("connection %d: %s; closing it", self.fd, exc)
                 return None
-            answers = proto.data_to_send()
-            if answers:
-                self._push(answers)
+            if proto.has_answers:
+                self._push(proto.data_to_send())
         if proto.receiving:
             if self.receiving_since is None:
                 self.receiving_since = time.monotonic()
@@ -168,12 +167,29 @@ class Connection:
         if self.closed:
             return False
         out = self.out
-        was_empty = not out
-        out += parts
-        self.out_size += sum(map(len, parts))
-        if was_empty:
-            self.stalled_since = time.monotonic()
-            self._flush(once=True)
+        size = sum(map(len, parts))
+        if not out and size <= _JOIN_LIMIT:
+            # The common case, a small response on a free connection: one send, no queue.
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                log.debug("connection %d: send failed: %s", self.fd, exc)
+                self.proto.close()  # the peer is gone: the loop closes the socket
+                return True
+            if sent < size:
+                out.append(memoryview(data)[sent:] if sent else data)
+                self.out_size = size - sent
+                self.stalled_since = time.monotonic()
+        else:
+            was_empty = not out
+            out += parts
+            self.out_size += size
+            if was_empty:
+                self.stalled_since = time.monotonic()
+                self._flush(once=True)
         if out and not self.watching_writes:
             return True
         state = self.proto.state

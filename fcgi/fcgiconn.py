@@ -164,6 +164,11 @@ class FCGIConnection:
         """True while a record or a request is half-sent (the read timeout applies)."""
         return self._arriving > 0 or bool(self._buf)
 
+    @property
+    def has_answers(self) -> bool:
+        """True when the protocol queued answers of its own (see ``data_to_send``)."""
+        return bool(self._out)
+
     def data_to_send(self) -> list[bytes]:
         """The protocol's own answers queued since the last call."""
         out, self._out = self._out, []

@@ -80,8 +80,10 @@ class IOLoop:
             self.wake()
 
     def wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"x")
+        fd = self._wake_w
+        if fd >= 0:  # after shutdown the number may belong to another file by now
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(fd, b"x")
 
     def attend(self, conn: Connection) -> None:
         """Look at ``conn`` again: watch it for writability, or close it if it is done."""
@@ -183,8 +185,10 @@ class IOLoop:
     def shutdown(self) -> None:
         self.close_all()
         self.epoll.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1
+        os.close(wake_r)
+        os.close(wake_w)
 
     def _set_accepting(self, on: bool) -> None:
         self._want_accepting = on

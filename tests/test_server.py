@@ -12,6 +12,7 @@ from flup.server import fcgi_base as flup
 from fcgi import protocol
 from tests import apps
 from tests.fcgi_client import begin, params, record, request_bytes, stdin
+from tests.procs import wait_for
 
 
 def test_hello_and_keep_conn_reuse(serve):
@@ -139,6 +140,9 @@ def test_php_style_request_does_not_hold_the_serving_thread(serve, tmp_path, mon
     for i in range(3):
         assert client.request(f"/?seconds=1&tag={i}").body == b"program start...\n"
     assert time.monotonic() - started < 0.9  # three 1 s tails overlapped on other threads
+    log = tmp_path / "log"
+    wait_for(lambda: log.exists() and log.read_text().count("done") == 3, 10, "the three tails")
+    assert sorted(line.split()[1] for line in log.read_text().splitlines()) == ["0", "1", "2"]
 
 
 def test_environ_passes_wsgiref_validate(serve, caplog):
