@@ -148,7 +148,8 @@ class Connection:
             if parts is None:
                 return False
             attend = self._push(parts)
-        self._after_push(attend)
+        if attend or self.out_size > HIGH_WATER:
+            self._after_push(attend)
         return True
 
     def cut(self, rid: int) -> None:

@@ -280,9 +280,11 @@ class FCGIConnection:
             self.fresh = False
 
     def _ignore(self, rid: int) -> None:
-        if len(self._ignored) >= _IGNORED_MAX:  # a peer cycling ids gets no unbounded memory
-            self._ignored.clear()
-        self._ignored.add(rid)
+        ignored = self._ignored
+        if rid not in ignored:
+            if len(ignored) >= _IGNORED_MAX:  # a peer cycling ids gets no unbounded memory
+                ignored.clear()
+            ignored.add(rid)
 
     def _forget(self, request: IncomingRequest) -> None:
         del self.requests[request.id]

@@ -36,6 +36,7 @@ _CHECKED_MAX = 512
 # again and again, so most responses skip the checks.
 _checked_status: dict[str, bytes] = {}
 _checked_headers: dict[tuple[str, str], bytes] = {}
+_checked_heads: dict[tuple[Any, ...], bytes] = {}  # (status, *headers): the whole head
 
 
 def _status_line(status: str) -> bytes:
@@ -199,11 +200,21 @@ class Request:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
-        lines = [_status_line(status)]
-        for header in headers:
-            lines.append(_header_line(header))
-        lines.append(b"\r\n")
-        head = b"".join(lines)
+        try:
+            key: tuple[Any, ...] | None = (status, *headers)
+            head = _checked_heads.get(key)  # type: ignore[arg-type]
+        except TypeError:  # something unhashable: checked (and refused) below
+            key = head = None
+        if head is None:
+            lines = [_status_line(status)]
+            for header in headers:
+                lines.append(_header_line(header))
+            lines.append(b"\r\n")
+            head = b"".join(lines)
+            if key is not None:
+                if len(_checked_heads) >= _CHECKED_MAX:
+                    _checked_heads.clear()
+                _checked_heads[key] = head
         self.status = status
         self.headers = headers
         self._head = head
