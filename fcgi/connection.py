@@ -109,8 +109,11 @@ class Connection:
 
     @property
     def done(self) -> bool:
-        """True when nothing is left to send and the protocol says the connection ends."""
-        return not self.out and self.proto.state in (ConnState.CLOSING, ConnState.CLOSED)
+        """True when the connection must close now: broken or cut (what is still queued
+        is dropped: the response is not complete anyway), or ending with nothing left
+        to send."""
+        state = self.proto.state
+        return state is ConnState.CLOSED or (state is ConnState.CLOSING and not self.out)
 
     @property
     def idle(self) -> bool:
@@ -153,8 +156,8 @@ class Connection:
         return True
 
     def cut(self, rid: int) -> None:
-        """End request ``rid`` without END_REQUEST: what is queued goes out, then the
-        connection closes, so the web server sees the response break off."""
+        """End request ``rid`` without END_REQUEST: the connection closes, so the web
+        server sees the response break off."""
         with self.lock:
             self.proto.cut(rid)
         self.loop.attend(self)
