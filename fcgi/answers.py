@@ -41,6 +41,8 @@ class Answers:
             self.by_path[options.status_path] = self.status
         if options.ping_path:
             self.by_path[options.ping_path] = self.ping
+        # whether any request may be the worker's to answer (else find() is skipped)
+        self.active = bool(self.by_path or options.mount)
 
     def start(self) -> None:
         if self.scoreboard is not None:

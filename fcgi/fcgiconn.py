@@ -206,7 +206,9 @@ class FCGIConnection:
             if state is not RequestState.STDIN:
                 raise protocol.ProtocolError("STDIN before the params stream ended")
             if not content:
-                self._ready(request, events)
+                request.state = RequestState.READY
+                self._arriving -= 1
+                events.append(RequestReady(request))
                 return
             body = request.body
             if body is None:

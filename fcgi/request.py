@@ -265,7 +265,8 @@ class Request:
             chunks.insert(0, self._head)
             self.headers_sent = True
         self.conn.end_request(self.id, chunks)
-        self._ended()
+        if self.on_finish is not None or self.in_app:
+            self._ended()
         return True
 
     # -- the worker's side ----------------------------------------------------------------

@@ -312,13 +312,14 @@ class Server:
                 log.warning("%s: %s; answered 400", request, request.error)
                 request.answer(BAD_REQUEST)
                 return
-            answer = self.answers.find(request)
+            answer = self.answers.find(request) if self.answers.active else None
             if answer is not None:
                 request.call_app(lambda environ, start_response: answer(request) or [])
             else:
                 request.call_app(self.app)
         finally:
-            request.incoming.close()
+            if request.incoming.body is not None:
+                request.incoming.close()
             del self.in_progress[request]
             if board is not None:
                 board.request_ended()
