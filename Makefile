@@ -124,9 +124,10 @@ test: install test-packages
 	$(PY) -m pytest
 
 # Speed and memory goals, as ratios against baselines measured in the same run.
-# BENCH_SECONDS, BENCH_ROUNDS, BASELINES=uwsgi; `make bench ARGS=hello` runs one scenario.
+# uWSGI and PHP-FPM run beside gunicorn as baselines; BENCH_SECONDS, BENCH_ROUNDS;
+# `make bench ARGS=hello` runs one scenario.
 bench: install
-	@./conf/install-packages.sh wrk:wrk
+	@./conf/install-packages.sh wrk:wrk php-fpm8.2:php8.2-fpm
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(PY) -m tests.benchmarks.run $(ARGS)
 

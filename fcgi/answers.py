@@ -7,7 +7,6 @@ health check (``--ping-path``), and 404 for paths outside ``--mount``.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,33 +14,39 @@ from . import status
 from .scoreboard import Scoreboard
 
 if TYPE_CHECKING:
+    from .options import Options
     from .request import Request
-    from .server import Server
 
 Answer = Callable[["Request"], None]
+# (requests past --slow-request, the deferred-work counters summed over the stats hooks)
+Counters = Callable[[], tuple[int, dict[str, Any]]]
 
 
 class Answers:
     """The worker's own pages, found by path; owns the scoreboard when status is on."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        options = server.options
+    def __init__(self, options: Options, counters: Counters, sock: Any) -> None:
+        self.options = options
+        self.counters = counters
+        self._stop = threading.Event()
         self.scoreboard: Scoreboard | None = None
         self.by_path: dict[str, Answer] = {}
         if options.status_path:
             self.scoreboard = Scoreboard.for_socket(
-                options.scoreboard, server.listener.sock, inherited=options.bind is None
+                options.scoreboard, sock, inherited=options.bind is None
             )
             self.by_path[options.status_path] = self.status
         if options.ping_path:
             self.by_path[options.ping_path] = self.ping
+        # whether any request may be the worker's to answer (else find() is skipped)
+        self.active = bool(self.by_path or options.mount)
 
     def start(self) -> None:
         if self.scoreboard is not None:
             threading.Thread(target=self._refresh, name="scoreboard", daemon=True).start()
 
     def close(self) -> None:
+        self._stop.set()
         if self.scoreboard is not None:
             self.scoreboard.close()
 
@@ -59,30 +64,25 @@ class Answers:
         second, and sample the pool for its high-water marks."""
         board = self.scoreboard
         assert board is not None
-        server = self.server
-        while not server.stopping:
-            deferred: dict[str, Any] = {}
-            for hook in server.stats_hooks:
-                for key, value in hook().items():
-                    old = deferred.get(key, 0)  # a maximum for the last duration, else a sum
-                    deferred[key] = max(old, value) if key == "last_duration" else old + value
-            board.set_counters(server.watchdog.slow if server.watchdog else 0, deferred)
+        while True:
+            board.set_counters(*self.counters())
             board.read_all()
-            time.sleep(0.5)
+            if self._stop.wait(0.5):
+                return
 
     def status(self, request: Request) -> None:
         assert self.scoreboard is not None
         query = request.environ.get("QUERY_STRING", "")
         full = "full" in query.split("&")
-        data = status.pool_status(self.scoreboard, self.server.options.pool_name, full)
+        data = status.pool_status(self.scoreboard, self.options.pool_name, full)
         _respond(request, "200 OK", *status.render(data, query))
 
     def ping(self, request: Request) -> None:
-        body = self.server.options.ping_response.encode() + b"\n"
+        body = self.options.ping_response.encode() + b"\n"
         _respond(request, "200 OK", "text/plain", body)
 
     def outside_mount(self, request: Request) -> None:
-        body = f"Not Found: outside {self.server.options.mount}\n".encode()
+        body = f"Not Found: outside {self.options.mount}\n".encode()
         _respond(request, "404 Not Found", "text/plain", body)
 
 

@@ -1,9 +1,14 @@
-"""One socket from the web server: records in, responses out, one request at a time.
+"""One socket from the web server: the I/O half of a FastCGI connection.
 
-Reading happens only on the I/O loop thread, when epoll says the socket is
-readable, so a slow or silent peer never holds a thread. Writing happens on
-whichever thread runs the request, under ``lock``; the socket stays
-non-blocking and a full send buffer is waited out with ``poll``.
+The protocol lives in ``fcgiconn.FCGIConnection`` (no I/O); this class owns
+the socket and its output buffer. Only the I/O loop reads, registers with
+epoll and closes. A request thread hands its output over with
+``send_stdout``/``end_request``: when nothing is queued it tries one
+non-blocking send itself (most responses leave that way, with no hand-off),
+queues the rest for the loop to flush when the socket is writable, and waits
+on a condition only while its own connection holds more than ``HIGH_WATER``
+bytes. ``lock`` guards the protocol state and the buffer; it is never held
+across a call that can block.
 """
 
 from __future__ import annotations
@@ -13,224 +18,268 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from . import protocol
-from .request import Request
-
-if TYPE_CHECKING:
-    from .server import Server
+from .fcgiconn import ConnState, Event, FCGIConnection
 
 log = logging.getLogger("fcgi")
 
+HIGH_WATER = 1 << 20  # bytes queued on one connection before its writer waits
+LOW_WATER = 1 << 18  # and when it may go on
 _JOIN_LIMIT = 64 * 1024  # below this, one copy costs less than scatter-gather
 _IOV_MAX = 1024  # buffers one sendmsg() may take on Linux
+_RECV_SIZE = 262144
 
-_ACCEPTED_TYPES = frozenset(
-    (
-        protocol.BEGIN_REQUEST,
-        protocol.ABORT_REQUEST,
-        protocol.PARAMS,
-        protocol.STDIN,
-        protocol.DATA,
-    )
-)
+
+class LoopHandle(Protocol):
+    """What a connection needs of the I/O loop: to be looked at again, from any thread."""
+
+    def attend(self, conn: Connection) -> None: ...
+
+    def in_loop_thread(self) -> bool: ...
 
 
 class Connection:
-    """A web server connection and the request it is carrying, if any."""
+    """A web server connection: socket, protocol state, output buffer."""
 
-    def __init__(self, sock: socket.socket, server: Server) -> None:
+    def __init__(
+        self, sock: socket.socket, proto: FCGIConnection, loop: LoopHandle, write_timeout: float
+    ) -> None:
         self.sock = sock
+        self.write_timeout = write_timeout
         self.fd = sock.fileno()
-        self.server = server
+        self.proto = proto
+        self.loop = loop
         self.lock = threading.Lock()
-        self.buf = bytearray()
-        self.request: Request | None = None
+        self._drained = threading.Condition(self.lock)
+        self._waiting = 0  # writers waiting on _drained (notify only when there are some)
+        self.out: list[bytes | memoryview] = []
+        self.out_size = 0
         self.closed = False
-        self.peer_gone = False
-        self.ignored: set[int] = set()  # ids whose late records we drop: ended or refused
-        self.pending_since: float | None = None  # when a half-sent record or request began
+        self.watching_writes = False  # EPOLLOUT is registered (changed on the loop only)
+        self.stalled_since: float | None = None  # output waiting since (per stall)
+        self.receiving_since: float | None = None  # a record or request half-sent since
         self.opened = time.monotonic()
-        self.fresh = True  # no request begun on it yet
 
-    # -- reading, on the I/O loop thread ----------------------------------------
+    # -- on the I/O loop ----------------------------------------------------------
 
-    def on_readable(self) -> Request | None:
-        """Read what has arrived; return a request that is now complete and ready to run."""
+    def on_readable(self) -> list[Event] | None:
+        """Read what has arrived; the events it completed, or None once the connection
+        must close (the peer left or broke the protocol)."""
         try:
-            data = self.sock.recv(262144)
-        except BlockingIOError:
-            return None
+            data = self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return []
         except OSError as exc:
             log.debug("connection %d: recv failed: %s", self.fd, exc)
             data = b""
         if not data:
-            self.close_when_idle()  # the web server closed its side
+            log.debug("connection %d: closed by the peer", self.fd)
             return None
-        buf = self.buf
-        buf += data
-        ready = None
-        try:
-            records, used = protocol.parse_records(buf)
-            with self.lock:
-                for rtype, rid, content in records:
-                    if self._on_record(rtype, rid, content):
-                        ready = self.request
-        except protocol.ProtocolError as exc:
-            log.warning("connection %d: %s; closing it", self.fd, exc)
-            self.close_when_idle()
-            return None
-        del buf[:used]
-        request = self.request
-        if buf or (request is not None and not request.running):
-            if self.pending_since is None:
-                self.pending_since = time.monotonic()
-        else:
-            self.pending_since = None
-        return ready
-
-    def _on_record(self, rtype: int, rid: int, content: bytes) -> bool:
-        """Handle one record; True when it completed the current request."""
-        request = self.request
-        if rid == protocol.NULL_REQUEST_ID:
-            if rtype == protocol.GET_VALUES:
-                names = protocol.decode_pairs(content)
-                self.send([protocol.get_values_result(names, self.server.fcgi_values)])
-            else:
-                log.warning(
-                    "connection %d: record type %d with request id 0; answered UNKNOWN_TYPE",
-                    self.fd,
-                    rtype,
-                )
-                self.send([protocol.unknown_type(rtype)])
-            return False
-        if rtype not in _ACCEPTED_TYPES:
-            self.send([protocol.unknown_type(rtype)])
-            return False
-        if rtype == protocol.BEGIN_REQUEST:
-            if len(content) < protocol.BEGIN_BODY.size:
-                raise protocol.ProtocolError("short BEGIN_REQUEST body")
-            role, flags = protocol.BEGIN_BODY.unpack_from(content)
-            if request is not None:
-                self._ignore(rid)
-                self.send([protocol.reject(rid, protocol.CANT_MPX_CONN)])
-            elif role != protocol.RESPONDER:
-                self._ignore(rid)
-                self.send([protocol.reject(rid, protocol.UNKNOWN_ROLE)])
-            else:
-                self.request = Request(self, rid, bool(flags & protocol.KEEP_CONN))
-                self.fresh = False
-            return False
-        if request is None or request.id != rid:
-            if rid in self.ignored:
-                return False  # late records of a request that ended: ignore, as the spec says
-            raise protocol.ProtocolError(
-                f"record type {rtype} for request {rid}, which was never begun"
-            )
-        if rtype == protocol.ABORT_REQUEST:
-            if request.running:
-                request.abort()
-            else:
-                self.request = None
-                self._ignore(rid)
-                self.send([protocol.end_request(rid, 1)])
-            return False
-        if request.running:
-            return False
-        opts = self.server.options
-        if rtype == protocol.PARAMS:
-            request.add_params(content, opts.max_params)
-        elif rtype == protocol.STDIN and request.add_stdin(content, opts.spool_threshold):
-            request.running = True
-            return True
-        return False
-
-    def _ignore(self, rid: int) -> None:
-        if len(self.ignored) >= 64:  # a peer cycling through ids gets no unbounded memory
-            self.ignored.clear()
-        self.ignored.add(rid)
-
-    def close_when_idle(self) -> None:
-        """Close now, or, while a request runs, stop watching and let it close the socket
-        when it ends (its output is dropped: the peer is gone or has broken the protocol)."""
+        proto = self.proto
         with self.lock:
-            request = self.request
-            if request is not None and request.running and not request.finished:
-                self.peer_gone = True
-                request.aborted = True
-                self.server.forget(self)
-                return
-        self.close()
-
-    # -- writing, on any thread, under self.lock ------------------------------
-
-    def send(self, parts: list[bytes]) -> int:
-        """Send all of ``parts``; on a dead peer mark the request aborted and return 0.
-
-        Small responses go out joined in one ``send``; large ones with ``sendmsg``,
-        which gathers the slices without copying them.
-        """
-        if self.peer_gone or self.closed:
-            return 0
-        total = sum(map(len, parts))
-        try:
-            if total <= _JOIN_LIMIT:
-                self._send_all(memoryview(b"".join(parts)))
-            else:
-                self._send_parts(parts)
-        except OSError as exc:
-            log.debug("connection %d: send failed: %s", self.fd, exc)
-            self.peer_gone = True
-            if self.request is not None:
-                self.request.aborted = True
-            return 0
-        return total
-
-    def _send_all(self, view: memoryview) -> None:
-        while view:
             try:
-                view = view[self.sock.send(view) :]
-            except BlockingIOError:
-                self._wait_writable()
+                events = proto.receive_data(data)
+            except Exception as exc:  # ProtocolError, or a body that cannot be spooled
+                log.warning("connection %d: %s; closing it", self.fd, exc)
+                return None
+            if proto.has_answers:
+                self._push(proto.data_to_send())
+        if proto.receiving:
+            if self.receiving_since is None:
+                self.receiving_since = time.monotonic()
+        else:
+            self.receiving_since = None
+        return events
 
-    def _send_parts(self, parts: list[bytes]) -> None:
-        index = 0
-        while index < len(parts):
-            try:
-                sent = self.sock.sendmsg(parts[index : index + _IOV_MAX])
-            except BlockingIOError:
-                self._wait_writable()
-                continue
-            while sent:
-                size = len(parts[index])
-                if sent >= size:
-                    sent -= size
-                    index += 1
-                else:
-                    parts[index] = memoryview(parts[index])[sent:]
-                    sent = 0
+    def on_writable(self) -> bool:
+        """Flush what the socket takes now; True while there is more to send (keep
+        watching for writability). Decided under ``lock``, so a writer that queues
+        after this sees ``watching_writes`` off and asks the loop to watch again."""
+        with self.lock:
+            self._flush(once=False)
+            self.watching_writes = bool(self.out)
+            return self.watching_writes
 
-    def _wait_writable(self) -> None:
-        poller = select.poll()
-        poller.register(self.fd, select.POLLOUT)
-        if not poller.poll(self.server.options.write_timeout * 1000):
-            raise TimeoutError(f"peer read nothing for {self.server.options.write_timeout} s")
+    def watch_writes(self) -> bool:
+        """Whether the loop should watch for writability now (and note that it does)."""
+        with self.lock:
+            self.watching_writes = bool(self.out) and not self.closed
+            return self.watching_writes
 
-    def request_finished(self, request: Request) -> None:
-        """Called under ``lock`` once END_REQUEST went out (or could not)."""
-        if self.request is request:
-            self.request = None
-        self._ignore(request.id)
-        if self.peer_gone or not request.keep_conn:
-            self.server.forget(self)
-            self.closed = True
-            self.sock.close()
+    @property
+    def done(self) -> bool:
+        """True when the connection must close now: broken or cut (what is still queued
+        is dropped: the response is not complete anyway), or ending with nothing left
+        to send."""
+        state = self.proto.state
+        return state is ConnState.CLOSED or (state is ConnState.CLOSING and not self.out)
+
+    @property
+    def idle(self) -> bool:
+        """No request on it, nothing half-sent, nothing to send: it may be closed."""
+        return self.proto.state is ConnState.IDLE and not self.out and self.receiving_since is None
 
     def close(self) -> None:
+        """Close the socket (after the loop has unregistered it); wakes waiting writers."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
-            self.server.forget(self)
+            self.proto.close()
+            self.out.clear()
+            self.out_size = 0
             self.sock.close()
+            self._drained.notify_all()
+
+    # -- from any thread ------------------------------------------------------------
+
+    def send_stdout(self, rid: int, chunks: list[bytes]) -> bool:
+        """Queue STDOUT for request ``rid``; False if it has ended (the output is dropped)."""
+        with self.lock:
+            parts = self.proto.stdout(rid, chunks)
+            if parts is None:
+                return False
+            attend = self._push(parts)
+        self._after_push(attend)
+        return True
+
+    def end_request(self, rid: int, chunks: list[bytes] | None = None) -> bool:
+        """Queue the last output and END_REQUEST; False if the request had already ended."""
+        with self.lock:
+            parts = self.proto.end_request(rid, chunks)
+            if parts is None:
+                return False
+            attend = self._push(parts)
+        if attend or self.out_size > HIGH_WATER:
+            self._after_push(attend)
+        return True
+
+    def cut(self, rid: int) -> None:
+        """End request ``rid`` without END_REQUEST: the connection closes, so the web
+        server sees the response break off."""
+        with self.lock:
+            self.proto.cut(rid)
+        self.loop.attend(self)
+
+    def is_active(self, rid: int) -> bool:
+        return self.proto.is_active(rid)
+
+    def _push(self, parts: list[bytes]) -> bool:
+        """Under ``lock``: queue ``parts``, trying one non-blocking send first if nothing
+        was queued; True when the loop must look at the connection (watch or close)."""
+        if self.closed:
+            return False
+        out = self.out
+        size = sum(map(len, parts))
+        if not out and size <= _JOIN_LIMIT:
+            # The common case, a small response on a free connection: one send, no queue.
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                log.debug("connection %d: send failed: %s", self.fd, exc)
+                self.proto.close()  # the peer is gone: the loop closes the socket
+                return True
+            if sent < size:
+                out.append(memoryview(data)[sent:] if sent else data)
+                self.out_size = size - sent
+                self.stalled_since = time.monotonic()
+        else:
+            was_empty = not out
+            out += parts
+            self.out_size += size
+            if was_empty:
+                self.stalled_since = time.monotonic()
+                self._flush(once=True)
+        if out and not self.watching_writes:
+            return True
+        state = self.proto.state
+        return state is ConnState.CLOSING or state is ConnState.CLOSED
+
+    def _after_push(self, attend: bool) -> None:
+        if attend:
+            self.loop.attend(self)
+        if self.out_size > HIGH_WATER:
+            self._wait_drained()
+
+    def _wait_drained(self) -> None:
+        """Over the high-water mark: the loop's thread flushes itself (nobody else
+        would); any other thread waits until the loop has drained the buffer."""
+        if self.loop.in_loop_thread():
+            self._flush_blocking()
+            return
+        with self.lock:
+            self._waiting += 1
+            try:
+                while self.out_size > LOW_WATER and not self.closed:
+                    self._drained.wait()
+            finally:
+                self._waiting -= 1
+
+    def _flush_blocking(self) -> None:
+        """On the loop's own thread (the inline runner): wait for the socket with
+        ``poll``; the loop's write timeout is enforced here as the same per-stall limit."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        while True:
+            with self.lock:
+                if self.closed or self.out_size <= LOW_WATER:
+                    return
+                self._flush(once=False)
+                stalled = self.stalled_since
+            limit = self.write_timeout
+            left = (stalled or time.monotonic()) + limit - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                log.warning(
+                    "connection %d: the peer read nothing for %.0f s (--write-timeout); closing it",
+                    self.fd,
+                    limit,
+                )
+                with self.lock:
+                    self.proto.close()
+                self.loop.attend(self)
+                return
+
+    def _flush(self, once: bool) -> None:
+        """Under ``lock``: send from the buffer without blocking; ``once``: one call."""
+        out = self.out
+        sock = self.sock
+        while out:
+            try:
+                if len(out) == 1:
+                    sent = sock.send(out[0])
+                elif self.out_size <= _JOIN_LIMIT:
+                    joined = b"".join(out)
+                    out[:] = [joined]
+                    sent = sock.send(joined)
+                else:
+                    sent = sock.sendmsg(out[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("connection %d: send failed: %s", self.fd, exc)
+                self.proto.close()  # the peer is gone: the loop closes the socket
+                out.clear()
+                self.out_size = 0
+                if self._waiting:
+                    self._drained.notify_all()
+                return
+            self.out_size -= sent
+            self.stalled_since = time.monotonic()
+            while sent:
+                size = len(out[0])
+                if sent >= size:
+                    sent -= size
+                    del out[0]
+                else:
+                    out[0] = memoryview(out[0])[sent:]
+                    sent = 0
+            if once:
+                break
+        if not out:
+            self.stalled_since = None
+        if self._waiting and self.out_size <= LOW_WATER:
+            self._drained.notify_all()

@@ -212,8 +212,8 @@ OPTIONS: tuple[Option, ...] = (
         "write_timeout",
         seconds,
         60.0,
-        "seconds the web server may go without reading any of a response (per stall, not "
-        "for the whole response) before the worker gives up on it",
+        "seconds the web server may read nothing of a response before its connection is "
+        "closed; a limit per stall, not per response: each read starts it again",
         "SECONDS",
     ),
     Option(
@@ -235,14 +235,17 @@ OPTIONS: tuple[Option, ...] = (
         "max_connections",
         positive_int,
         4096,
-        "connections held at once; beyond it new ones wait in the listen backlog",
+        "connections held at once; at the limit the least recently used idle one is closed "
+        "to admit a new one, and only when none is idle do new ones wait in the listen backlog",
     ),
     Option(
         "max_requests",
         non_negative_int,
         0,
-        "recycle: after this many requests stop accepting, finish, drain and exit 0 so "
-        "supervisor starts a fresh worker (0: never)",
+        "recycle: after this many requests stop accepting, finish, drain, then start a fresh "
+        "interpreter in the same process (exec), keeping the inherited socket on fd 0 so "
+        "supervisor sees no exit; with --bind it exits 0 for its supervisor to restart it "
+        "(0: never)",
     ),
     Option(
         "max_requests_jitter",

@@ -84,8 +84,38 @@ def stream_records(rtype: int, request_id: int, data: bytes) -> list[bytes]:
     return parts
 
 
+def stdout_records(request_id: int, chunks: list[bytes]) -> list[bytes]:
+    """STDOUT records for ``chunks``: small pieces joined into one record, large ones
+    sliced as they are, without a copy."""
+    size = sum(map(len, chunks))
+    if not size:
+        return []  # an empty STDOUT record would end the stream
+    if size <= MAX_CONTENT:
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return [HEADER.pack(VERSION_1, STDOUT, request_id, size, 0), data]
+    parts: list[bytes] = []
+    for chunk in chunks:
+        if chunk:
+            parts += stream_records(STDOUT, request_id, chunk)
+    return parts
+
+
+_END_CACHE: dict[int, bytes] = {}
+
+
 def end_request(request_id: int, app_status: int = 0, status: int = REQUEST_COMPLETE) -> bytes:
     """The empty STDOUT record that closes the stream, then END_REQUEST."""
+    if not app_status and status == REQUEST_COMPLETE:
+        cached = _END_CACHE.get(request_id)
+        if cached is None:
+            if len(_END_CACHE) > 256:
+                _END_CACHE.clear()
+            cached = _END_CACHE[request_id] = _end_request(request_id, 0, status)
+        return cached
+    return _end_request(request_id, app_status, status)
+
+
+def _end_request(request_id: int, app_status: int, status: int) -> bytes:
     return HEADER.pack(VERSION_1, STDOUT, request_id, 0, 0) + record(
         END_REQUEST, request_id, END_BODY.pack(app_status & 0xFFFFFFFF, status)
     )
@@ -119,6 +149,8 @@ def decode_pairs(data: bytes | bytearray) -> dict[str, str]:
     """
     pairs: dict[str, str] = {}
     text = data.decode("latin-1")
+    # The 1-or-4-byte length decoding is written out twice (name, then value) rather
+    # than called as a function: this loop runs for every param of every request.
     pos, end = 0, len(data)
     try:
         while pos < end:

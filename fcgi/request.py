@@ -1,144 +1,168 @@
-"""One FastCGI request: its params and body as they arrive, then the WSGI call.
+"""One request on the WSGI side: its environ, ``start_response``, the body out.
 
-The I/O loop fills a ``Request`` record by record; a runner thread then calls
-``run``. The response goes out through the ``Connection``; ``finish`` sends
-what is pending plus END_REQUEST exactly once and frees the connection, which
-is what ``environ["fcgi.finish_request"]`` is.
+The I/O loop builds a ``Request`` from a complete ``IncomingRequest``; a
+runner thread then calls ``call_app``. Output goes to the ``Connection``
+(which owns the socket); ``finish`` sends what is pending plus END_REQUEST
+exactly once, which is what ``environ["fcgi.finish_request"]`` is.
+
+Whatever the app does wrong is answered here and never reaches the worker:
+500 if nothing was sent yet, and once the headers are out, the connection is
+cut without END_REQUEST so the web server cannot take the body as complete.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import logging
-import tempfile
+import re
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
-
 if TYPE_CHECKING:
+    from .accesslog import AccessLog
     from .connection import Connection
-    from .server import Server
+    from .fcgiconn import IncomingRequest
 
 log = logging.getLogger("fcgi")
 
 # PEP 3333 keeps these as CONTENT_TYPE/CONTENT_LENGTH only.
 _NOT_IN_WSGI = ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH")
+_STATUS = re.compile(r"[0-9]{3} [^\x00\r\n]+")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[^\x00\r\n]*")
+_CHECKED_MAX = 512
+# Status lines and header lines already checked and encoded: apps send the same few
+# again and again, so most responses skip the checks.
+_checked_status: dict[str, bytes] = {}
+_checked_headers: dict[tuple[str, str], bytes] = {}
+_checked_heads: dict[tuple[Any, ...], bytes] = {}  # (status, *headers): the whole head
+
+
+def _status_line(status: str) -> bytes:
+    line = _checked_status.get(status) if type(status) is str else None
+    if line is None:
+        if type(status) is not str or not _STATUS.fullmatch(status):
+            raise ValueError(f"bad WSGI status {status!r}: want three digits, a space, a reason")
+        try:
+            line = f"Status: {status}\r\n".encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"response status is not latin-1: {status!r}") from None
+        if len(_checked_status) >= _CHECKED_MAX:
+            _checked_status.clear()
+        _checked_status[status] = line
+    return line
+
+
+def _header_line(header: tuple[str, str]) -> bytes:
+    try:
+        line = _checked_headers.get(header)
+    except TypeError:  # not hashable: not a pair of str either
+        line = None
+    if line is None:
+        try:
+            name, value = header
+        except (TypeError, ValueError):
+            raise ValueError(f"bad response header {header!r}: want a (name, value) pair") from None
+        if (
+            type(name) is not str
+            or type(value) is not str
+            or not _HEADER_NAME.fullmatch(name)
+            or not _HEADER_VALUE.fullmatch(value)
+        ):
+            raise ValueError(f"bad response header {name!r}: {value!r}")
+        try:
+            line = f"{name}: {value}\r\n".encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"response header is not latin-1: {name!r}: {value!r}") from None
+        if len(_checked_headers) >= _CHECKED_MAX:
+            _checked_headers.clear()
+        _checked_headers[(name, value)] = line
+    return line
+
+
+class ErrorAnswer:
+    """A response the worker gives itself when a request cannot be served."""
+
+    def __init__(self, status: str, text: str) -> None:
+        self.status = status
+        self.body = text.encode() + b"\n"
+        self.head = (
+            f"Status: {status}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(self.body)}\r\n\r\n"
+        ).encode()
+
+
+SERVER_ERROR = ErrorAnswer("500 Internal Server Error", "Internal Server Error")
+BAD_REQUEST = ErrorAnswer("400 Bad Request", "Bad Request")
 
 
 class Request:
-    """State of one request on a connection, from BEGIN_REQUEST to END_REQUEST."""
+    """One request from a complete ``IncomingRequest`` until its response has ended."""
 
     __slots__ = (
-        "_body",
-        "_body_size",
-        "_params",
+        "_head",
         "_pending",
-        "aborted",
-        "app_phase",
         "body_bytes",
         "conn",
         "dropped",
         "environ",
+        "error",
         "finished",
         "headers",
         "headers_sent",
         "id",
-        "keep_conn",
+        "in_app",
+        "incoming",
         "on_early_finish",
+        "on_finish",
         "outside_mount",
-        "params",
-        "running",
-        "sent",
-        "seq",
+        "request_id",
         "started",
         "status",
     )
 
-    def __init__(self, conn: Connection, request_id: int, keep_conn: bool) -> None:
+    def __init__(self, conn: Connection, incoming: IncomingRequest) -> None:
         self.conn = conn
-        self.id = request_id
-        self.keep_conn = keep_conn
-        self._params = bytearray()
-        self.params: dict[str, str] | None = None
-        self._body: list[bytes] | Any = []
-        self._body_size = 0
-        self.running = False
-        self.seq = 0  # this worker's count of requests when this one became ready
-        self.environ: dict[str, Any] = {}
+        self.incoming = incoming
+        self.id = incoming.id  # the FastCGI request id, nearly always 1
+        self.request_id = ""  # the worker's own: environ["fcgi.request_id"]
+        self.error = incoming.error  # why the request is refused with 400, if it is
+        self.environ: dict[str, Any] = incoming.params  # type: ignore[assignment]
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
+        self._head = b""
         self.headers_sent = False
         self._pending: list[bytes] = []
         self.finished = False
-        self.aborted = False
-        self.app_phase = False
-        self.sent = 0
+        self.in_app = False  # inside app() (not yet at close()): finishing detaches
         self.body_bytes = 0
         self.started = 0.0
         self.dropped = 0
         self.on_early_finish: Callable[[], None] | None = None
+        self.on_finish: Callable[[Request], None] | None = None
         self.outside_mount = False
 
-    # -- filled by the I/O loop -------------------------------------------------
-
-    def add_params(self, content: bytes, limit: int) -> None:
-        if self.params is not None:
-            raise protocol.ProtocolError("PARAMS after the params stream ended")
-        if content:
-            self._params += content
-            if len(self._params) > limit:
-                raise protocol.ProtocolError(f"params exceed {limit} bytes")
-        else:
-            self.params = protocol.decode_pairs(self._params)
-            self._params = bytearray()
-
-    def add_stdin(self, content: bytes, spool_threshold: int) -> bool:
-        """Store a STDIN record; True once the stream has ended and the request can run."""
-        if self.params is None:
-            raise protocol.ProtocolError("STDIN before the params stream ended")
-        if not content:
-            return True
-        self._body_size += len(content)
-        declared = self.params.get("CONTENT_LENGTH")
-        if declared and declared.isdigit() and self._body_size > int(declared):
-            raise protocol.ProtocolError(f"STDIN longer than CONTENT_LENGTH {declared}")
-        if isinstance(self._body, list):
-            self._body.append(content)
-            if self._body_size > spool_threshold:
-                spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close_body()
-                spool.writelines(self._body)
-                self._body = spool
-        else:
-            self._body.write(content)
-        return False
-
-    def body(self) -> io.BufferedIOBase:
-        if isinstance(self._body, list):
-            return io.BytesIO(b"".join(self._body))
-        self._body.seek(0)
-        return self._body
-
-    def close_body(self) -> None:
-        if not isinstance(self._body, list):
-            self._body.close()
-
     def describe(self) -> str:
-        params = self.params or {}
+        params = self.incoming.params
         return f"{params.get('REQUEST_METHOD', '-')} {params.get('REQUEST_URI', '-')}"
 
-    # -- the WSGI side, on a runner thread --------------------------------------
+    def __str__(self) -> str:
+        return f"request {self.request_id or self.id} ({self.describe()})"
 
-    def build_environ(self, server: Server) -> dict[str, Any]:
-        env: dict[str, Any] = self.params  # type: ignore[assignment]
+    @property
+    def aborted(self) -> bool:
+        """The web server gave up on it, or its connection broke."""
+        return not self.finished and not self.conn.is_active(self.id)
+
+    def build_environ(self, base: dict[str, Any], mount: str) -> dict[str, Any]:
+        """The WSGI environ: the params, the per-worker ``base`` keys, this request's own."""
+        env = self.environ
         for key in _NOT_IN_WSGI:
             env.pop(key, None)
         # The path as the web server decoded it, whatever it put in which variable,
         # cut at the mount point (REQUEST_URI, raw and undecoded, is never used).
         path = env.get("SCRIPT_NAME", "") + env.get("PATH_INFO", "")
-        mount = server.options.mount
         env["SCRIPT_NAME"] = mount
         if not mount:
             env["PATH_INFO"] = path
@@ -153,27 +177,21 @@ class Request:
         env.setdefault("REQUEST_METHOD", "GET")
         env.setdefault("QUERY_STRING", "")
         https = env.get("HTTPS", "").lower() in ("on", "1") or env.get("REQUEST_SCHEME") == "https"
-        env["wsgi.version"] = (1, 0)
+        env.update(base)
         env["wsgi.url_scheme"] = "https" if https else "http"
-        env["wsgi.input"] = self.body()
-        env["wsgi.errors"] = server.error_stream
-        # Requests that finish early go on beside the others, even with --threads 1.
-        env["wsgi.multithread"] = server.options.threads > 1 or server.options.max_detached > 0
-        env["wsgi.multiprocess"] = True
-        env["wsgi.run_once"] = False
-        env["wsgi.input_terminated"] = True
+        env["wsgi.input"] = self.incoming.stream()
         env["fcgi.finish_request"] = self.finish
-        env["fcgi.add_drain_hook"] = server.add_drain_hook
-        env["fcgi.deferred_limits"] = server.deferred_limits
-        env["fcgi.request_id"] = request_id = f"{server.pid}-{self.seq}"
-        env["fcgi.add_stats_hook"] = server.add_stats_hook
-        if server.access_log is not None:
-            env["fcgi.log_fields"] = {}
-            env["fcgi.log_deferred"] = functools.partial(server.access_log.deferred, request_id)
-        self.environ = env
+        env["fcgi.request_id"] = self.request_id
         return env
 
-    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None):
+    # -- what the app calls ------------------------------------------------------------
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        """WSGI's start_response: the status and headers are checked here (latin-1 text,
+        no CR/LF/NUL, a status of three digits and a reason) so a bad one fails in the
+        app, where it is answered 500, never on the wire."""
         if exc_info is not None:
             try:
                 if self.headers_sent:
@@ -182,38 +200,30 @@ class Request:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
-        if not isinstance(status, str) or len(status) < 4 or not status[:3].isdigit():
-            raise ValueError(f"bad WSGI status {status!r}")
-        for name, value in headers:
-            if "\n" in name or "\n" in value or "\r" in name or "\r" in value or ":" in name:
-                raise ValueError(f"bad response header {name!r}: {value!r}")
+        try:
+            key: tuple[Any, ...] | None = (status, *headers)
+            head = _checked_heads.get(key)  # type: ignore[arg-type]
+        except TypeError:  # something unhashable: checked (and refused) below
+            key = head = None
+        if head is None:
+            lines = [_status_line(status)]
+            for header in headers:
+                lines.append(_header_line(header))
+            lines.append(b"\r\n")
+            head = b"".join(lines)
+            if key is not None:
+                if len(_checked_heads) >= _CHECKED_MAX:
+                    _checked_heads.clear()
+                _checked_heads[key] = head
         self.status = status
         self.headers = headers
+        self._head = head
         return self.write
-
-    def _head(self) -> bytes:
-        lines = [f"Status: {self.status}"]
-        lines += [f"{name}: {value}" for name, value in self.headers]
-        lines.append("\r\n")
-        self.headers_sent = True
-        return "\r\n".join(lines).encode("latin-1")
-
-    def _stdout(self, chunks: list[bytes]) -> list[bytes]:
-        """STDOUT records for the headers (if not sent yet) and ``chunks``: small pieces
-        joined into one record, large ones sliced as they are, without a copy."""
-        if not self.headers_sent:
-            chunks = [self._head(), *chunks]
-        size = sum(map(len, chunks))
-        if size <= protocol.MAX_CONTENT:
-            return protocol.stream_records(protocol.STDOUT, self.id, b"".join(chunks))
-        parts: list[bytes] = []
-        for chunk in chunks:
-            if chunk:
-                parts += protocol.stream_records(protocol.STDOUT, self.id, chunk)
-        return parts
 
     def write(self, data: bytes) -> None:
         """WSGI's write callable: send ``data`` now, or count it as dropped after finish."""
+        if type(data) is not bytes and not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"response body items must be bytes, not {type(data).__name__}")
         if self.finished:
             self.dropped += len(data)
             return
@@ -221,17 +231,20 @@ class Request:
             return
         if self.status is None:
             raise AssertionError("write() before start_response()")
-        with self.conn.lock:
-            if self.finished:
-                self.dropped += len(data)
-                return
-            self.body_bytes += len(data) + sum(map(len, self._pending))
-            parts = self._stdout([*self._pending, data])
-            self._pending.clear()
-            self.sent += self.conn.send(parts)
+        chunks = self._pending
+        self._pending = []
+        chunks.append(data)
+        self.body_bytes += sum(map(len, chunks))
+        if not self.headers_sent:
+            chunks.insert(0, self._head)
+            self.headers_sent = True
+        if not self.conn.send_stdout(self.id, chunks):
+            self.dropped += len(data)
 
     def buffer(self, data: bytes) -> None:
         """Hold ``data`` to go out with END_REQUEST in one send (a list result's body)."""
+        if type(data) is not bytes and not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"response body items must be bytes, not {type(data).__name__}")
         if self.finished:
             self.dropped += len(data)
         elif data:
@@ -239,49 +252,95 @@ class Request:
 
     def finish(self) -> bool:
         """Send the rest and END_REQUEST, free the connection; True the first time only."""
-        with self.conn.lock:
-            if self.finished:
-                return False
-            self.finished = True
-            if not self.aborted:
-                if self.status is None:
-                    log.error("%s: finished before start_response; answering 500", self)
-                    self.status = "500 Internal Server Error"
-                    self.headers = [("Content-Type", "text/plain")]
-                    self._pending = [b"Internal Server Error\n"]
-                self.body_bytes += sum(map(len, self._pending))
-                parts = (
-                    self._stdout(self._pending) if self._pending or not self.headers_sent else []
-                )
-                self._pending = []
-                parts.append(protocol.end_request(self.id, 0))
-                self.sent += self.conn.send(parts)
-            self.conn.request_finished(self)
-        access_log = self.conn.server.access_log
-        if access_log is not None:
-            fields = self.environ.get("fcgi.log_fields", {})
-            access_log.request(self, time.monotonic() - self.started, fields)
-        if self.app_phase and self.on_early_finish is not None:
-            self.on_early_finish()
+        if self.finished:
+            return False
+        self.finished = True
+        if self.status is None:
+            log.error("%s: the app returned without calling start_response; answered 500", self)
+            self._answer(SERVER_ERROR)
+        chunks = self._pending
+        self._pending = []
+        self.body_bytes += sum(map(len, chunks))
+        if not self.headers_sent:
+            chunks.insert(0, self._head)
+            self.headers_sent = True
+        self.conn.end_request(self.id, chunks)
+        if self.on_finish is not None or self.in_app:
+            self._ended()
         return True
 
-    def abort(self) -> None:
-        """The web server gave up on this request (FCGI_ABORT_REQUEST, under ``conn.lock``):
-        END_REQUEST now; whatever the app still writes is dropped."""
-        if self.finished:
-            return
-        self.finished = True
-        self.aborted = True
-        self.conn.send([protocol.end_request(self.id, 1)])
-        self.conn.request_finished(self)
+    # -- the worker's side ----------------------------------------------------------------
+
+    def call_app(self, app: Callable[..., Iterable[bytes]]) -> None:
+        """Run the app and send its response; any failure is answered, logged once with
+        the request id, and stays here (SystemExit and KeyboardInterrupt included: stopping
+        is the signal handlers' business, never the app's)."""
+        result = None
+        try:
+            self.in_app = True
+            result = app(self.environ, self.start_response)
+            if isinstance(result, (list, tuple)):
+                for chunk in result:
+                    self.buffer(chunk)
+            else:
+                for chunk in result:
+                    self.write(chunk)
+        except BaseException:
+            self.in_app = False
+            self.fail(sys.exc_info())
+        finally:
+            self.in_app = False
+            close = None if type(result) is list else getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except BaseException:
+                    self.fail(sys.exc_info())
+            self.finish()
+
+    def answer(self, error: ErrorAnswer) -> None:
+        """Respond with one of the worker's own error answers (nothing of the app's)."""
+        self._answer(error)
+        self.finish()
+
+    def _answer(self, error: ErrorAnswer) -> None:
+        self.status = error.status
+        self.headers = []
+        self._head = error.head
+        self._pending = [error.body]
 
     def fail(self, exc_info: Any) -> None:
-        """The app raised: answer 500 if nothing was sent yet, else cut the response short."""
-        log.error("%s: application error", self, exc_info=exc_info)
-        if not self.headers_sent and not self.finished:
-            self.status = "500 Internal Server Error"
-            self.headers = [("Content-Type", "text/plain")]
-            self._pending = [b"Internal Server Error\n"]
+        """The app failed: 500 if nothing was sent yet; once headers went out, cut the
+        connection without END_REQUEST (a cut body must never look complete)."""
+        if self.finished:
+            log.error("%s: application error after the response ended", self, exc_info=exc_info)
+            return
+        if not self.headers_sent:
+            log.error("%s: application error; answered 500", self, exc_info=exc_info)
+            self.answer(SERVER_ERROR)
+            return
+        log.error(
+            "%s: application error after the response began; connection cut",
+            self,
+            exc_info=exc_info,
+        )
+        self.finished = True
+        self.status = "500 (cut)"
+        self.conn.cut(self.id)
+        self._ended()
 
-    def __str__(self) -> str:
-        return f"request {self.id} ({self.describe()})"
+    def _ended(self) -> None:
+        if self.on_finish is not None:
+            self.on_finish(self)
+        if self.in_app and self.on_early_finish is not None:
+            self.on_early_finish()
+
+
+def log_access(access_log: AccessLog) -> Callable[[Request], None]:
+    """The ``on_finish`` hook that writes the request's access-log line."""
+
+    def on_finish(request: Request) -> None:
+        fields = request.environ.get("fcgi.log_fields", {})
+        access_log.request(request, time.monotonic() - request.started, fields)
+
+    return on_finish

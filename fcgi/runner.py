@@ -19,11 +19,13 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .request import Request
-    from .server import Server
+
+Handle = Callable[["Request"], None]
 
 log = logging.getLogger("fcgi")
 
@@ -31,10 +33,9 @@ log = logging.getLogger("fcgi")
 class _Detaching:
     """Counting detached requests, shared by both runners."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.handle = server.handle
-        self.max_detached = server.options.max_detached
+    def __init__(self, handle: Handle, max_detached: int) -> None:
+        self.handle = handle
+        self.max_detached = max_detached
         self.detached = 0
         self._cond = threading.Condition()
         self._local = threading.local()
@@ -70,7 +71,11 @@ class _Detaching:
 
 class InlineRunner(_Detaching):
     """Runs each request on the I/O loop's thread; a detaching request takes the
-    thread with it and the loop moves to a new one."""
+    thread with it and the loop moves to a new one (``hand_over_loop``)."""
+
+    def __init__(self, handle: Handle, max_detached: int, hand_over_loop: Callable[[], bool]):
+        super().__init__(handle, max_detached)
+        self.hand_over_loop = hand_over_loop
 
     def start(self) -> None:
         pass
@@ -83,7 +88,7 @@ class InlineRunner(_Detaching):
             self._release()
 
     def detach(self) -> None:
-        if self._claim() and not self.server.hand_over_loop():
+        if self._claim() and not self.hand_over_loop():
             self._release()
 
     def stop(self, deadline: float) -> bool:
@@ -93,9 +98,9 @@ class InlineRunner(_Detaching):
 class ThreadRunner(_Detaching):
     """Runs requests on ``--threads`` threads, replacing those that detach."""
 
-    def __init__(self, server: Server) -> None:
-        super().__init__(server)
-        self.threads = server.options.threads
+    def __init__(self, handle: Handle, max_detached: int, threads: int) -> None:
+        super().__init__(handle, max_detached)
+        self.threads = threads
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._workers: set[threading.Thread] = set()
         self._seq = 0

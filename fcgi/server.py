@@ -1,27 +1,27 @@
-"""The worker process: an epoll I/O loop in front of a request runner.
+"""The worker process: an I/O loop in front of a request runner, and its lifecycle.
 
 Why not flup's model: flup gives each connection a blocking thread that
 ``select``s before every record and sends END_REQUEST only after the app's
 ``close()``. nginx keeps many idle upstream connections open, each of which
 would hold a thread, and the connection could not be reused until all the
 post-response work was over (php-src issue 10335 in another guise). Here one
-thread watches every socket with epoll, reads and parses whatever arrived,
-and hands only complete requests to the runner; ``finish_request`` gives the
-connection straight back to the loop.
+thread watches every socket with epoll (``loop.IOLoop``), parses what arrives
+(``fcgiconn``), and hands only complete requests to the runner;
+``finish_request`` gives the connection straight back to the loop.
+
+Signals only set a flag and wake the loop; nothing stops by an exception.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import ipaddress
 import logging
 import os
 import random
 import resource
-import select
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +30,11 @@ from typing import Any
 from .accesslog import AccessLog
 from .answers import Answers
 from .connection import Connection
+from .fcgiconn import IncomingRequest
 from .listener import Listener
+from .loop import IOLoop
 from .options import Options
-from .request import Request
+from .request import BAD_REQUEST, Request, log_access
 from .runner import InlineRunner, ThreadRunner
 from .streams import ErrorStream
 from .watchdog import Watchdog
@@ -43,10 +45,15 @@ log = logging.getLogger("fcgi")
 EXIT_OK = 0
 EXIT_ABANDONED = 3
 
-SWEEP_INTERVAL = 1.0  # seconds between checks for stalled connections
-FIRST_REQUEST_GRACE = 2.0  # seconds, when stopping: a new connection's wait for its request
+# Carries the request count across an in-place restart, so ids (pid-seq) never repeat.
+SEQ_ENV = "FCGI_REQUEST_SEQ"
 
 DrainHook = Callable[[float], int]
+
+
+def _seq_base() -> int:
+    text = os.environ.pop(SEQ_ENV, "")
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else 0
 
 
 class Server:
@@ -56,47 +63,73 @@ class Server:
         self.app = app
         self.options = options
         self.listener = listener
-        self.error_stream = ErrorStream()
-        self.conns: dict[int, Connection] = {}
-        self.epoll = select.epoll()
-        runner_class = InlineRunner if options.threads == 1 else ThreadRunner
-        self.runner = runner_class(self)
         self.drain_hooks: list[DrainHook] = []
         self.stats_hooks: list[Callable[[], dict[str, Any]]] = []
         self.pid = os.getpid()
+        self.seq_base = _seq_base()
         self.access_log = (
             AccessLog(options.access_log, options.access_log_format, self.pid)
             if options.access_log
             else None
         )
-        self.answers = Answers(self)  # status page, ping, 404 outside --mount
-        self.scoreboard = self.answers.scoreboard
         self.stopping = False
         self.requests = 0
         self.recycle_after = options.max_requests and options.max_requests + random.randint(
             0, options.max_requests_jitter
         )
         # Recycling an inherited socket restarts in place (cli.main exec()s): supervisord
-        # closes a pool's socket whenever none of its processes is alive.
+        # closes a pool's socket whenever none of its processes is alive. A socket of our
+        # own (--bind) would not survive the exec: then the worker exits for a restart.
         self.recycling = False
-        self.running: dict[Request, int] = {}  # request: the id of the thread running it
-        self.deferred_limits = {
-            "slow": options.slow_deferred or None,
-            "timeout": options.deferred_timeout or None,
-        }
-        self.watchdog = Watchdog(self, options.slow_request) if options.slow_request else None
-        self._accepting = True
-        self._next_sweep = 0.0
-        self.exit_code = EXIT_OK
-        self._owner: object = None  # the token of the thread running the loop
-        self._stopped = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # every request handed to the runner -> the id of the thread running it (0: queued)
+        self.in_progress: dict[Request, int] = {}
+        self.watchdog = (
+            Watchdog(self.in_progress, options.slow_request) if options.slow_request else None
+        )
+        self.answers = Answers(options, self._counters, listener.sock)  # status page, ping, outside --mount
+        self.scoreboard = self.answers.scoreboard
         max_conns = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fcgi_values = {
             "FCGI_MAX_CONNS": str(max_conns),
             "FCGI_MAX_REQS": str(options.threads),
             "FCGI_MPXS_CONNS": "0",
         }
+        self.loop = IOLoop(
+            listener,
+            options,
+            self._on_request,
+            self.fcgi_values,
+            self.scoreboard.accepted if self.scoreboard is not None else None,
+        )
+        if options.threads == 1:
+            self.runner: InlineRunner | ThreadRunner = InlineRunner(
+                self.handle, options.max_detached, self.hand_over_loop
+            )
+        else:
+            self.runner = ThreadRunner(self.handle, options.max_detached, options.threads)
+        self.base_environ: dict[str, Any] = {
+            "wsgi.version": (1, 0),
+            "wsgi.errors": ErrorStream(),
+            # Requests that finish early go on beside the others, even with --threads 1.
+            "wsgi.multithread": options.threads > 1 or options.max_detached > 0,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+            "fcgi.add_drain_hook": self.add_drain_hook,
+            "fcgi.add_stats_hook": self.add_stats_hook,
+            "fcgi.deferred_limits": {
+                "slow": options.slow_deferred or None,
+                "timeout": options.deferred_timeout or None,
+            },
+        }
+        self.exit_code = EXIT_OK
+        self._owner: object = None  # the token of the thread running the loop
+        self._stopped = threading.Event()
+
+    @property
+    def conns(self) -> dict[int, Connection]:
+        """The open connections by fd (the loop's; read them, never change them)."""
+        return self.loop.conns
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -109,6 +142,20 @@ class Server:
     def handle_usr1(self, signum: int, frame: Any) -> None:
         if self.access_log is not None:
             self.access_log.reopen()
+
+    def handle_term(self, signum: int, frame: Any) -> None:
+        self.stop()
+
+    def handle_quit(self, signum: int, frame: Any) -> None:
+        log.warning("SIGQUIT: stopping at once, dropping running requests and deferred work")
+        self.listener.close()
+        os._exit(1)
+
+    def stop(self) -> None:
+        """Begin a graceful stop; safe from a signal handler or another thread: it sets a
+        flag and wakes the loop."""
+        self.stopping = True
+        self.loop.wake()
 
     def serve(self) -> int:
         """Serve until ``stop()``, then stop gracefully; returns the exit code."""
@@ -124,8 +171,7 @@ class Server:
                     "send requests; set --allow or FCGI_WEB_SERVER_ADDRS",
                     host,
                 )
-        self.epoll.register(self.listener.sock.fileno(), select.EPOLLIN)
-        self.epoll.register(self._wake_r, select.EPOLLIN)
+        self.loop.start_accepting()
         log.info(
             "serving on %s with %d thread(s), pid %d",
             self.listener.describe(),
@@ -135,6 +181,8 @@ class Server:
         self._owner = token = object()
         self._run_loop(token)
         self._stopped.wait()  # the loop may have moved to another thread meanwhile
+        if self.recycling:
+            os.environ[SEQ_ENV] = str(self.seq_base + self.requests)
         return self.exit_code
 
     def hand_over_loop(self) -> bool:
@@ -146,58 +194,54 @@ class Server:
         if self.stopping:
             return False
         self._owner = token = object()
+        self.loop.owner = None
         threading.Thread(
             target=self._run_loop, args=(token,), name="fcgi-loop", daemon=True
         ).start()
         return True
 
     def _run_loop(self, token: object) -> None:
+        def still_owner() -> bool:
+            return self._owner is token
+
         try:
             while not self.stopping:
-                if not self._poll(-1, token):
+                if not self.loop.poll(-1, still_owner):
                     return  # another thread owns the loop now
-            self.exit_code = self._graceful_stop(token)
-        except BaseException:
+            self.exit_code = self._graceful_stop(still_owner)
+        except BaseException:  # a fault of the worker itself: app faults never get here
             log.exception("the I/O loop failed; stopping")
             self.exit_code = 1
         finally:
             if self._owner is token:
                 if not self.recycling:
                     self.listener.close()
+                if self.watchdog is not None:
+                    self.watchdog.stop()
                 self.answers.close()
                 if self.access_log is not None:
                     self.access_log.close()
-                for conn in list(self.conns.values()):
-                    conn.close()
-                self.epoll.close()
+                self.loop.shutdown()
                 self._stopped.set()
 
-    def stop(self) -> None:
-        """Begin a graceful stop; safe from a signal handler or another thread."""
-        self.stopping = True
-        os.write(self._wake_w, b"x")
-
-    def handle_term(self, signum: int, frame: Any) -> None:
-        self.stop()
-
-    def handle_quit(self, signum: int, frame: Any) -> None:
-        log.warning("SIGQUIT: stopping at once, dropping running requests and deferred work")
-        self.listener.close()
-        os._exit(1)
-
-    def _graceful_stop(self, token: object) -> int:
+    def _graceful_stop(self, still_owner: Callable[[], bool]) -> int:
         deadline = time.monotonic() + self.options.graceful_timeout
         log.info(
             "stopping: finishing running requests and deferred work (up to %.0f s)",
             self.options.graceful_timeout,
         )
-        self._pause_accepting(True)
+        loop = self.loop
+        loop.stop_accepting()
         if not self.recycling:  # a recycled worker keeps its socket for its next life
             self.listener.close()
-        # Requests still arriving on open connections are read to the end and run.
-        self._poll(0, token)
-        while time.monotonic() < deadline and self._close_idle():
-            self._poll(0.05, token)
+        # Requests still arriving on open connections are read to the end and run; the
+        # loop goes on flushing output until every request has ended.
+        loop.poll(0, still_owner)
+        while time.monotonic() < deadline:
+            arriving = loop.close_idle(time.monotonic())
+            if not arriving and not self.in_progress and not loop.has_output():
+                break
+            loop.poll(0.02, still_owner)
         if not self.runner.stop(deadline):
             log.warning("requests still running at the graceful deadline")
         abandoned = 0
@@ -209,126 +253,20 @@ class Server:
         log.info("stopped after %d request(s)", self.requests)
         return EXIT_ABANDONED if abandoned else EXIT_OK
 
-    def _close_idle(self) -> bool:
-        """Close connections with no request; True while some request is still arriving.
+    # -- on the loop's thread ------------------------------------------------------
 
-        A connection that has carried no request yet gets FIRST_REQUEST_GRACE for its
-        first one: web servers connect only to send a request, and nginx retries a
-        request whose connection was closed under it only if that connection was reused.
-        """
-        arriving = False
-        now = time.monotonic()
-        for conn in list(self.conns.values()):
-            request = conn.request
-            if request is None:
-                if conn.fresh and now - conn.opened < FIRST_REQUEST_GRACE:
-                    arriving = True
-                else:
-                    conn.close()
-            elif not request.running:
-                arriving = True
-        return arriving
+    def _on_request(self, conn: Connection, incoming: IncomingRequest) -> None:
+        request = Request(conn, incoming)
+        self.requests += 1
+        request.request_id = f"{self.pid}-{self.seq_base + self.requests}"
+        self.in_progress[request] = 0
+        if self.requests == self.recycle_after:
+            log.info("recycling after %d requests", self.requests)
+            self.recycling = self.options.bind is None
+            self.stop()
+        self.runner.submit(request)
 
-    # -- the I/O loop --------------------------------------------------------------
-
-    def _poll(self, timeout: float, token: object) -> bool:
-        """Handle one batch of events; False if the loop was handed over meanwhile."""
-        listen_fd = self.listener.sock.fileno()
-        conns = self.conns
-        now = time.monotonic()
-        if now >= self._next_sweep:
-            self._next_sweep = now + SWEEP_INTERVAL
-            self._close_stalled(now)
-        if timeout < 0 or timeout > SWEEP_INTERVAL:
-            timeout = SWEEP_INTERVAL
-        for fd, _events in self.epoll.poll(timeout):
-            if fd == listen_fd:
-                self._accept()
-            elif fd == self._wake_r:
-                os.read(self._wake_r, 4096)
-            else:
-                conn = conns.get(fd)
-                if conn is not None:
-                    ready = conn.on_readable()
-                    if ready is not None:
-                        self.requests += 1
-                        ready.seq = self.requests
-                        if self.requests == self.recycle_after:
-                            log.info("recycling after %d requests", self.requests)
-                            self.recycling = self.listener.path is None
-                            self.stop()
-                        self.runner.submit(ready)
-                        if self._owner is not token:
-                            return False
-        return True
-
-    def _close_stalled(self, now: float) -> None:
-        """Close connections whose half-sent record or request is older than --read-timeout."""
-        limit = now - self.options.read_timeout
-        for conn in list(self.conns.values()):
-            if conn.pending_since is not None and conn.pending_since < limit:
-                log.warning(
-                    "connection %d: half-sent for over %.0f s; closing it",
-                    conn.fd,
-                    self.options.read_timeout,
-                )
-                conn.close_when_idle()
-
-    def _accept(self) -> None:
-        sock = self.listener.sock
-        while True:
-            try:
-                client, _addr = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept failed: %s", exc)
-                return
-            if client.family != socket.AF_UNIX:
-                allow = self.options.allow
-                if allow and _addr[0] not in allow:
-                    log.warning(
-                        "connection from %s refused: not in the allow-list "
-                        "(--allow / FCGI_WEB_SERVER_ADDRS)",
-                        _addr[0],
-                    )
-                    client.close()
-                    continue
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.setblocking(False)
-            if self.scoreboard is not None:
-                self.scoreboard.accepted()
-            conn = Connection(client, self)
-            log.debug("connection %d: opened", conn.fd)
-            self.conns[conn.fd] = conn
-            self.epoll.register(conn.fd, select.EPOLLIN)
-            if len(self.conns) >= self.options.max_connections:
-                log.warning(
-                    "%d connections open (--max-connections); new ones wait in the listen backlog",
-                    len(self.conns),
-                )
-                self._pause_accepting(True)
-                return
-
-    def _pause_accepting(self, pause: bool) -> None:
-        if pause == (not self._accepting) or (self.stopping and not pause):
-            return
-        self._accepting = not pause
-        fd = self.listener.sock.fileno()
-        with contextlib.suppress(OSError, ValueError):
-            if pause:
-                self.epoll.unregister(fd)
-            else:
-                self.epoll.register(fd, select.EPOLLIN)
-
-    def forget(self, conn: Connection) -> None:
-        """Stop watching ``conn``; safe from any thread, and more than once."""
-        if self.conns.get(conn.fd) is conn:
-            del self.conns[conn.fd]
-            with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(conn.fd)
-            if not self._accepting and len(self.conns) < self.options.max_connections:
-                self._pause_accepting(False)
+    # -- hooks offered to apps through the environ -----------------------------------
 
     def add_stats_hook(self, hook: Callable[[], dict[str, Any]]) -> None:
         """Offered as ``environ["fcgi.add_stats_hook"]``: ``hook()`` returns deferred-work
@@ -342,46 +280,48 @@ class Server:
         if hook not in self.drain_hooks:
             self.drain_hooks.append(hook)
 
+    def _counters(self) -> tuple[int, dict[str, Any]]:
+        deferred: dict[str, Any] = {}
+        for hook in self.stats_hooks:
+            for key, value in hook().items():
+                old = deferred.get(key, 0)  # a maximum for the last duration, else a sum
+                deferred[key] = max(old, value) if key == "last_duration" else old + value
+        return (self.watchdog.slow if self.watchdog else 0), deferred
+
     # -- running a request, on a runner thread ------------------------------------
 
     def handle(self, request: Request) -> None:
-        environ = request.build_environ(self)
         request.started = time.monotonic()
-        self.running[request] = threading.get_ident()
+        self.in_progress[request] = threading.get_ident()
+        environ = request.build_environ(self.base_environ, self.options.mount)
+        if self.access_log is not None:
+            environ["fcgi.log_fields"] = {}
+            environ["fcgi.log_deferred"] = functools.partial(
+                self.access_log.deferred, request.request_id
+            )
+            request.on_finish = log_access(self.access_log)
         board = self.scoreboard
         if board is not None:
+            length = request.incoming.content_length
             board.request_started(
                 environ["REQUEST_METHOD"],
                 environ.get("REQUEST_URI", ""),
-                environ.get("CONTENT_LENGTH", ""),
+                "" if length is None else str(length),
             )
-        answer = self.answers.find(request)
-        result = None
         try:
-            request.app_phase = True
+            if request.error is not None:
+                log.warning("%s: %s; answered 400", request, request.error)
+                request.answer(BAD_REQUEST)
+                return
+            answer = self.answers.find(request) if self.answers.active else None
             if answer is not None:
-                answer(request)
+                request.call_app(lambda environ, start_response: answer(request) or [])
             else:
-                result = self.app(environ, request.start_response)
-            if isinstance(result, (list, tuple)):
-                for chunk in result:
-                    request.buffer(chunk)
-            elif result is not None:
-                for chunk in result:
-                    request.write(chunk)
-        except Exception:
-            request.fail(sys.exc_info())
+                request.call_app(self.app)
         finally:
-            request.app_phase = False
-            close = getattr(result, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    request.fail(sys.exc_info())
-            request.finish()
-            request.close_body()
-            del self.running[request]
+            if request.incoming.body is not None:
+                request.incoming.close()
+            del self.in_progress[request]
             if board is not None:
                 board.request_ended()
             if request.dropped:

@@ -1,8 +1,45 @@
-"""``wsgi.errors``: what the application writes there goes to the worker's log."""
+"""The WSGI streams: ``wsgi.input`` (the request body as it arrived) and ``wsgi.errors``."""
 
 from __future__ import annotations
 
+import io
 import logging
+import tempfile
+from typing import Any
+
+
+class RequestBody:
+    """STDIN as it arrives: in memory, or spooled to a temporary file past a threshold."""
+
+    __slots__ = ("_chunks", "_file", "size", "threshold")
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self._chunks: list[bytes] = []
+        self._file: Any = None
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._chunks.append(data)
+        if self.size > self.threshold:
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+            self._file.writelines(self._chunks)
+            self._chunks = []
+
+    def stream(self) -> io.BufferedIOBase:
+        """The body to read from the start, for ``wsgi.input``."""
+        if self._file is None:
+            return io.BytesIO(b"".join(self._chunks))
+        self._file.seek(0)
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 class ErrorStream:

@@ -13,11 +13,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from types import FrameType
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .server import Server
+from typing import Any
 
 log = logging.getLogger("fcgi.slow")
 
@@ -25,9 +23,10 @@ log = logging.getLogger("fcgi.slow")
 class Watchdog:
     """Logs the stack of requests running past the limit; counts them in ``slow``."""
 
-    def __init__(self, server: Server, limit: float) -> None:
-        self.server = server
+    def __init__(self, in_progress: Mapping[Any, int], limit: float) -> None:
+        self.in_progress = in_progress  # running request -> the id of its thread (0: queued)
         self.limit = limit
+        self._stop = threading.Event()
         self.slow = 0
         self._reported: set[int] = set()
         self._thread = threading.Thread(target=self._watch, name="slow-request", daemon=True)
@@ -35,16 +34,20 @@ class Watchdog:
     def start(self) -> None:
         self._thread.start()
 
+    def stop(self) -> None:
+        self._stop.set()
+
     def _watch(self) -> None:
         period = min(0.5, self.limit / 2)
-        while not self.server.stopping:
-            time.sleep(period)
+        while not self._stop.wait(period):
             self.check(time.monotonic())
 
     def check(self, now: float) -> None:
         frames = None
-        running = dict(self.server.running)
+        running = dict(self.in_progress)
         for request, thread_id in running.items():
+            if not thread_id:
+                continue  # queued, not started
             started = request.started
             key = id(request)
             if now - started < self.limit or key in self._reported:

@@ -97,8 +97,9 @@ class Response:
 class Client:
     """Speaks FastCGI over one socket; ``read_response`` collects until END_REQUEST."""
 
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, address: str | tuple[str, int], timeout: float = 10.0) -> None:
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(address)
         self.buf = b""

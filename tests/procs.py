@@ -294,3 +294,23 @@ def web_server(name: str, tmp: Path, socket_path: Path) -> Iterator[int]:
         env=env,
     ):
         yield port
+
+
+def fcgi_command(*args: str) -> list[str]:
+    """The worker's command line, ``python -m fcgi ARGS``, as every test spells it."""
+    return [sys.executable, "-m", "fcgi", *args]
+
+
+def run_fcgi(
+    *args: str, env: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess:
+    """Run the worker to its end (a usage error, --help) and capture its text output."""
+    return subprocess.run(
+        fcgi_command(*args),
+        cwd=ROOT,
+        env=env or python_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        **kwargs,
+    )

@@ -10,19 +10,9 @@ import time
 
 from fcgi.options import OPTIONS
 from tests import fcgi_client
-from tests.procs import ROOT, python_env, stop, wait_for
+from tests.procs import ROOT, fcgi_command, python_env, run_fcgi, stop, wait_for
 
-
-def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fcgi", *args],
-        cwd=ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        **kwargs,
-    )
+run = run_fcgi
 
 
 def errors(result: subprocess.CompletedProcess) -> list[str]:
@@ -53,15 +43,7 @@ def test_bad_option_value_names_the_option():
 
 
 def test_bad_environment_value_names_the_variable():
-    env = python_env(FCGI_THREADS="many")
-    result = subprocess.run(
-        [sys.executable, "-m", "fcgi", "tests.apps:hello"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_fcgi("tests.apps:hello", env=python_env(FCGI_THREADS="many"))
     assert result.returncode == 2 and "FCGI_THREADS" in result.stderr
 
 
@@ -106,7 +88,7 @@ def test_serves_the_listening_socket_on_fd0(tmp_path):
     listener.bind(path)
     listener.listen()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fcgi", "tests.apps:hello"],
+        fcgi_command("tests.apps:hello"),
         cwd=ROOT,
         env=python_env(),
         stdin=listener.fileno(),
@@ -125,16 +107,7 @@ def test_serves_the_listening_socket_on_fd0(tmp_path):
 def test_unix_socket_mode_and_removal(tmp_path):
     path = tmp_path / "app.sock"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fcgi",
-            "--bind",
-            f"unix:{path}",
-            "--socket-mode",
-            "600",
-            "tests.apps:hello",
-        ],
+        fcgi_command("--bind", f"unix:{path}", "--socket-mode", "600", "tests.apps:hello"),
         cwd=ROOT,
         env=python_env(),
         stderr=subprocess.DEVNULL,

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fcgi import protocol
+from fcgi.fcgiconn import ConnState, FCGIConnection, RequestAborted, RequestReady
 from tests import apps
 from tests.conftest import served
 from tests.fcgi_client import begin, params, record, stdin
@@ -27,6 +28,21 @@ noise = st.one_of(
     records,
     st.tuples(records, st.binary(max_size=40)).map(lambda t: t[0] + t[1]),
 )
+
+
+@given(st.lists(noise, max_size=4))
+def test_sans_io_connection_only_ever_raises_protocol_error(chunks):
+    """Fed in pieces, the connection state machine answers, emits events, or calls the
+    bytes a protocol error (and is closed for good); nothing else escapes."""
+    conn = FCGIConnection({"FCGI_MPXS_CONNS": "0"}, max_params=4096, spool_threshold=1024)
+    for chunk in chunks:
+        try:
+            events = conn.receive_data(chunk)
+        except protocol.ProtocolError:
+            assert conn.state is ConnState.CLOSED
+            return
+        assert all(isinstance(e, (RequestReady, RequestAborted)) for e in events)
+        assert all(isinstance(part, bytes) for part in conn.data_to_send())
 
 
 @given(noise)

@@ -180,7 +180,8 @@ def test_slow_request_log_shows_where_it_is(serve, caplog):
     running = serve(apps.stuck_in_the_app, slow_request=0.3)
     with caplog.at_level(logging.WARNING, "fcgi.slow"):
         assert running.client().request("/?1.2").status == 200
-    assert "slow request: request 1 (GET /?1.2) running for" in caplog.text
+    pid = running.server.pid
+    assert f"slow request: request {pid}-1 (GET /?1.2) running for" in caplog.text
     assert "in stuck_in_the_app" in caplog.text
     assert running.server.watchdog.slow == 1
 

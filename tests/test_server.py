@@ -12,6 +12,7 @@ from flup.server import fcgi_base as flup
 from fcgi import protocol
 from tests import apps
 from tests.fcgi_client import begin, params, record, request_bytes, stdin
+from tests.procs import wait_for
 
 
 def test_hello_and_keep_conn_reuse(serve):
@@ -139,6 +140,9 @@ def test_php_style_request_does_not_hold_the_serving_thread(serve, tmp_path, mon
     for i in range(3):
         assert client.request(f"/?seconds=1&tag={i}").body == b"program start...\n"
     assert time.monotonic() - started < 0.9  # three 1 s tails overlapped on other threads
+    log = tmp_path / "log"
+    wait_for(lambda: log.exists() and log.read_text().count("done") == 3, 10, "the three tails")
+    assert sorted(line.split()[1] for line in log.read_text().splitlines()) == ["0", "1", "2"]
 
 
 def test_environ_passes_wsgiref_validate(serve, caplog):
@@ -185,12 +189,17 @@ def test_app_error_gives_500_and_the_worker_goes_on(serve, caplog):
     assert client.request("/").status == 500
 
 
-def test_error_mid_body_still_ends_the_request_once(serve):
-    client = serve(apps.fail_after).client()
-    resp = client.request("/")
-    assert resp.body == b"partial"
-    assert resp.end == (0, 0)
-    assert client.request("/").body == b"partial"
+def test_error_mid_body_cuts_the_connection_without_end_request(serve):
+    running = serve(apps.fail_after)
+    for _ in range(2):  # the same worker serves on
+        client = running.client()
+        client.send(request_bytes("/"))
+        records = []
+        while (rec := client.read_record()) is not None:
+            records.append(rec)
+        assert b"partial" in b"".join(r[2] for r in records)
+        assert flup.FCGI_END_REQUEST not in [r[0] for r in records]  # never looks whole
+        assert not [r for r in records if r[0] == flup.FCGI_STDOUT and not r[2]]
 
 
 def test_bad_record_version_closes_only_that_connection(serve):

@@ -169,19 +169,19 @@ class DeferredMiddleware:
             finally:
                 _current_environ.reset(token)
         except BaseException:
-            self._after(environ, batch)
+            self._after(environ, batch, finish=False)  # the server answers the error
             raise
         if isinstance(result, list):
             return _ClosingList(result, lambda: self._after(environ, batch))
         return _ClosingIterable(result, lambda: self._after(environ, batch))
 
-    def _after(self, environ: WSGIEnvironment, batch: Batch) -> None:
+    def _after(self, environ: WSGIEnvironment, batch: Batch, finish: bool = True) -> None:
         fields = environ.get("fcgi.log_fields")
         if fields is not None:
             fields["deferred"] = len(batch.calls)
-        finish = environ.get("fcgi.finish_request")
-        if finish is not None:
-            finish()
+        finish_request = environ.get("fcgi.finish_request")
+        if finish and finish_request is not None:
+            finish_request()
         if batch.calls:
             self.executor.submit(batch)
 

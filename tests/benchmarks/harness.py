@@ -183,7 +183,7 @@ http {{
 
 @contextlib.contextmanager
 def uwsgi_server(tmp: Path, app: str) -> Iterator[Path]:
-    """uWSGI (C) serving FastCGI, one process: the ceiling for comparison (BASELINES=uwsgi)."""
+    """uWSGI (C) serving FastCGI, one process, one thread: the ceiling for comparison."""
     tmp.mkdir(parents=True, exist_ok=True)
     binary = Path(sys.executable).parent / "uwsgi"
     if not binary.exists():
@@ -213,3 +213,45 @@ def uwsgi_server(tmp: Path, app: str) -> Iterator[Path]:
         env=python_env(),
     ):
         yield sock
+
+
+HELLO_PHP = '<?php header("Content-Type: text/plain"); echo "Hello world\\n";\n'
+
+
+@contextlib.contextmanager
+def php_fpm(tmp: Path) -> Iterator[tuple[Path, Path]]:
+    """PHP-FPM 8.2 (Debian php8.2-fpm), one static child on a unix socket, serving a
+    hello-world script: PHP's own answer to the same request. Yields (socket, script)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    binary = require("php-fpm8.2", "php8.2-fpm")
+    sock, script = tmp / "php-fpm.sock", tmp / "hello.php"
+    script.write_text(HELLO_PHP)
+    user = "user = root\ngroup = root\n" if os.getuid() == 0 else ""
+    conf = tmp / "php-fpm.conf"
+    conf.write_text(
+        f"[global]\npid = {tmp}/php-fpm.pid\nerror_log = {tmp}/php-fpm.log\n"
+        "daemonize = no\n\n"
+        f"[hello]\n{user}listen = {sock}\nlisten.mode = 0666\n"
+        "pm = static\npm.max_children = 1\npm.max_requests = 0\n"
+        "php_admin_value[opcache.enable] = 1\n"
+    )
+    cmd = [binary, "-F", "-y", str(conf), "-p", str(tmp), "-n", "-d", "opcache.enable=1"]
+    if os.getuid() == 0:
+        cmd.append("-R")
+    with running(
+        cmd, tmp / "php-fpm.out", lambda: connectable(str(sock)), "php-fpm", signal.SIGQUIT
+    ):
+        yield sock, script
+
+
+def php_nginx_edit(script: Path):
+    """The shipped nginx.conf, plus the SCRIPT_FILENAME PHP-FPM needs."""
+
+    def edit(conf: str) -> str:
+        return conf.replace(
+            "fastcgi_keep_conn on;",
+            f"fastcgi_keep_conn on;\n        fastcgi_param SCRIPT_FILENAME {script};",
+            1,
+        )
+
+    return edit

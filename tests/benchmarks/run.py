@@ -3,8 +3,8 @@
 Every comparison runs as alternating rounds (A, B, A, B, ...) so a noisy,
 shared machine slows both sides alike; goals are ratios, never absolute
 numbers. Writes var/bench/report.md and var/bench/bench.png and prints the
-goals with PASS/FAIL. BENCH_SECONDS (5) and BENCH_ROUNDS (3) set the length;
-BASELINES=uwsgi adds uWSGI to the hello-world comparison.
+goals with PASS/FAIL. BENCH_SECONDS (5) and BENCH_ROUNDS (3) set the length.
+Hello world runs against gunicorn sync, flup, uWSGI (C) and PHP-FPM side by side.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from tests.procs import ROOT, nginx, stack, wait_for, worker
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-BASELINES = os.environ.get("BASELINES", "").split(",")
 OUT = ROOT / "var" / "bench"
 APPS = "tests.benchmarks.apps"
 SCRIPTS = Path(__file__).parent
@@ -98,24 +97,34 @@ def hello_world(tmp: Path) -> None:
         )
         fsock = es.enter_context(harness.flup_server(tmp / "flup", f"{APPS}:hello"))
         fport = es.enter_context(nginx(tmp / "flup", fsock))
-        targets = {
-            "fcgi-finish": lambda: wrk(url(port), SECONDS),
-            "gunicorn sync": lambda: wrk(url(gport), SECONDS),
-            "flup WSGIServer": lambda: wrk(url(fport), SECONDS),
-        }
-        if "uwsgi" in BASELINES:
-            usock = es.enter_context(harness.uwsgi_server(tmp / "uwsgi", f"{APPS}:hello"))
-            uport = es.enter_context(nginx(tmp / "uwsgi", usock))
-            targets["uWSGI"] = lambda: wrk(url(uport), SECONDS)
-        res = alternate(targets)
+        usock = es.enter_context(harness.uwsgi_server(tmp / "uwsgi", f"{APPS}:hello"))
+        uport = es.enter_context(nginx(tmp / "uwsgi", usock))
+        psock, script = es.enter_context(harness.php_fpm(tmp / "php"))
+        pport = es.enter_context(nginx(tmp / "php", psock, harness.php_nginx_edit(script)))
+        res = alternate(
+            {
+                "fcgi-finish": lambda: wrk(url(port), SECONDS),
+                "uWSGI": lambda: wrk(url(uport), SECONDS),
+                "PHP-FPM": lambda: wrk(url(pport), SECONDS),
+                "gunicorn sync": lambda: wrk(url(gport), SECONDS),
+                "flup WSGIServer": lambda: wrk(url(fport), SECONDS),
+            }
+        )
     table("1. Hello world, one process, nginx keep-conn (req/s)", res, "rps", "req/s")
     chart["hello world req/s"] = {
         name: summary([r.rps for r in runs]) for name, runs in res.items()
     }
-    ratio = med(res["fcgi-finish"], "rps") / med(res["gunicorn sync"], "rps")
-    goal("1. hello world vs gunicorn sync", ratio, ">= 3.0x", ratio >= 3.0)
-    flup = med(res["fcgi-finish"], "rps") / med(res["flup WSGIServer"], "rps")
-    sections.append(f"fcgi-finish is {flup:.2f}x flup's WSGIServer.\n")
+    ours_rps = med(res["fcgi-finish"], "rps")
+    ratio = ours_rps / med(res["uWSGI"], "rps")
+    goal("1. hello world vs uWSGI", ratio, ">= 1.0x", ratio >= 1.0)
+    ratio = ours_rps / med(res["gunicorn sync"], "rps")
+    goal("1. hello world vs gunicorn sync", ratio, ">= 5.0x", ratio >= 5.0)
+    php = ours_rps / med(res["PHP-FPM"], "rps")
+    flup = ours_rps / med(res["flup WSGIServer"], "rps")
+    sections.append(
+        f"fcgi-finish is {php:.2f}x PHP-FPM (one child, the same hello world in PHP) "
+        f"and {flup:.2f}x flup's WSGIServer.\n"
+    )
 
 
 def pool_scaling(tmp: Path) -> None:

@@ -1,0 +1,339 @@
+"""One FastCGI connection as a state machine with no I/O, in the spirit of h11.
+
+Bytes in (``receive_data``), events out (``RequestReady``, ``RequestAborted``);
+responses in (``stdout``, ``end_request``, ``cut``), bytes out. No sockets,
+threads or locks: the I/O side (``connection.Connection``) owns the socket and
+calls this under its own lock. The records only the protocol cares about
+(FCGI_GET_VALUES, unknown types, refused requests, aborts of requests not yet
+running) are answered here and wait in ``data_to_send()``.
+
+Requests are kept by request id, so several per connection (FCGI_MPXS_CONNS)
+fit; with ``multiplex`` off a second concurrent BEGIN_REQUEST is refused with
+CANT_MPX_CONN.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import logging
+from dataclasses import dataclass
+
+from . import protocol
+from .streams import RequestBody
+
+log = logging.getLogger("fcgi")
+
+MAX_CONTENT_LENGTH_DIGITS = 18  # below 2**63: fits every signed 64-bit field downstream
+_IGNORED_MAX = 64  # ids of ended or refused requests whose late records are dropped
+
+_ACCEPTED_TYPES = frozenset(
+    (
+        protocol.BEGIN_REQUEST,
+        protocol.ABORT_REQUEST,
+        protocol.PARAMS,
+        protocol.STDIN,
+        protocol.DATA,
+    )
+)
+
+
+class ConnState(enum.Enum):
+    """Where the connection stands."""
+
+    IDLE = "idle"  # no request on it: the web server may send the next one
+    ACTIVE = "active"  # a request is arriving or running
+    CLOSING = "closing"  # the last request did not ask to keep the connection
+    CLOSED = "closed"  # broken or cut: nothing more goes in or out
+
+
+class RequestState(enum.Enum):
+    """Where one request stands, from BEGIN_REQUEST until it ends (and is forgotten)."""
+
+    PARAMS = "params"  # receiving the params stream
+    STDIN = "stdin"  # receiving the body
+    READY = "ready"  # complete and handed over; later STDIN is dropped
+
+
+class IncomingRequest:
+    """What the web server sent for one request: its params and its body."""
+
+    __slots__ = (
+        "_params",
+        "body",
+        "content_length",
+        "error",
+        "id",
+        "keep_conn",
+        "params",
+        "spool_threshold",
+        "state",
+    )
+
+    def __init__(self, request_id: int, keep_conn: bool, spool_threshold: int) -> None:
+        self.id = request_id
+        self.keep_conn = keep_conn
+        self.state = RequestState.PARAMS
+        self._params = bytearray()
+        self.params: dict[str, str] = {}
+        self.body: RequestBody | None = None  # made when the first STDIN bytes come
+        self.spool_threshold = spool_threshold
+        self.content_length: int | None = None
+        self.error: str | None = None  # why the request is bad (answered 400, never run)
+
+    def stream(self) -> io.BufferedIOBase:
+        """The body to read from its start, for ``wsgi.input``."""
+        return io.BytesIO() if self.body is None else self.body.stream()
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+
+
+@dataclass(slots=True)
+class RequestReady:
+    """A request is complete (or known bad: ``request.error``) and can run."""
+
+    request: IncomingRequest
+
+
+@dataclass(slots=True)
+class RequestAborted:
+    """The web server aborted a running request; END_REQUEST has been queued for it."""
+
+    request_id: int
+
+
+Event = RequestReady | RequestAborted
+
+
+def parse_content_length(text: str) -> int | None:
+    """CONTENT_LENGTH as a number of bytes (None when empty); ValueError unless it is
+    1 to 18 ASCII digits: ``int()`` alone accepts Unicode digits, signs and spaces."""
+    if not text:
+        return None
+    if len(text) > MAX_CONTENT_LENGTH_DIGITS or not (text.isascii() and text.isdigit()):
+        raise ValueError(f"CONTENT_LENGTH {text[:40]!r} is not a number of bytes")
+    return int(text)
+
+
+class FCGIConnection:
+    """The protocol state of one web server connection; no I/O."""
+
+    def __init__(
+        self,
+        values: dict[str, str],
+        max_params: int = 1 << 20,
+        spool_threshold: int = 1 << 20,
+        multiplex: bool = False,
+    ) -> None:
+        self.values = values  # FCGI_GET_VALUES answers
+        self.max_params = max_params
+        self.spool_threshold = spool_threshold
+        self.multiplex = multiplex
+        self.state = ConnState.IDLE
+        self.requests: dict[int, IncomingRequest] = {}
+        self.fresh = True  # no request begun on it yet
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._ignored: set[int] = set()
+        self._arriving = 0  # requests begun and not yet complete
+
+    # -- bytes in, events out ------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Take bytes from the peer; return what they completed. ``ProtocolError`` (and
+        the state CLOSED) when they are not valid FastCGI."""
+        if self.state is ConnState.CLOSED:
+            return []
+        buf = self._buf
+        buf += data
+        events: list[Event] = []
+        try:
+            records, used = protocol.parse_records(buf)
+            for rtype, rid, content in records:
+                self._record(rtype, rid, content, events)
+        except protocol.ProtocolError:
+            self.state = ConnState.CLOSED
+            raise
+        del buf[:used]
+        return events
+
+    @property
+    def receiving(self) -> bool:
+        """True while a record or a request is half-sent (the read timeout applies)."""
+        return self._arriving > 0 or bool(self._buf)
+
+    @property
+    def has_answers(self) -> bool:
+        """True when the protocol queued answers of its own (see ``data_to_send``)."""
+        return bool(self._out)
+
+    def data_to_send(self) -> list[bytes]:
+        """The protocol's own answers queued since the last call."""
+        out, self._out = self._out, []
+        return out
+
+    def _record(self, rtype: int, rid: int, content: bytes, events: list[Event]) -> None:
+        request = self.requests.get(rid)
+        if request is None or rtype == protocol.BEGIN_REQUEST or rtype == protocol.ABORT_REQUEST:
+            self._other_record(request, rtype, rid, content, events)
+            return
+        # The common case first: PARAMS or STDIN of a request being received.
+        state = request.state
+        if state is RequestState.READY:
+            return  # the rest of a body nobody will read (a request answered 400)
+        if rtype == protocol.PARAMS:
+            if state is not RequestState.PARAMS:
+                raise protocol.ProtocolError("PARAMS after the params stream ended")
+            if content:
+                request._params += content
+                if len(request._params) > self.max_params:
+                    raise protocol.ProtocolError(f"params exceed {self.max_params} bytes")
+                return
+            request.params = params = protocol.decode_pairs(request._params)
+            request._params = bytearray()
+            length = params.get("CONTENT_LENGTH")
+            if length:
+                try:
+                    request.content_length = parse_content_length(length)
+                except ValueError as exc:
+                    request.error = str(exc)
+                    self._ready(request, events)
+                    return
+            request.state = RequestState.STDIN
+        elif rtype == protocol.STDIN:
+            if state is not RequestState.STDIN:
+                raise protocol.ProtocolError("STDIN before the params stream ended")
+            if not content:
+                request.state = RequestState.READY
+                self._arriving -= 1
+                events.append(RequestReady(request))
+                return
+            body = request.body
+            if body is None:
+                body = request.body = RequestBody(request.spool_threshold)
+            body.add(content)
+            declared = request.content_length
+            if declared is not None and body.size > declared:
+                raise protocol.ProtocolError(f"STDIN longer than CONTENT_LENGTH {declared}")
+        elif rtype not in _ACCEPTED_TYPES:
+            self._out.append(protocol.unknown_type(rtype))
+        # DATA belongs to the FILTER role, which is refused: nothing to do.
+
+    def _ready(self, request: IncomingRequest, events: list[Event]) -> None:
+        request.state = RequestState.READY
+        self._arriving -= 1
+        events.append(RequestReady(request))
+
+    def _other_record(
+        self,
+        request: IncomingRequest | None,
+        rtype: int,
+        rid: int,
+        content: bytes,
+        events: list[Event],
+    ) -> None:
+        if rid == protocol.NULL_REQUEST_ID:
+            if rtype == protocol.GET_VALUES:
+                names = protocol.decode_pairs(content)
+                self._out.append(protocol.get_values_result(names, self.values))
+            else:
+                log.warning("record type %d with request id 0; answered UNKNOWN_TYPE", rtype)
+                self._out.append(protocol.unknown_type(rtype))
+            return
+        if rtype not in _ACCEPTED_TYPES:
+            self._out.append(protocol.unknown_type(rtype))
+            return
+        if rtype == protocol.BEGIN_REQUEST:
+            self._begin(rid, content)
+            return
+        if request is None:
+            if rid in self._ignored:
+                return  # late records of a request that ended: ignored, as the spec says
+            raise protocol.ProtocolError(
+                f"record type {rtype} for request {rid}, which was never begun"
+            )
+        # ABORT_REQUEST
+        running = request.state is RequestState.READY
+        self._forget(request)
+        self._out.append(protocol.end_request(rid, 1))
+        if running:
+            events.append(RequestAborted(rid))
+
+    def _begin(self, rid: int, content: bytes) -> None:
+        if len(content) < protocol.BEGIN_BODY.size:
+            raise protocol.ProtocolError("short BEGIN_REQUEST body")
+        role, flags = protocol.BEGIN_BODY.unpack_from(content)
+        if rid in self.requests or (self.requests and not self.multiplex):
+            log.debug("request %d refused: another request is active (CANT_MPX_CONN)", rid)
+            self._ignore(rid)
+            self._out.append(protocol.reject(rid, protocol.CANT_MPX_CONN))
+        elif role != protocol.RESPONDER:
+            log.debug("request %d refused: role %d (UNKNOWN_ROLE)", rid, role)
+            self._ignore(rid)
+            self._out.append(protocol.reject(rid, protocol.UNKNOWN_ROLE))
+        else:
+            self.requests[rid] = IncomingRequest(
+                rid, bool(flags & protocol.KEEP_CONN), self.spool_threshold
+            )
+            self._arriving += 1
+            self.state = ConnState.ACTIVE
+            self.fresh = False
+
+    def _ignore(self, rid: int) -> None:
+        ignored = self._ignored
+        if rid not in ignored:
+            if len(ignored) >= _IGNORED_MAX:  # a peer cycling ids gets no unbounded memory
+                ignored.clear()
+            ignored.add(rid)
+
+    def _forget(self, request: IncomingRequest) -> None:
+        del self.requests[request.id]
+        if request.state is not RequestState.READY:
+            self._arriving -= 1
+        self._ignore(request.id)
+        if not request.keep_conn:
+            self.state = ConnState.CLOSING
+        elif not self.requests and self.state is ConnState.ACTIVE:
+            self.state = ConnState.IDLE
+
+    # -- responses in, bytes out -----------------------------------------------------
+
+    def is_active(self, rid: int) -> bool:
+        """True while ``rid`` may still send output."""
+        return rid in self.requests and self.state is not ConnState.CLOSED
+
+    def stdout(self, rid: int, chunks: list[bytes]) -> list[bytes] | None:
+        """STDOUT records for ``chunks``; None when the request has ended (drop them)."""
+        if rid not in self.requests or self.state is ConnState.CLOSED:
+            return None
+        return protocol.stdout_records(rid, chunks)
+
+    def end_request(
+        self, rid: int, chunks: list[bytes] | None = None, app_status: int = 0
+    ) -> list[bytes] | None:
+        """The last STDOUT records, the end of the stream and END_REQUEST; None when the
+        request had already ended (aborted, cut, or the connection broke)."""
+        request = self.requests.get(rid)
+        if request is None or self.state is ConnState.CLOSED:
+            return None
+        parts = protocol.stdout_records(rid, chunks) if chunks else []
+        parts.append(protocol.end_request(rid, app_status))
+        self._forget(request)
+        return parts
+
+    def cut(self, rid: int) -> None:
+        """End the request without END_REQUEST: the connection must close, so the web
+        server sees the response break off instead of taking it as complete."""
+        request = self.requests.pop(rid, None)
+        if request is not None:
+            self._ignore(rid)
+            if request.state is not RequestState.READY:
+                self._arriving -= 1
+        self.state = ConnState.CLOSED
+
+    def close(self) -> None:
+        """The socket is gone (peer closed, reset, timed out): no more in or out."""
+        self.state = ConnState.CLOSED
+        self._buf = bytearray()

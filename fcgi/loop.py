@@ -1,0 +1,318 @@
+"""The I/O loop: the only code that touches sockets and epoll.
+
+It accepts (and closes the least recently used idle connection at
+``--max-connections``), reads and parses what arrives, hands complete requests
+to ``on_request``, flushes output the request threads queued, and closes
+connections that stall past ``--read-timeout`` or ``--write-timeout``. Other
+threads never touch epoll: they ask with ``call_soon`` (a queue and a wake
+pipe, as gunicorn's gthread worker does) or ``attend(conn)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .connection import Connection
+from .fcgiconn import ConnState, FCGIConnection, IncomingRequest, RequestReady
+from .listener import Listener
+from .options import Options
+
+log = logging.getLogger("fcgi")
+
+SWEEP_INTERVAL = 1.0  # seconds between checks for stalled connections
+FIRST_REQUEST_GRACE = 2.0  # seconds a new connection is given for its first request
+
+_IN = select.EPOLLIN
+_IN_OUT = select.EPOLLIN | select.EPOLLOUT
+
+OnRequest = Callable[[Connection, IncomingRequest], None]
+
+
+class IOLoop:
+    """epoll over the listener, the wake pipe and every connection."""
+
+    def __init__(
+        self,
+        listener: Listener,
+        options: Options,
+        on_request: OnRequest,
+        fcgi_values: dict[str, str],
+        on_accept: Callable[[], None] | None = None,
+    ) -> None:
+        self.listener = listener
+        self.options = options
+        self.on_request = on_request
+        self.on_accept = on_accept
+        self.fcgi_values = fcgi_values
+        self.epoll = select.epoll()
+        self.conns: collections.OrderedDict[int, Connection] = collections.OrderedDict()
+        self.accepting = False  # the listener is registered
+        self._want_accepting = False  # the server wants connections (not stopping)
+        self.owner: int | None = None  # the thread running the loop now
+        self._calls: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_pending = False
+        self._next_sweep = 0.0
+        self._listen_fd = listener.sock.fileno()
+        self.epoll.register(self._wake_r, select.EPOLLIN)
+
+    # -- from any thread --------------------------------------------------------------
+
+    def in_loop_thread(self) -> bool:
+        return threading.get_ident() == self.owner
+
+    def call_soon(self, func: Callable[..., Any], *args: Any) -> None:
+        """Run ``func(*args)`` on the loop's thread, at its next turn."""
+        self._calls.append((func, args))
+        if not self._wake_pending and not self.in_loop_thread():
+            self._wake_pending = True
+            self.wake()
+
+    def wake(self) -> None:
+        fd = self._wake_w
+        if fd >= 0:  # after shutdown the number may belong to another file by now
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(fd, b"x")
+
+    def attend(self, conn: Connection) -> None:
+        """Look at ``conn`` again: watch it for writability, or close it if it is done."""
+        if self.in_loop_thread():
+            self._attend(conn)
+        else:
+            self.call_soon(self._attend, conn)
+
+    # -- on the loop's thread -----------------------------------------------------------
+
+    def start_accepting(self) -> None:
+        self._set_accepting(True)
+
+    def stop_accepting(self) -> None:
+        self._set_accepting(False)
+
+    def poll(self, timeout: float, still_owner: Callable[[], bool]) -> bool:
+        """Handle one batch of events; False if the loop moved to another thread meanwhile
+        (a request that finished early took this one)."""
+        self.owner = threading.get_ident()
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            self._sweep(now)
+        if self._calls:
+            self._run_calls()
+        if timeout < 0 or timeout > SWEEP_INTERVAL:
+            timeout = SWEEP_INTERVAL
+        conns = self.conns
+        for fd, mask in self.epoll.poll(timeout):
+            if fd == self._listen_fd:
+                self._accept()
+                continue
+            if fd == self._wake_r:
+                self._wake_pending = False
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+                self._run_calls()
+                continue
+            conn = conns.get(fd)
+            if conn is None:
+                continue
+            if mask & select.EPOLLOUT:
+                if not conn.on_writable():
+                    self._modify(conn, _IN)
+                if conn.done:
+                    self.close(conn)
+                    continue
+            if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                continue
+            events = conn.on_readable()
+            if events is None:
+                self.close(conn)
+                continue
+            conns.move_to_end(fd)
+            for event in events:
+                if type(event) is RequestReady:
+                    self.on_request(conn, event.request)
+                    if not still_owner():
+                        return False
+                else:
+                    log.debug("connection %d: request %d aborted by the web server", fd, event)
+            if conn.out or conn.done:
+                self._attend(conn)
+        return True
+
+    def _run_calls(self) -> None:
+        calls = self._calls
+        while calls:
+            func, args = calls.popleft()
+            func(*args)
+
+    def _attend(self, conn: Connection) -> None:
+        if self.conns.get(conn.fd) is not conn:
+            return
+        if conn.done or conn.closed:
+            self.close(conn)
+        elif conn.watch_writes():
+            self._modify(conn, _IN_OUT)
+
+    def _modify(self, conn: Connection, mask: int) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.modify(conn.fd, mask)
+
+    def close(self, conn: Connection) -> None:
+        """Forget ``conn`` and close its socket; accepting resumes below the limit."""
+        if self.conns.get(conn.fd) is conn:
+            del self.conns[conn.fd]
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(conn.fd)
+        conn.close()
+        if not self.accepting and self._want_accepting:
+            self._update_accepting()
+
+    def close_all(self) -> None:
+        for conn in list(self.conns.values()):
+            self.close(conn)
+
+    def shutdown(self) -> None:
+        self.close_all()
+        self.epoll.close()
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1
+        os.close(wake_r)
+        os.close(wake_w)
+
+    def _set_accepting(self, on: bool) -> None:
+        self._want_accepting = on
+        self._update_accepting()
+
+    def _update_accepting(self) -> None:
+        """Watch the listener while the server wants connections and one can be taken:
+        below --max-connections, or with an idle connection to close for it."""
+        on = self._want_accepting and (
+            len(self.conns) < self.options.max_connections or self._evictable() is not None
+        )
+        if on == self.accepting:
+            return
+        self.accepting = on
+        with contextlib.suppress(OSError, ValueError):
+            if on:
+                self.epoll.register(self._listen_fd, select.EPOLLIN)
+            else:
+                self.epoll.unregister(self._listen_fd)
+
+    def _accept(self) -> None:
+        sock = self.listener.sock
+        limit = self.options.max_connections
+        while True:
+            if len(self.conns) >= limit and not self._evict_idle():
+                log.warning(
+                    "%d connections open (--max-connections), none idle; new ones wait in "
+                    "the listen backlog",
+                    len(self.conns),
+                )
+                self.accepting = False
+                with contextlib.suppress(OSError, ValueError):
+                    self.epoll.unregister(self._listen_fd)
+                return
+            try:
+                client, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            if client.family != socket.AF_UNIX:
+                allow = self.options.allow
+                if allow and addr[0] not in allow:
+                    log.warning(
+                        "connection from %s refused: not in the allow-list "
+                        "(--allow / FCGI_WEB_SERVER_ADDRS)",
+                        addr[0],
+                    )
+                    client.close()
+                    continue
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setblocking(False)
+            if self.on_accept is not None:
+                self.on_accept()
+            opts = self.options
+            proto = FCGIConnection(self.fcgi_values, opts.max_params, opts.spool_threshold)
+            conn = Connection(client, proto, self, opts.write_timeout)
+            log.debug("connection %d: opened", conn.fd)
+            self.conns[conn.fd] = conn
+            self.epoll.register(conn.fd, _IN)
+
+    def _evictable(self, now: float | None = None) -> Connection | None:
+        """The least recently used idle connection, if any: kept-alive ones first; one
+        that has not sent its first request yet only after FIRST_REQUEST_GRACE (nginx
+        retries a request only when a reused connection closes under it)."""
+        now = time.monotonic() if now is None else now
+        fallback = None
+        for conn in self.conns.values():
+            if conn.idle:
+                if not conn.proto.fresh:
+                    return conn
+                if fallback is None and now - conn.opened >= FIRST_REQUEST_GRACE:
+                    fallback = conn
+        return fallback
+
+    def _evict_idle(self) -> bool:
+        conn = self._evictable()
+        if conn is None:
+            return False
+        log.debug("connection %d: closed, idle, to admit a new one (--max-connections)", conn.fd)
+        self.close(conn)
+        return True
+
+    def _sweep(self, now: float) -> None:
+        """Close connections half-sent past --read-timeout, or not reading past
+        --write-timeout (a limit per stall: each time the peer reads, it starts again)."""
+        read_limit = now - self.options.read_timeout
+        write_limit = now - self.options.write_timeout
+        for conn in list(self.conns.values()):
+            since = conn.receiving_since
+            if since is not None and since < read_limit:
+                log.warning(
+                    "connection %d: half-sent for over %.0f s; closing it",
+                    conn.fd,
+                    self.options.read_timeout,
+                )
+                self.close(conn)
+                continue
+            stalled = conn.stalled_since
+            if stalled is not None and stalled < write_limit and conn.out:
+                log.warning(
+                    "connection %d: the peer read nothing for %.0f s (--write-timeout); closing it",
+                    conn.fd,
+                    self.options.write_timeout,
+                )
+                self.close(conn)
+        if not self.accepting and self._want_accepting:
+            self._update_accepting()
+
+    def close_idle(self, now: float) -> bool:
+        """While stopping: close connections with no request; True while some request is
+        still arriving (or a new connection's first one may still come)."""
+        arriving = False
+        for conn in list(self.conns.values()):
+            state = conn.proto.state
+            if state is ConnState.IDLE and conn.receiving_since is None:
+                if conn.proto.fresh and now - conn.opened < FIRST_REQUEST_GRACE:
+                    arriving = True
+                elif not conn.out:
+                    self.close(conn)
+            elif conn.proto.receiving:
+                arriving = True
+        return arriving
+
+    def has_output(self) -> bool:
+        return any(conn.out for conn in self.conns.values())
