@@ -86,7 +86,8 @@ class Server:
         self.watchdog = (
             Watchdog(self.in_progress, options.slow_request) if options.slow_request else None
         )
-        self.answers = Answers(options, self._counters, listener.sock)  # status page, ping, outside --mount
+        # status page, ping, outside --mount
+        self.answers = Answers(options, self._counters, listener.sock)
         self.scoreboard = self.answers.scoreboard
         max_conns = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fcgi_values = {
