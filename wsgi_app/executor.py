@@ -100,7 +100,7 @@ class _Engine:
         def stop() -> None:
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()
-            self.loop.stop()
+            self.loop.call_soon(self.loop.stop)  # after the cancellations are delivered
 
         with contextlib.suppress(RuntimeError):  # already closed
             self.loop.call_soon_threadsafe(stop)
