@@ -125,6 +125,15 @@ SETTINGS: tuple[Setting, ...] = (
         "cancel a coroutine running longer than this many seconds (0: off)",
     ),
     Setting(
+        "process",
+        "DEFERRED_PROCESS",
+        False,
+        _flag,
+        "run deferred calls in a helper process forked from the worker at its first call, "
+        "outside the serving GIL; callables and arguments must pickle (others run in the "
+        "worker) and open their connections themselves",
+    ),
+    Setting(
         "run_on_error",
         "DEFERRED_RUN_ON_ERROR",
         False,
@@ -167,6 +176,7 @@ class DeferredMiddleware:
         backlog: int | None = None,
         slow: float | None = None,
         timeout: float | None = None,
+        process: bool | None = None,
         run_on_error: bool | None = None,
     ) -> None:
         self.app = app
@@ -176,6 +186,7 @@ class DeferredMiddleware:
             "backlog": backlog,
             "slow": slow,
             "timeout": timeout,
+            "process": process,
             "run_on_error": run_on_error,
         }
         values = _settings(given, os.environ)
