@@ -1,7 +1,5 @@
 -- wrk: the plain side of the capacity comparison. The same Lua calls as
 -- one_in_twenty.lua, so both sides cost wrk the same, but every request goes to /.
--- (A separate script rather than DEFER_PATH=/: harness.wrk does not pass its env
--- to wrk, so the variable never reached the script.)
 local n = 0
 request = function()
   n = n + 1
