@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +34,8 @@ from .calls import Batch, Call, State
 
 log = logging.getLogger("wsgi_app.deferred")
 
-MESSAGE_LIMIT = 1 << 20  # bytes: a batch pickled larger than this runs in the worker
+MESSAGE_LIMIT = 1 << 16  # bytes: a batch pickled larger than this runs in the worker
+REPORT_EVENTS = 500  # events per report message, well under MESSAGE_LIMIT
 BUFFER = 4 << 20  # socket buffer: room for thousands of batches in flight
 TICK = 0.02  # seconds between the helper's reports
 
@@ -55,7 +57,9 @@ class Helper:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
         self.parent = os.getpid()
-        self.pid = os.fork()
+        with warnings.catch_warnings():  # 3.12+ warns of fork() beside threads: the
+            warnings.simplefilter("ignore", DeprecationWarning)  # helper starts its own
+            self.pid = os.fork()
         if self.pid == 0:  # the helper
             ours.close()
             _helper_main(theirs, settings)
@@ -152,8 +156,9 @@ def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
         def flush() -> None:
             with lock:
                 batch_events, events[:] = list(events), []
-            if batch_events:
-                sock.sendall(pickle.dumps(batch_events, pickle.HIGHEST_PROTOCOL))
+            for i in range(0, len(batch_events), REPORT_EVENTS):
+                chunk = batch_events[i : i + REPORT_EVENTS]
+                sock.sendall(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
 
         stopping = threading.Event()
 
