@@ -38,6 +38,7 @@ MESSAGE_LIMIT = 1 << 16  # bytes: a batch pickled larger than this runs in the w
 REPORT_EVENTS = 500  # events per report message, well under MESSAGE_LIMIT
 BUFFER = 4 << 20  # socket buffer: room for thousands of batches in flight
 TICK = 0.02  # seconds between the helper's reports
+ORPHAN_TIMEOUT = 10.0  # seconds a helper whose worker died gives its work before it exits
 
 
 class Helper:
@@ -73,7 +74,8 @@ class Helper:
         with self._lock:
             self._seq += 1
             bid = self._seq
-        message = ("batch", bid, batch.origin, batch.request_id, batch.calls)
+        calls = [(call.func, call.args, call.kwargs) for call in batch.calls]
+        message = ("batch", bid, batch.origin, batch.request_id, calls)
         try:
             data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         except Exception:
@@ -158,7 +160,8 @@ def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
                 batch_events, events[:] = list(events), []
             for i in range(0, len(batch_events), REPORT_EVENTS):
                 chunk = batch_events[i : i + REPORT_EVENTS]
-                sock.sendall(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
+                with contextlib.suppress(OSError):  # the worker is gone: no one to tell
+                    sock.sendall(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
 
         stopping = threading.Event()
 
@@ -167,9 +170,12 @@ def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
                 flush()
 
         threading.Thread(target=report, daemon=True).start()
-        timeout = 30.0
+        timeout = ORPHAN_TIMEOUT
         while True:
-            data = sock.recv(MESSAGE_LIMIT)
+            try:
+                data = sock.recv(MESSAGE_LIMIT)
+            except OSError:
+                data = b""
             if not data:
                 break  # the worker is gone: finish up
             message = pickle.loads(data)
@@ -177,7 +183,7 @@ def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
                 timeout = message[1]
                 break
             _, bid, origin, request_id, calls = message
-            batch = Batch(origin, request_id, calls)
+            batch = Batch(origin, request_id, [Call(*call) for call in calls])
             batch.on_done = lambda *_, b=batch: note(b)
             ids[id(batch)] = bid
             executor.submit(batch)
