@@ -217,6 +217,8 @@ class DeferredExecutor:
                 call.state = State.ABANDONED
                 batch.failed += 1
                 self._running.pop(call, None)
+            for hook in self.on_end:
+                self._hook(hook, batch, call)
         else:
             self._end(batch, call, state, seconds=when - call.began)  # it logged failures
 
