@@ -128,8 +128,8 @@ def test_readme_documents_every_option_and_setting():
         # one row of the Configuration table: the flag and its own variable together
         row = rf"^\| `{opt.flag} {opt.metavar}` \| `{opt.env}` \| [^|]+ \| [^|]+ \|$"
         assert re.search(row, readme, re.MULTILINE), opt.name
-    for name, env, default, *_ in SETTINGS:
-        assert f"| `{name}` | `{env}` | {default} |" in readme, name
+    for s in SETTINGS:
+        assert f"| `{s.name}` | `{s.env}` | {s.default} |" in readme, s.name
 
 
 def project(tmp_path):

@@ -17,6 +17,12 @@ free), then hands the request's callables to a bounded executor in this worker
 process. Under other servers (gunicorn, wsgiref) the same happens from the
 response's ``close()``, so the worker takes its next request at once.
 
+A request that failed (the app raised, a 5xx status, a body cut short) does not
+run its deferred calls, as Starlette's background tasks do not: the work often
+assumes what the request did (a row saved, a mail to confirm). ``defer_always``
+registers a call that runs anyway; ``run_on_error`` does so for every call.
+Either way the choice is logged.
+
 The middleware knows nothing of the server beyond environ keys: it finishes
 through ``fcgi.finish_request`` and registers its drain through
 ``fcgi.add_drain_hook``; under gunicorn, call ``drain()`` from ``worker_exit``.
@@ -29,13 +35,16 @@ current request in a context variable while the app runs.
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec
 
-from .executor import Batch, Call, DeferredExecutor
+from .calls import Batch, Call
+from .executor import DeferredExecutor
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -43,6 +52,8 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 
 ENVIRON_KEY = "wsgi_app.deferred"
+
+log = logging.getLogger("wsgi_app.deferred")
 
 # The environ of the request whose app call is running in this thread (or task), for
 # add_task(); set only around the app call, so deferred work and streamed bodies see None.
@@ -65,42 +76,80 @@ def _seconds(text: str) -> float:
     return value
 
 
-# name, environment variable, default, converter, meaning: the middleware's settings.
-SETTINGS = (
-    (
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 1 or 0 (true or false)")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One middleware setting: keyword argument, environment variable, default, the
+    converter that validates it (ValueError names the problem), and its meaning."""
+
+    name: str
+    env: str
+    default: Any
+    convert: Callable[[str], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
         "threads",
         "DEFERRED_THREADS",
-        4,
+        128,
         _count,
-        "plain functions running at once (mail, webhooks: I/O-bound, so a few overlap well)",
+        "most plain functions running at once: the pool grows while calls block and "
+        "shrinks when idle, so blocking calls (mail, HTTP) overlap without holding requests",
     ),
-    (
+    Setting(
         "concurrency",
         "DEFERRED_CONCURRENCY",
-        100,
+        1000,
         _count,
-        "requests' batches in progress at once (coroutines interleave on one loop)",
+        "most requests' batches awaiting coroutines at once (they interleave on one loop)",
     ),
-    (
+    Setting(
         "backlog",
         "DEFERRED_BACKLOG",
         1000,
         _count,
-        "calls waiting to start; beyond it the finishing request's thread runs its own batch",
+        "calls waiting to start before each new batch is logged and counted as overflow; "
+        "it still waits its turn, never dropped and never run on the serving thread",
     ),
-    (
+    Setting(
         "slow",
         "DEFERRED_SLOW",
         0,
         _seconds,
         "log the stack of a call running longer than this many seconds (0: off)",
     ),
-    (
+    Setting(
         "timeout",
         "DEFERRED_TIMEOUT",
         0,
         _seconds,
         "cancel a coroutine running longer than this many seconds (0: off)",
+    ),
+    Setting(
+        "process",
+        "DEFERRED_PROCESS",
+        False,
+        _flag,
+        "run deferred calls in a helper process forked from the worker at its first call, "
+        "outside the serving GIL; callables and arguments must pickle (others run in the "
+        "worker) and open their connections themselves",
+    ),
+    Setting(
+        "run_on_error",
+        "DEFERRED_RUN_ON_ERROR",
+        False,
+        _flag,
+        "run deferred calls of requests that failed (raised, 5xx, body cut short) too",
     ),
 )
 
@@ -110,17 +159,18 @@ _executors: weakref.WeakSet[DeferredExecutor] = weakref.WeakSet()
 def _settings(given: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Keyword arguments first, then the environment, then the defaults; errors name both."""
     values = {}
-    for name, env, default, convert, _meaning in SETTINGS:
-        value = given.get(name)
+    for setting in SETTINGS:
+        value = given.get(setting.name)
         try:
             if value is None:
-                value = convert(environ[env]) if env in environ else default
+                raw = environ.get(setting.env)
+                value = setting.default if raw is None else setting.convert(raw)
             else:
-                value = convert(str(value))
+                value = setting.convert(str(value))
         except ValueError as exc:
-            shown = environ.get(env) if given.get(name) is None else value
-            raise ValueError(f"{name} ({env}) = {shown!r}: {exc}") from None
-        values[name] = value
+            shown = environ.get(setting.env) if given.get(setting.name) is None else value
+            raise ValueError(f"{setting.name} ({setting.env}) = {shown!r}: {exc}") from None
+        values[setting.name] = value
     return values
 
 
@@ -137,6 +187,8 @@ class DeferredMiddleware:
         backlog: int | None = None,
         slow: float | None = None,
         timeout: float | None = None,
+        process: bool | None = None,
+        run_on_error: bool | None = None,
     ) -> None:
         self.app = app
         given = {
@@ -145,45 +197,93 @@ class DeferredMiddleware:
             "backlog": backlog,
             "slow": slow,
             "timeout": timeout,
+            "process": process,
+            "run_on_error": run_on_error,
         }
-        self.executor = DeferredExecutor(**_settings(given, os.environ))
+        values = _settings(given, os.environ)
+        self.run_on_error: bool = values.pop("run_on_error")
+        self.executor = DeferredExecutor(**values)
         _executors.add(self.executor)
         self._server_limits: object = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        batch = Batch(origin=_origin(environ))
+        batch = Batch(origin=_origin(environ), request_id=environ.get("fcgi.request_id", ""))
         environ[ENVIRON_KEY] = batch
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None:  # the server keeps each hook once
             add_drain_hook(self.executor.drain)
-            environ["fcgi.add_stats_hook"](self.executor.snapshot)
+        add_stats_hook = environ.get("fcgi.add_stats_hook")
+        if add_stats_hook is not None:
+            add_stats_hook(self.executor.snapshot)
         batch.on_done = environ.get("fcgi.log_deferred")  # the access log's second line
         limits = environ.get("fcgi.deferred_limits")
         if limits is not None and limits is not self._server_limits:
             self._server_limits = limits  # the worker's --slow-deferred, --deferred-timeout
             self.executor.configure(**{k: v for k, v in limits.items() if v})
+        status: list[str] = []
+
+        def watching_start_response(s: str, headers: Any, exc_info: Any = None) -> Any:
+            status.append(s)
+            return start_response(s, headers, exc_info)
+
         try:
             token = _current_environ.set(environ)
             try:
-                result = self.app(environ, start_response)
+                result = self.app(environ, watching_start_response)
             finally:
                 _current_environ.reset(token)
-        except BaseException:
-            self._after(environ, batch, finish=False)  # the server answers the error
+        except BaseException as exc:
+            # the server answers the error (a 500, or a cut response): no finish here
+            self._after(environ, batch, f"the app raised {type(exc).__name__}", finish=False)
             raise
-        if isinstance(result, list):
-            return _ClosingList(result, lambda: self._after(environ, batch))
-        return _ClosingIterable(result, lambda: self._after(environ, batch))
 
-    def _after(self, environ: WSGIEnvironment, batch: Batch, finish: bool = True) -> None:
+        def after(failure: str | None) -> None:
+            if failure is None and status and status[-1][:1] == "5":
+                failure = status[-1]
+            self._after(environ, batch, failure)
+
+        if isinstance(result, list):
+            return _ClosingList(result, after)
+        return _ClosingIterable(result, after)
+
+    def _after(
+        self, environ: WSGIEnvironment, batch: Batch, failure: str | None, finish: bool = True
+    ) -> None:
+        """The response is over (``failure`` says why it went wrong, if it did): free the
+        connection, then hand the request's calls to the executor."""
         fields = environ.get("fcgi.log_fields")
         if fields is not None:
             fields["deferred"] = len(batch.calls)
         finish_request = environ.get("fcgi.finish_request")
         if finish and finish_request is not None:
             finish_request()
-        if batch.calls:
-            self.executor.submit(batch)
+        if not batch.calls:
+            return
+        if failure is not None:
+            self._failed_request(batch, failure)
+        self.executor.submit(batch)
+
+    def _failed_request(self, batch: Batch, failure: str) -> None:
+        """Keep only the calls that run anyway, and log the choice."""
+        if self.run_on_error:
+            log.warning(
+                "%s failed (%s): running its %d deferred call(s) anyway (run_on_error)",
+                batch.label(),
+                failure,
+                len(batch.calls),
+            )
+            return
+        kept = [call for call in batch.calls if call.always]
+        skipped = [call for call in batch.calls if not call.always]
+        batch.calls = kept
+        self.executor.skip(len(skipped))
+        log.warning(
+            "%s failed (%s): skipping its deferred %s%s",
+            batch.label(),
+            failure,
+            ", ".join(call.describe() for call in skipped),
+            f"; running {len(kept)} registered with defer_always" if kept else "",
+        )
 
     def stats(self) -> dict[str, Any]:
         """Counters of this middleware's deferred work: queued, running, done, failed, ..."""
@@ -193,23 +293,30 @@ class DeferredMiddleware:
 class _ClosingList(list):
     """A list result (so servers may send it in one go) whose ``close()`` runs a hook."""
 
-    def __init__(self, items: list[bytes], hook: Callable[[], None]) -> None:
+    def __init__(self, items: list[bytes], hook: Callable[[str | None], None]) -> None:
         super().__init__(items)
         self._hook = hook
 
     def close(self) -> None:
-        self._hook()
+        self._hook(None)
 
 
 class _ClosingIterable:
-    """Any other result: iterate it as is, close it, then run the hook."""
+    """Any other result: iterate it as is, close it, then run the hook, telling it
+    whether the body was cut short (it raised, or the server stopped reading it)."""
 
-    def __init__(self, result: Iterable[bytes], hook: Callable[[], None]) -> None:
+    def __init__(self, result: Iterable[bytes], hook: Callable[[str | None], None]) -> None:
         self._result = result
         self._hook = hook
+        self._failure: str | None = "the body was not sent to the end"
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._result)
+        try:
+            yield from self._result
+        except BaseException as exc:
+            self._failure = f"the body raised {type(exc).__name__}"
+            raise
+        self._failure = None
 
     def close(self) -> None:
         try:
@@ -217,7 +324,7 @@ class _ClosingIterable:
             if close is not None:
                 close()
         finally:
-            self._hook()
+            self._hook(self._failure)
 
 
 def _origin(environ: WSGIEnvironment) -> str:
@@ -229,17 +336,30 @@ def _origin(environ: WSGIEnvironment) -> str:
     return f"{environ.get('REQUEST_METHOD', '-')} {uri}"
 
 
-def defer(
-    environ: WSGIEnvironment, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs
-) -> None:
-    """Run ``func(*args, **kwargs)`` after this request's response; coroutine functions
-    are awaited. Failures are logged with the request they came from."""
+def _batch(environ: WSGIEnvironment) -> Batch:
     batch = environ.get(ENVIRON_KEY)
     if batch is None:
         raise RuntimeError(
             "defer() needs DeferredMiddleware around the app: application = DeferredMiddleware(app)"
         )
-    batch.calls.append(Call(func, args, kwargs))
+    return batch
+
+
+def defer(
+    environ: WSGIEnvironment, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs
+) -> None:
+    """Run ``func(*args, **kwargs)`` after this request's response; coroutine functions
+    are awaited. Failures are logged with the request they came from. Skipped if the
+    request fails (see ``defer_always``)."""
+    _batch(environ).calls.append(Call(func, args, kwargs))
+
+
+def defer_always(
+    environ: WSGIEnvironment, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs
+) -> None:
+    """``defer``, but the call runs even if the request fails (an audit line, a
+    cleanup that must happen either way)."""
+    _batch(environ).calls.append(Call(func, args, kwargs, always=True))
 
 
 def add_task(func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
