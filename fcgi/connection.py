@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Protocol
 
-from .fcgiconn import ConnState, Event, FCGIConnection
+from .fcgiconn import ConnState, Event, FCGIConnection, IncomingRequest
 
 log = logging.getLogger("fcgi")
 
@@ -134,20 +134,25 @@ class Connection:
 
     # -- from any thread ------------------------------------------------------------
 
-    def send_stdout(self, rid: int, chunks: list[bytes]) -> bool:
-        """Queue STDOUT for request ``rid``; False if it has ended (the output is dropped)."""
+    def send_stdout(
+        self, rid: int, chunks: list[bytes], incoming: IncomingRequest | None = None
+    ) -> bool:
+        """Queue STDOUT for request ``rid``; False if it has ended (the output is dropped).
+        ``incoming``: the request itself, so an aborted one cannot write to its id's successor."""
         with self.lock:
-            parts = self.proto.stdout(rid, chunks)
+            parts = self.proto.stdout(rid, chunks, incoming)
             if parts is None:
                 return False
             attend = self._push(parts)
         self._after_push(attend)
         return True
 
-    def end_request(self, rid: int, chunks: list[bytes] | None = None) -> bool:
+    def end_request(
+        self, rid: int, chunks: list[bytes] | None = None, incoming: IncomingRequest | None = None
+    ) -> bool:
         """Queue the last output and END_REQUEST; False if the request had already ended."""
         with self.lock:
-            parts = self.proto.end_request(rid, chunks)
+            parts = self.proto.end_request(rid, chunks, incoming=incoming)
             if parts is None:
                 return False
             attend = self._push(parts)
@@ -155,15 +160,15 @@ class Connection:
             self._after_push(attend)
         return True
 
-    def cut(self, rid: int) -> None:
+    def cut(self, rid: int, incoming: IncomingRequest | None = None) -> None:
         """End request ``rid`` without END_REQUEST: the connection closes, so the web
         server sees the response break off."""
         with self.lock:
-            self.proto.cut(rid)
+            self.proto.cut(rid, incoming)
         self.loop.attend(self)
 
-    def is_active(self, rid: int) -> bool:
-        return self.proto.is_active(rid)
+    def is_active(self, rid: int, incoming: IncomingRequest | None = None) -> bool:
+        return self.proto.is_active(rid, incoming)
 
     def _push(self, parts: list[bytes]) -> bool:
         """Under ``lock``: queue ``parts``, trying one non-blocking send first if nothing

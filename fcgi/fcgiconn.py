@@ -300,32 +300,52 @@ class FCGIConnection:
 
     # -- responses in, bytes out -----------------------------------------------------
 
-    def is_active(self, rid: int) -> bool:
-        """True while ``rid`` may still send output."""
-        return rid in self.requests and self.state is not ConnState.CLOSED
+    def _current(self, rid: int, incoming: IncomingRequest | None) -> IncomingRequest | None:
+        """The request ``rid`` if it may still send output. ``incoming``, when given, must
+        be that very request: after an ABORT_REQUEST the web server may begin a new one
+        with the same id while the aborted app still runs, and its output is not theirs."""
+        request = self.requests.get(rid)
+        if request is None or self.state is ConnState.CLOSED:
+            return None
+        if incoming is not None and request is not incoming:
+            return None
+        return request
 
-    def stdout(self, rid: int, chunks: list[bytes]) -> list[bytes] | None:
+    def is_active(self, rid: int, incoming: IncomingRequest | None = None) -> bool:
+        """True while ``rid`` may still send output."""
+        return self._current(rid, incoming) is not None
+
+    def stdout(
+        self, rid: int, chunks: list[bytes], incoming: IncomingRequest | None = None
+    ) -> list[bytes] | None:
         """STDOUT records for ``chunks``; None when the request has ended (drop them)."""
-        if rid not in self.requests or self.state is ConnState.CLOSED:
+        if self._current(rid, incoming) is None:
             return None
         return protocol.stdout_records(rid, chunks)
 
     def end_request(
-        self, rid: int, chunks: list[bytes] | None = None, app_status: int = 0
+        self,
+        rid: int,
+        chunks: list[bytes] | None = None,
+        app_status: int = 0,
+        incoming: IncomingRequest | None = None,
     ) -> list[bytes] | None:
         """The last STDOUT records, the end of the stream and END_REQUEST; None when the
         request had already ended (aborted, cut, or the connection broke)."""
-        request = self.requests.get(rid)
-        if request is None or self.state is ConnState.CLOSED:
+        request = self._current(rid, incoming)
+        if request is None:
             return None
         parts = protocol.stdout_records(rid, chunks) if chunks else []
         parts.append(protocol.end_request(rid, app_status))
         self._forget(request)
         return parts
 
-    def cut(self, rid: int) -> None:
+    def cut(self, rid: int, incoming: IncomingRequest | None = None) -> None:
         """End the request without END_REQUEST: the connection must close, so the web
-        server sees the response break off instead of taking it as complete."""
+        server sees the response break off instead of taking it as complete. With
+        ``incoming`` given, a request that already ended (aborted) cuts nothing."""
+        if incoming is not None and self._current(rid, incoming) is None:
+            return
         request = self.requests.pop(rid, None)
         if request is not None:
             self._ignore(rid)

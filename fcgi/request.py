@@ -153,7 +153,7 @@ class Request:
     @property
     def aborted(self) -> bool:
         """The web server gave up on it, or its connection broke."""
-        return not self.finished and not self.conn.is_active(self.id)
+        return not self.finished and not self.conn.is_active(self.id, self.incoming)
 
     def build_environ(self, base: dict[str, Any], mount: str) -> dict[str, Any]:
         """The WSGI environ: the params, the per-worker ``base`` keys, this request's own."""
@@ -238,7 +238,7 @@ class Request:
         if not self.headers_sent:
             chunks.insert(0, self._head)
             self.headers_sent = True
-        if not self.conn.send_stdout(self.id, chunks):
+        if not self.conn.send_stdout(self.id, chunks, self.incoming):
             self.dropped += len(data)
 
     def buffer(self, data: bytes) -> None:
@@ -264,7 +264,7 @@ class Request:
         if not self.headers_sent:
             chunks.insert(0, self._head)
             self.headers_sent = True
-        self.conn.end_request(self.id, chunks)
+        self.conn.end_request(self.id, chunks, self.incoming)
         if self.on_finish is not None or self.in_app:
             self._ended()
         return True
@@ -326,7 +326,7 @@ class Request:
         )
         self.finished = True
         self.status = "500 (cut)"
-        self.conn.cut(self.id)
+        self.conn.cut(self.id, self.incoming)
         self._ended()
 
     def _ended(self) -> None:
@@ -340,7 +340,11 @@ def log_access(access_log: AccessLog) -> Callable[[Request], None]:
     """The ``on_finish`` hook that writes the request's access-log line."""
 
     def on_finish(request: Request) -> None:
-        fields = request.environ.get("fcgi.log_fields", {})
-        access_log.request(request, time.monotonic() - request.started, fields)
+        # the environ is the app's: a line it spoiled is logged, never raised into the loop
+        try:
+            fields = request.environ.get("fcgi.log_fields") or {}
+            access_log.request(request, time.monotonic() - request.started, fields)
+        except Exception:
+            log.exception("%s: its access-log line could not be written", request)
 
     return on_finish

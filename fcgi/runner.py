@@ -41,9 +41,14 @@ class _Detaching:
         self._local = threading.local()
 
     def _claim(self) -> bool:
-        """Count the current request as detached, if the limit allows."""
+        """Count the current request as detached, if the limit allows. Only the thread
+        serving the request detaches it: a finish from a thread of the app's own would
+        count a thread that never releases (and a stop would wait for it in vain)."""
+        local = self._local
+        if not getattr(local, "serving", False) or getattr(local, "detached", False):
+            return False
         with self._cond:
-            if self.detached >= self.max_detached or getattr(self._local, "detached", False):
+            if self.detached >= self.max_detached:
                 return False
             self.detached += 1
         self._local.detached = True
@@ -82,9 +87,11 @@ class InlineRunner(_Detaching):
 
     def submit(self, request: Request) -> None:
         request.on_early_finish = self.detach
+        self._local.serving = True
         try:
             self.handle(request)
         finally:
+            self._local.serving = False
             self._release()
 
     def detach(self) -> None:
@@ -140,7 +147,11 @@ class ThreadRunner(_Detaching):
                 if request is None:
                     return
                 request.on_early_finish = self.detach
-                self.handle(request)
+                self._local.serving = True
+                try:
+                    self.handle(request)
+                finally:
+                    self._local.serving = False
                 if self._release():
                     return  # a fresh thread has taken this one's place
         finally:

@@ -81,6 +81,7 @@ class Batch:
     accepted: float = 0.0  # time.monotonic() when the executor took it
     began: float = 0.0  # when its first call started
     on_done: Callable[[int, float, int], None] | None = None  # (count, seconds, failures)
+    closed: bool = False  # the response ended: calls were handed over, no more are taken
 
     def label(self) -> str:
         """How logs name the request: ``(request GET /uri) id=123-4``, the id as in

@@ -251,6 +251,7 @@ class DeferredMiddleware:
     ) -> None:
         """The response is over (``failure`` says why it went wrong, if it did): free the
         connection, then hand the request's calls to the executor."""
+        batch.closed = True
         fields = environ.get("fcgi.log_fields")
         if fields is not None:
             fields["deferred"] = len(batch.calls)
@@ -341,6 +342,13 @@ def _batch(environ: WSGIEnvironment) -> Batch:
     if batch is None:
         raise RuntimeError(
             "defer() needs DeferredMiddleware around the app: application = DeferredMiddleware(app)"
+        )
+    if batch.closed:
+        # appended now, it would run or not by chance, and no count would know of it
+        raise RuntimeError(
+            f"defer() after the response ended: {batch.label()}'s calls were already "
+            "handed over; call the function directly (deferred work is already after the "
+            "response)"
         )
     return batch
 

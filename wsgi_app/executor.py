@@ -59,6 +59,19 @@ LATENCY_SAMPLES = 2000  # recent finish-to-start delays kept for ``start_delays(
 Hook = Callable[..., None]
 
 
+def _leave_forked_child(call: Call) -> None:
+    """A call forked and its child returned here: it must not go on with the parent's
+    work (every later call would run twice, once in each process), so it exits."""
+    log.error(
+        "deferred %s forked and its child (pid %d) returned into the executor; the child "
+        "exits: end a child with os._exit()",
+        call.describe(),
+        os.getpid(),
+    )
+    logging.shutdown()
+    os._exit(1)
+
+
 class _TickSelector(selectors.DefaultSelector):
     """Rounds the loop's sleeps up to whole ticks, so timers due close together
     (hundreds of ``asyncio.sleep`` ending each second) fire in one wake-up."""
@@ -289,8 +302,12 @@ class DeferredExecutor:
             try:
                 result = call.func(*call.args, **call.kwargs)
             except BaseException:
+                if os.getpid() != engine.pid:
+                    _leave_forked_child(call)
                 self._end(batch, call, State.FAILED, sys.exc_info())
                 continue
+            if os.getpid() != engine.pid:
+                _leave_forked_child(call)
             if inspect.isawaitable(result):
                 self._dispatch(engine, batch, result)
                 return

@@ -1,0 +1,66 @@
+"""Apps for tests/test_attack.py: the hostile-user findings, one app each."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from wsgi_app.deferred import DeferredMiddleware, defer
+
+OK = [("Content-Type", "text/plain")]
+
+
+def broken_log_fields(environ, start_response):
+    """Replaces the access log's fields with something that is not a dict."""
+    environ["fcgi.log_fields"] = None
+    start_response("200 OK", OK)
+    return [b"ok"]
+
+
+def finish_from_thread(environ, start_response):
+    """Calls fcgi.finish_request from a thread of its own, while the app still runs."""
+    start_response("200 OK", OK)
+    thread = threading.Thread(target=environ["fcgi.finish_request"])
+    thread.start()
+    thread.join()
+    return [b"never sent"]
+
+
+def sleepy(environ, start_response):
+    """Sleeps QUERY_STRING seconds, then answers with the path."""
+    time.sleep(float(environ["QUERY_STRING"] or 0))
+    start_response("200 OK", OK)
+    return [environ["PATH_INFO"].encode()]
+
+
+def _note(path: str, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text + "\n")
+
+
+def _defer_again(environ, path: str) -> None:
+    defer(environ, _note, path, "nested")
+
+
+def _fork_and_return(path: str) -> None:
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        _note(path, "parent")
+    # the child returns into the executor, as a careless call would
+
+
+def _deferring(environ, start_response):
+    path = os.environ["TEST_APP_LOG"]
+    what = environ["PATH_INFO"].strip("/")
+    if what == "nested":
+        defer(environ, _defer_again, environ, path)
+    elif what == "fork":
+        defer(environ, _fork_and_return, path)
+    defer(environ, _note, path, f"after {what}")
+    start_response("200 OK", OK)
+    return [b"ok"]
+
+
+deferring = DeferredMiddleware(_deferring)

@@ -1,0 +1,102 @@
+"""What a hostile or careless user found: each case a defined answer, and the worker
+goes on serving (tests/apps_attack.py has the apps)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+from flup.server import fcgi_base as flup
+
+from tests import apps_attack
+from tests.fcgi_client import Client, record, request_bytes
+from tests.procs import python_env, wait_for, worker
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_an_app_breaking_the_access_log_fields_keeps_the_worker(serve, tmp_path, threads):
+    running = serve(
+        apps_attack.broken_log_fields, threads=threads, access_log=str(tmp_path / "access.log")
+    )
+    for _ in range(threads + 2):  # more than there are request threads
+        response = running.client().request("/")
+        assert (response.status, response.body) == (200, b"ok")
+
+
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_finish_request_from_another_thread_does_not_hold_the_stop(tmp_path, threads):
+    with worker(
+        tmp_path,
+        "tests.apps_attack:finish_from_thread",
+        "--threads",
+        threads,
+        "--graceful-timeout",
+        "20",
+    ) as (proc, sock):
+        client = Client(str(sock))
+        response = client.request("/")
+        assert (response.status, response.body) == (200, b"")
+        assert client.request("/again").status == 200
+        client.close()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - started < 5
+
+
+def test_an_aborted_request_never_answers_the_next_one_on_its_id(serve):
+    running = serve(apps_attack.sleepy, threads=4)
+    client = running.client()
+    client.send(request_bytes("/aborted?0.5"))
+    wait_for(lambda: running.server.in_progress, what="the request to run")
+    client.send(record(flup.FCGI_ABORT_REQUEST, 1))
+    assert client.read_response().end == (1, 0)
+    # the web server may reuse id 1 on this connection at once
+    response = client.request("/next?1")
+    assert (response.status, response.body) == (200, b"/next")
+
+
+def _worker_log(tmp_path):
+    return tmp_path / "app.log"
+
+
+def test_defer_from_deferred_work_is_refused_and_counted(tmp_path):
+    log = tmp_path / "work.log"
+    env = python_env(TEST_APP_LOG=str(log))
+    with worker(tmp_path, "tests.apps_attack:deferring", "--status-path", "/status", env=env) as (
+        proc,
+        sock,
+    ):
+        client = Client(str(sock))
+        assert client.request("/nested").body == b"ok"
+        counts = {}
+
+        def both_ended() -> bool:
+            text = client.request("/status").body.decode()
+            counts.update(re.findall(r"deferred (\w+): +(\d+)", text))
+            return counts["done"] == "1" and counts["failed"] == "1"
+
+        wait_for(both_ended, what="the two calls to end")
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert log.read_text() == "after nested\n"  # the refused call never ran, late or not
+    assert "already handed over" in _worker_log(tmp_path).read_text()
+    assert (counts["queued"], counts["running"], counts["abandoned"]) == ("0", "0", "0")
+
+
+def test_a_deferred_call_that_forks_and_returns_runs_nothing_twice(tmp_path):
+    log = tmp_path / "work.log"
+    env = python_env(TEST_APP_LOG=str(log))
+    with worker(tmp_path, "tests.apps_attack:deferring", env=env) as (proc, sock):
+        client = Client(str(sock))
+        assert client.request("/fork").body == b"ok"
+        client.close()
+        wait_for(lambda: log.exists() and "after fork" in log.read_text(), what="the calls")
+        time.sleep(0.2)  # a forked copy would run the next call about now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert log.read_text().splitlines() == ["parent", "after fork"]
+    assert "forked" in _worker_log(tmp_path).read_text()
