@@ -64,3 +64,23 @@ def _deferring(environ, start_response):
 
 
 deferring = DeferredMiddleware(_deferring)
+
+
+class _Unbound:
+    """A callable whose every attribute raises, as an unbound ``LocalProxy`` does."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"working outside of a context: {name}")
+
+    def __call__(self):
+        _note(os.environ["TEST_APP_LOG"], "proxy ran")
+
+
+def _deferring_proxy(environ, start_response):
+    defer(environ, _Unbound())
+    defer(environ, _note, os.environ["TEST_APP_LOG"], "after proxy")
+    start_response("200 OK", OK)
+    return [b"ok"]
+
+
+deferring_proxy = DeferredMiddleware(_deferring_proxy)

@@ -100,3 +100,17 @@ def test_a_deferred_call_that_forks_and_returns_runs_nothing_twice(tmp_path):
         assert proc.wait(30) == 0
     assert log.read_text().splitlines() == ["parent", "after fork"]
     assert "forked" in _worker_log(tmp_path).read_text()
+
+
+def test_a_deferred_callable_whose_attributes_raise_still_runs_and_counts(tmp_path):
+    log = tmp_path / "work.log"
+    env = python_env(TEST_APP_LOG=str(log))
+    with worker(tmp_path, "tests.apps_attack:deferring_proxy", env=env) as (proc, sock):
+        client = Client(str(sock))
+        assert client.request("/").body == b"ok"
+        client.close()
+        wait_for(lambda: log.exists() and "after proxy" in log.read_text(), what="the calls")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert log.read_text().splitlines() == ["proxy ran", "after proxy"]
+    assert "failed" not in _worker_log(tmp_path).read_text()

@@ -48,7 +48,10 @@ class Call:
 
     def describe(self) -> str:
         """``name(args...)``, the arguments cut to ``REPR_LIMIT`` characters."""
-        name = getattr(self.func, "__qualname__", None) or repr(self.func)
+        try:
+            name = getattr(self.func, "__qualname__", None) or repr(self.func)
+        except Exception:  # a proxy whose attributes raise: the log line must still come
+            name = f"<{type(self.func).__name__}>"
         shown = [_short_repr(a) for a in self.args]
         shown += [f"{k}={_short_repr(v)}" for k, v in self.kwargs.items()]
         text = ", ".join(shown)

@@ -576,7 +576,10 @@ class DeferredExecutor:
 
 
 def _is_async(func: Any) -> bool:
-    return inspect.iscoroutinefunction(func)
+    try:
+        return inspect.iscoroutinefunction(func)
+    except Exception:  # a proxy whose attributes raise (an unbound LocalProxy): run it plain
+        return False
 
 
 async def _as_coroutine(awaitable: Any) -> Any:
