@@ -84,3 +84,19 @@ def _deferring_proxy(environ, start_response):
 
 
 deferring_proxy = DeferredMiddleware(_deferring_proxy)
+
+
+def _deferring_helper(environ, start_response):
+    what = environ["PATH_INFO"].strip("/")
+    if what == "exit":
+        defer(environ, os._exit, 0)  # the helper process ends under the call
+    defer(environ, _note_pid, os.environ["TEST_APP_LOG"], f"after {what}")
+    start_response("200 OK", OK)
+    return [b"ok"]
+
+
+def _note_pid(path: str, text: str) -> None:
+    _note(path, f"{text} in {os.getpid()}")
+
+
+deferring_helper = DeferredMiddleware(_deferring_helper, process=True)

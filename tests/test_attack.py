@@ -114,3 +114,24 @@ def test_a_deferred_callable_whose_attributes_raise_still_runs_and_counts(tmp_pa
         assert proc.wait(30) == 0
     assert log.read_text().splitlines() == ["proxy ran", "after proxy"]
     assert "failed" not in _worker_log(tmp_path).read_text()
+
+
+def test_a_helper_process_that_dies_is_logged_its_calls_ended_and_replaced(tmp_path):
+    log = tmp_path / "work.log"
+    env = python_env(TEST_APP_LOG=str(log))
+    app = "tests.apps_attack:deferring_helper"
+    with worker(tmp_path, app, "--status-path", "/status", env=env) as (proc, sock):
+        client = Client(str(sock))
+        assert client.request("/exit").body == b"ok"
+        wait_for(lambda: "died (exit 0)" in _worker_log(tmp_path).read_text(), what="the log")
+        status = client.request("/status").body.decode()
+        assert re.search(r"deferred queued: +0\n", status), status
+        assert re.search(r"deferred running: +0\n", status), status
+        assert client.request("/later").body == b"ok"
+        wait_for(lambda: log.exists() and "after later" in log.read_text(), what="later work")
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    ran_in = int(log.read_text().split("after later in ")[1])
+    assert ran_in != proc.pid  # in a new helper, not the worker
+    assert "deferred _note_pid(" in _worker_log(tmp_path).read_text().split("died")[1]

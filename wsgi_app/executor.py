@@ -207,7 +207,7 @@ class DeferredExecutor:
         held lock would leave it held in the child)."""
         with self._helper_lock:
             helper = self._helper
-            if helper is None or helper.parent != os.getpid():
+            if helper is None or helper.parent != os.getpid() or helper.dead:
                 settings = {
                     "threads": self.threads,
                     "concurrency": self.concurrency,

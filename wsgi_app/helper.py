@@ -55,6 +55,8 @@ class Helper:
         self._lock = threading.Lock()
         self._unpicklable: set[str] = set()
         self.drained = threading.Event()
+        self.dead = False  # it died without being asked to stop: the next batch forks anew
+        self._drain_asked = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
@@ -98,6 +100,7 @@ class Helper:
 
     def request_drain(self, timeout: float) -> None:
         """Ask the helper to finish its work within ``timeout`` s, then stop."""
+        self._drain_asked = True
         with contextlib.suppress(OSError):
             self.sock.send(pickle.dumps(("drain", max(0.0, timeout - 0.3))))
 
@@ -129,7 +132,42 @@ class Helper:
                 if index == len(batch.calls):  # the batch is over
                     del self.batches[bid]
                 self.report(batch, index, State(state), when)
+        if not self._drain_asked:
+            self._died()
         self.drained.set()
+
+    def _died(self) -> None:
+        """The helper is gone unasked (a call ran os._exit, a signal, the OOM killer):
+        say so now, end each call it held (failed if it was running, abandoned if it
+        had not started), and let the next batch fork a new helper."""
+        self.dead = True
+        status = "unknown status"
+        with contextlib.suppress(ChildProcessError):
+            _, code = os.waitpid(self.pid, 0)
+            status = (
+                f"signal {os.WTERMSIG(code)}"
+                if os.WIFSIGNALED(code)
+                else f"exit {os.waitstatus_to_exitcode(code)}"
+            )
+        log.error(
+            "deferred helper process %d died (%s); its next batch forks a new one", self.pid, status
+        )
+        now = time.monotonic()
+        for bid, batch in list(self.batches.items()):
+            self.batches.pop(bid, None)
+            for index, call in enumerate(batch.calls):
+                if call.state.ended:
+                    continue
+                running = call.state is State.RUNNING
+                log.error(
+                    "deferred %s lost with helper process %d, %s %s",
+                    call.describe(),
+                    self.pid,
+                    "while it ran" if running else "not reported started",
+                    batch.label(),
+                )
+                self.report(batch, index, State.FAILED if running else State.ABANDONED, now)
+            self.report(batch, len(batch.calls), State.DONE, now)
 
 
 def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
