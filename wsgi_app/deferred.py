@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec
 
+from .callpath import Unrecordable, volatile
 from .executor import Batch, Call, DeferredExecutor
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 
 ENVIRON_KEY = "wsgi_app.deferred"
+DURABLE_KEY = "wsgi_app.deferred.durable"  # (engine, records) when a journal or Celery is on
 
 
 def _count(text: str) -> int:
@@ -45,6 +47,10 @@ def _count(text: str) -> int:
     if value < 1:
         raise ValueError("must be 1 or more")
     return value
+
+
+def _text(text: str) -> str:
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -91,6 +97,35 @@ SETTINGS = (
         _seconds,
         "cancel a coroutine running longer than this many seconds (0: off)",
     ),
+    (
+        "journal",
+        "DEFERRED_JOURNAL",
+        "",
+        _text,
+        "SQLite file recording each call before the response is finished, so it survives "
+        "the worker's death (empty: memory only)",
+    ),
+    (
+        "attempts",
+        "DEFERRED_ATTEMPTS",
+        5,
+        _count,
+        "journal: runs of a failing call before it is kept as dead",
+    ),
+    (
+        "retry",
+        "DEFERRED_RETRY",
+        10,
+        _seconds,
+        "journal: seconds before a failed call runs again (doubling each time)",
+    ),
+    (
+        "celery",
+        "DEFERRED_CELERY",
+        "",
+        _text,
+        "Celery broker URL: hand the calls to `celery -A wsgi_app.celery worker` instead",
+    ),
 )
 
 _executors: weakref.WeakSet[DeferredExecutor] = weakref.WeakSet()
@@ -126,6 +161,10 @@ class DeferredMiddleware:
         backlog: int | None = None,
         slow: float | None = None,
         timeout: float | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        attempts: int | None = None,
+        retry: float | None = None,
+        celery: str | None = None,
     ) -> None:
         self.app = app
         given = {
@@ -134,18 +173,38 @@ class DeferredMiddleware:
             "backlog": backlog,
             "slow": slow,
             "timeout": timeout,
+            "journal": journal,
+            "attempts": attempts,
+            "retry": retry,
+            "celery": celery,
         }
-        self.executor = DeferredExecutor(**_settings(given, os.environ))
+        settings = _settings(given, os.environ)
+        durable = {k: settings.pop(k) for k in ("journal", "attempts", "retry", "celery")}
+        self.executor = DeferredExecutor(**settings)
         _executors.add(self.executor)
+        self.engine = None
+        if durable["journal"] or durable["celery"]:
+            from .engines import engine_for  # only then: Celery and SQLite stay unimported
+
+            self.engine = engine_for(durable, self.executor)
+            self.engine.start()
         self._server_limits: object = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         batch = Batch(origin=_origin(environ))
         environ[ENVIRON_KEY] = batch
+        engine = self.engine
+        if engine is not None:
+            environ[DURABLE_KEY] = (engine, [])
+            engine.start()  # once per process (again in a forked child)
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None:  # the server keeps each hook once
+            if engine is not None and hasattr(engine, "sweeper"):
+                add_drain_hook(engine.sweeper.stop)  # stop taking over before draining
             add_drain_hook(self.executor.drain)
             environ["fcgi.add_stats_hook"](self.executor.snapshot)
+            if engine is not None:
+                environ["fcgi.add_stats_hook"](engine.stats)
         batch.on_done = environ.get("fcgi.log_deferred")  # the access log's second line
         limits = environ.get("fcgi.deferred_limits")
         if limits is not None and limits is not self._server_limits:
@@ -164,6 +223,9 @@ class DeferredMiddleware:
         fields = environ.get("fcgi.log_fields")
         if fields is not None:
             fields["deferred"] = len(batch.calls)
+        durable = environ.get(DURABLE_KEY)
+        if durable is not None and durable[1]:  # recorded before the visitor has the page
+            batch = durable[0].accept(batch, durable[1])
         finish = environ.get("fcgi.finish_request")
         if finish is not None:
             finish()
@@ -218,12 +280,22 @@ def defer(
     environ: WSGIEnvironment, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs
 ) -> None:
     """Run ``func(*args, **kwargs)`` after this request's response; coroutine functions
-    are awaited. Failures are logged with the request they came from."""
+    are awaited. Failures are logged with the request they came from.
+
+    With a journal or Celery, ``func`` must be importable by name and its arguments
+    serializable, or ``Unrecordable`` is raised here; ``defer(environ, volatile(func))``
+    opts out (that call runs in this worker's memory and may be lost)."""
     batch = environ.get(ENVIRON_KEY)
     if batch is None:
         raise RuntimeError(
             "defer() needs DeferredMiddleware around the app: application = DeferredMiddleware(app)"
         )
+    if isinstance(func, volatile):
+        func = func.func
+    else:
+        durable = environ.get(DURABLE_KEY)
+        if durable is not None:
+            durable[1].append((len(batch.calls), durable[0].encode(func, args, kwargs)))
     batch.calls.append(Call(func, args, kwargs))
 
 
@@ -242,3 +314,13 @@ def drain(timeout: float = 30.0) -> int:
     return sum(
         executor.drain(max(0.0, deadline - time.monotonic())) for executor in list(_executors)
     )
+
+
+__all__ = [
+    "DeferredMiddleware",
+    "Unrecordable",
+    "defer",
+    "drain",
+    "finish_request",
+    "volatile",
+]

@@ -79,6 +79,15 @@ class Batch:
     began: float = 0.0
     task: Any = None
     on_done: Callable[[int, float, int], None] | None = None  # (count, seconds, failures)
+    on_call_end: Callable[[int, BaseException | None], None] | None = None  # (index, error)
+
+    def ended(self, index: int, error: BaseException | None) -> None:
+        """Report the end of call ``index`` (not a cancelled one) to the journal, if any."""
+        if self.on_call_end is not None:
+            try:
+                self.on_call_end(index, error)
+            except Exception:
+                log.exception("recording the end of deferred work of %s failed", self.origin)
 
     def done(self) -> None:
         """Report the batch's end to whoever asked (the server's access log)."""
@@ -223,7 +232,7 @@ class DeferredExecutor:
         try:
             async with self._slots:
                 batch.began = time.monotonic()
-                for call in batch.calls:
+                for index, call in enumerate(batch.calls):
                     with self._lock:
                         batch.started += 1
                         self.stats["queued"] -= 1
@@ -241,7 +250,7 @@ class DeferredExecutor:
                         with self._lock:
                             self.stats["running"] -= 1
                         raise
-                    except TimeoutError:
+                    except TimeoutError as exc:
                         batch.failed += 1
                         self._count(began, "failed")
                         log.error(
@@ -250,14 +259,17 @@ class DeferredExecutor:
                             self.timeout,
                             batch.origin,
                         )
-                    except Exception:
+                        batch.ended(index, exc)
+                    except Exception as exc:
                         batch.failed += 1
                         self._count(began, "failed")
                         log.exception(
                             "deferred %s failed (request %s)", call.describe(), batch.origin
                         )
+                        batch.ended(index, exc)
                     else:
                         self._count(began, "done")
+                        batch.ended(index, None)
                     finally:
                         self._running.pop(call, None)
                 batch.done()
@@ -306,7 +318,7 @@ class DeferredExecutor:
 
     def _run_here(self, batch: Batch) -> None:
         batch.began = time.monotonic()
-        for call in batch.calls:
+        for index, call in enumerate(batch.calls):
             began = time.monotonic()
             with self._lock:
                 self.stats["running"] += 1
@@ -314,12 +326,14 @@ class DeferredExecutor:
                 result = _invoke(call)
                 if inspect.isawaitable(result):
                     asyncio.run(self._awaited(result))
-            except Exception:
+            except Exception as exc:
                 batch.failed += 1
                 self._count(began, "failed")
                 log.exception("deferred %s failed (request %s)", call.describe(), batch.origin)
+                batch.ended(index, exc)
             else:
                 self._count(began, "done")
+                batch.ended(index, None)
         batch.done()
 
     # -- stopping ------------------------------------------------------------------------
