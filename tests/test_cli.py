@@ -137,5 +137,5 @@ def test_readme_documents_every_option_and_setting():
     readme = (ROOT / "README.md").read_text()
     for opt in OPTIONS:
         assert f"`{opt.flag}" in readme and f"`{opt.env}`" in readme, opt.name
-    for name, env, default, *_ in SETTINGS:
-        assert f"| `{name}` | `{env}` | {default} |" in readme, name
+    for s in SETTINGS:
+        assert f"| `{s.name}` | `{s.env}` | {s.default} |" in readme, s.name

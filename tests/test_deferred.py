@@ -101,25 +101,31 @@ def test_returns_at_once_under_a_server_without_finish():
     assert done.wait(5)
 
 
-def test_full_backlog_runs_on_the_request_thread_and_drops_nothing(caplog):
+def test_full_backlog_queues_beyond_it_never_on_the_request_thread(caplog):
     gate = threading.Event()
     ran: list[str] = []
+    threads: set[str] = set()
+
+    def note(path):
+        threads.add(threading.current_thread().name)
+        ran.append(path)
 
     def inner(environ, start_response):
         defer(environ, gate.wait, 5)
-        defer(environ, ran.append, environ["PATH_INFO"])
+        defer(environ, note, environ["PATH_INFO"])
         start_response("200 OK", [])
         return [b""]
 
-    app = DeferredMiddleware(inner, threads=1, concurrency=1, backlog=2)
+    app = DeferredMiddleware(inner, threads=1, backlog=2)
     with caplog.at_level(logging.WARNING, "wsgi_app.deferred"):
         call_app(app, "first")  # queued: 2 calls, the backlog
-        threading.Timer(0.2, gate.set).start()
-        call_app(app, "second")  # backlog full: runs here, waiting on the gate
-        assert "second" in ran  # done by the time the request thread is back
+        call_app(app, "second")  # backlog full: queued beyond it, the caller goes on
+        assert ran == []  # nothing ran on this thread
+        gate.set()
+        assert drain(5) == 0
     assert "backlog of 2 full" in caplog.text
-    assert drain(5) == 0
     assert sorted(ran) == ["first", "second"]
+    assert threading.current_thread().name not in threads
     assert app.stats()["overflowed"] == 2
 
 

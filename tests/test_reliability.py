@@ -28,7 +28,7 @@ def test_sigterm_runs_every_accepted_deferred_call_then_exits_0(tmp_path):
         sock,
     ):
         client = Client(str(sock))
-        for i in range(12):  # twelve requests, so the calls run side by side on 4 threads
+        for i in range(12):  # twelve requests, so the calls run side by side
             assert client.request(f"/?n=1&seconds=1.5&i={i}").body == b"queued\n"
         client.close()
         started = time.monotonic()
@@ -36,7 +36,7 @@ def test_sigterm_runs_every_accepted_deferred_call_then_exits_0(tmp_path):
         assert proc.wait(30) == 0
         took = time.monotonic() - started
     assert [tag for _, tag, _ in done_lines(log)] == ["job0"] * 12
-    assert took >= 4  # 12 calls of 1.5 s on 4 threads: it waited for them
+    assert took >= 1.4  # it waited for the 1.5 s calls
 
 
 def test_sigterm_past_the_deadline_names_what_it_abandons(tmp_path):

@@ -17,6 +17,12 @@ free), then hands the request's callables to a bounded executor in this worker
 process. Under other servers (gunicorn, wsgiref) the same happens from the
 response's ``close()``, so the worker takes its next request at once.
 
+A request that failed (the app raised, a 5xx status, a body cut short) does not
+run its deferred calls, as Starlette's background tasks do not: the work often
+assumes what the request did (a row saved, a mail to confirm). ``defer_always``
+registers a call that runs anyway; ``run_on_error`` does so for every call.
+Either way the choice is logged.
+
 The middleware knows nothing of the server beyond environ keys: it finishes
 through ``fcgi.finish_request`` and registers its drain through
 ``fcgi.add_drain_hook``; under gunicorn, call ``drain()`` from ``worker_exit``.
@@ -24,14 +30,17 @@ through ``fcgi.finish_request`` and registers its drain through
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 from .callpath import Unrecordable, volatile
-from .executor import Batch, Call, DeferredExecutor
+from .calls import Batch, Call
+from .executor import DeferredExecutor
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -41,16 +50,14 @@ P = ParamSpec("P")
 ENVIRON_KEY = "wsgi_app.deferred"
 DURABLE_KEY = "wsgi_app.deferred.durable"  # (engine, records) when a journal or Celery is on
 
+log = logging.getLogger("wsgi_app.deferred")
+
 
 def _count(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError("must be 1 or more")
     return value
-
-
-def _text(text: str) -> str:
-    return text
 
 
 def _seconds(text: str) -> float:
@@ -60,44 +67,77 @@ def _seconds(text: str) -> float:
     return value
 
 
-# name, environment variable, default, converter, meaning: the middleware's settings.
-SETTINGS = (
-    (
+def _text(text: str) -> str:
+    return text
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 1 or 0 (true or false)")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One middleware setting: keyword argument, environment variable, default, the
+    converter that validates it (ValueError names the problem), and its meaning."""
+
+    name: str
+    env: str
+    default: Any
+    convert: Callable[[str], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
         "threads",
         "DEFERRED_THREADS",
-        4,
+        128,
         _count,
-        "plain functions running at once (mail, webhooks: I/O-bound, so a few overlap well)",
+        "most plain functions running at once: the pool grows while calls block and "
+        "shrinks when idle, so blocking calls (mail, HTTP) overlap without holding requests",
     ),
-    (
+    Setting(
         "concurrency",
         "DEFERRED_CONCURRENCY",
-        100,
+        1000,
         _count,
-        "requests' batches in progress at once (coroutines interleave on one loop)",
+        "most requests' batches awaiting coroutines at once (they interleave on one loop)",
     ),
-    (
+    Setting(
         "backlog",
         "DEFERRED_BACKLOG",
         1000,
         _count,
-        "calls waiting to start; beyond it the finishing request's thread runs its own batch",
+        "calls waiting to start before each new batch is logged and counted as overflow; "
+        "it still waits its turn, never dropped and never run on the serving thread",
     ),
-    (
+    Setting(
         "slow",
         "DEFERRED_SLOW",
         0,
         _seconds,
         "log the stack of a call running longer than this many seconds (0: off)",
     ),
-    (
+    Setting(
         "timeout",
         "DEFERRED_TIMEOUT",
         0,
         _seconds,
         "cancel a coroutine running longer than this many seconds (0: off)",
     ),
-    (
+    Setting(
+        "run_on_error",
+        "DEFERRED_RUN_ON_ERROR",
+        False,
+        _flag,
+        "run deferred calls of requests that failed (raised, 5xx, body cut short) too",
+    ),
+    Setting(
         "journal",
         "DEFERRED_JOURNAL",
         "",
@@ -105,21 +145,21 @@ SETTINGS = (
         "SQLite file recording each call before the response is finished, so it survives "
         "the worker's death (empty: memory only)",
     ),
-    (
+    Setting(
         "attempts",
         "DEFERRED_ATTEMPTS",
         5,
         _count,
         "journal: runs of a failing call before it is kept as dead",
     ),
-    (
+    Setting(
         "retry",
         "DEFERRED_RETRY",
         10,
         _seconds,
         "journal: seconds before a failed call runs again (doubling each time)",
     ),
-    (
+    Setting(
         "celery",
         "DEFERRED_CELERY",
         "",
@@ -134,17 +174,18 @@ _executors: weakref.WeakSet[DeferredExecutor] = weakref.WeakSet()
 def _settings(given: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Keyword arguments first, then the environment, then the defaults; errors name both."""
     values = {}
-    for name, env, default, convert, _meaning in SETTINGS:
-        value = given.get(name)
+    for setting in SETTINGS:
+        value = given.get(setting.name)
         try:
             if value is None:
-                value = convert(environ[env]) if env in environ else default
+                raw = environ.get(setting.env)
+                value = setting.default if raw is None else setting.convert(raw)
             else:
-                value = convert(str(value))
+                value = setting.convert(str(value))
         except ValueError as exc:
-            shown = environ.get(env) if given.get(name) is None else value
-            raise ValueError(f"{name} ({env}) = {shown!r}: {exc}") from None
-        values[name] = value
+            shown = environ.get(setting.env) if given.get(setting.name) is None else value
+            raise ValueError(f"{setting.name} ({setting.env}) = {shown!r}: {exc}") from None
+        values[setting.name] = value
     return values
 
 
@@ -161,6 +202,7 @@ class DeferredMiddleware:
         backlog: int | None = None,
         slow: float | None = None,
         timeout: float | None = None,
+        run_on_error: bool | None = None,
         journal: str | os.PathLike[str] | None = None,
         attempts: int | None = None,
         retry: float | None = None,
@@ -173,25 +215,27 @@ class DeferredMiddleware:
             "backlog": backlog,
             "slow": slow,
             "timeout": timeout,
+            "run_on_error": run_on_error,
             "journal": journal,
             "attempts": attempts,
             "retry": retry,
             "celery": celery,
         }
-        settings = _settings(given, os.environ)
-        durable = {k: settings.pop(k) for k in ("journal", "attempts", "retry", "celery")}
-        self.executor = DeferredExecutor(**settings)
+        values = _settings(given, os.environ)
+        self.run_on_error: bool = values.pop("run_on_error")
+        durable = {k: values.pop(k) for k in ("journal", "attempts", "retry", "celery")}
+        self.executor = DeferredExecutor(**values)
         _executors.add(self.executor)
         self.engine = None
         if durable["journal"] or durable["celery"]:
-            from .engines import engine_for  # only then: Celery and SQLite stay unimported
+            from .engines import engine_for  # only then: SQLite and Celery stay unimported
 
             self.engine = engine_for(durable, self.executor)
             self.engine.start()
         self._server_limits: object = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        batch = Batch(origin=_origin(environ))
+        batch = Batch(origin=_origin(environ), request_id=environ.get("fcgi.request_id", ""))
         environ[ENVIRON_KEY] = batch
         engine = self.engine
         if engine is not None:
@@ -199,38 +243,82 @@ class DeferredMiddleware:
             engine.start()  # once per process (again in a forked child)
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None:  # the server keeps each hook once
-            if engine is not None and hasattr(engine, "sweeper"):
-                add_drain_hook(engine.sweeper.stop)  # stop taking over before draining
-            add_drain_hook(self.executor.drain)
-            environ["fcgi.add_stats_hook"](self.executor.snapshot)
             if engine is not None:
-                environ["fcgi.add_stats_hook"](engine.stats)
+                add_drain_hook(engine.stop)  # stop taking over others' calls first
+            add_drain_hook(self.executor.drain)
+        add_stats_hook = environ.get("fcgi.add_stats_hook")
+        if add_stats_hook is not None:
+            add_stats_hook(self.executor.snapshot)
+            if engine is not None:
+                add_stats_hook(engine.stats)
         batch.on_done = environ.get("fcgi.log_deferred")  # the access log's second line
         limits = environ.get("fcgi.deferred_limits")
         if limits is not None and limits is not self._server_limits:
             self._server_limits = limits  # the worker's --slow-deferred, --deferred-timeout
             self.executor.configure(**{k: v for k, v in limits.items() if v})
-        try:
-            result = self.app(environ, start_response)
-        except BaseException:
-            self._after(environ, batch)
-            raise
-        if isinstance(result, list):
-            return _ClosingList(result, lambda: self._after(environ, batch))
-        return _ClosingIterable(result, lambda: self._after(environ, batch))
+        status: list[str] = []
 
-    def _after(self, environ: WSGIEnvironment, batch: Batch) -> None:
+        def watching_start_response(s: str, headers: Any, exc_info: Any = None) -> Any:
+            status.append(s)
+            return start_response(s, headers, exc_info)
+
+        try:
+            result = self.app(environ, watching_start_response)
+        except BaseException as exc:
+            self._after(environ, batch, f"the app raised {type(exc).__name__}")
+            raise
+
+        def after(failure: str | None) -> None:
+            if failure is None and status and status[-1][:1] == "5":
+                failure = status[-1]
+            self._after(environ, batch, failure)
+
+        if isinstance(result, list):
+            return _ClosingList(result, after)
+        return _ClosingIterable(result, after)
+
+    def _after(self, environ: WSGIEnvironment, batch: Batch, failure: str | None) -> None:
+        """The response is over (``failure`` says why it went wrong, if it did): free the
+        connection, then hand the request's calls to the executor."""
         fields = environ.get("fcgi.log_fields")
         if fields is not None:
             fields["deferred"] = len(batch.calls)
         durable = environ.get(DURABLE_KEY)
         if durable is not None and durable[1]:  # recorded before the visitor has the page
+            if failure is not None:
+                self._failed_request(batch, failure)
+                failure = None
             batch = durable[0].accept(batch, durable[1])
         finish = environ.get("fcgi.finish_request")
         if finish is not None:
             finish()
-        if batch.calls:
-            self.executor.submit(batch)
+        if not batch.calls:
+            return
+        if failure is not None:
+            self._failed_request(batch, failure)
+        self.executor.submit(batch)
+
+    def _failed_request(self, batch: Batch, failure: str) -> None:
+        """Keep only the calls that run anyway, and log the choice."""
+        if self.run_on_error:
+            log.warning(
+                "%s failed (%s): running its %d deferred call(s) anyway (run_on_error)",
+                batch.label(),
+                failure,
+                len(batch.calls),
+            )
+            return
+        kept = [call for call in batch.calls if call.always]
+        skipped = [call for call in batch.calls if not call.always]
+        batch.calls = kept
+        self.executor.skip(len(skipped))
+        log.warning(
+            "%s failed (%s): skipping its deferred %s%s",
+            batch.label(),
+            failure,
+            ", ".join(call.describe() for call in skipped),
+            f"; running {len(kept)} registered with defer_always" if kept else "",
+        )
 
     def stats(self) -> dict[str, Any]:
         """Counters of this middleware's deferred work: queued, running, done, failed, ..."""
@@ -240,23 +328,30 @@ class DeferredMiddleware:
 class _ClosingList(list):
     """A list result (so servers may send it in one go) whose ``close()`` runs a hook."""
 
-    def __init__(self, items: list[bytes], hook: Callable[[], None]) -> None:
+    def __init__(self, items: list[bytes], hook: Callable[[str | None], None]) -> None:
         super().__init__(items)
         self._hook = hook
 
     def close(self) -> None:
-        self._hook()
+        self._hook(None)
 
 
 class _ClosingIterable:
-    """Any other result: iterate it as is, close it, then run the hook."""
+    """Any other result: iterate it as is, close it, then run the hook, telling it
+    whether the body was cut short (it raised, or the server stopped reading it)."""
 
-    def __init__(self, result: Iterable[bytes], hook: Callable[[], None]) -> None:
+    def __init__(self, result: Iterable[bytes], hook: Callable[[str | None], None]) -> None:
         self._result = result
         self._hook = hook
+        self._failure: str | None = "the body was not sent to the end"
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._result)
+        try:
+            yield from self._result
+        except BaseException as exc:
+            self._failure = f"the body raised {type(exc).__name__}"
+            raise
+        self._failure = None
 
     def close(self) -> None:
         try:
@@ -264,7 +359,7 @@ class _ClosingIterable:
             if close is not None:
                 close()
         finally:
-            self._hook()
+            self._hook(self._failure)
 
 
 def _origin(environ: WSGIEnvironment) -> str:
@@ -276,27 +371,48 @@ def _origin(environ: WSGIEnvironment) -> str:
     return f"{environ.get('REQUEST_METHOD', '-')} {uri}"
 
 
-def defer(
-    environ: WSGIEnvironment, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs
-) -> None:
-    """Run ``func(*args, **kwargs)`` after this request's response; coroutine functions
-    are awaited. Failures are logged with the request they came from.
-
-    With a journal or Celery, ``func`` must be importable by name and its arguments
-    serializable, or ``Unrecordable`` is raised here; ``defer(environ, volatile(func))``
-    opts out (that call runs in this worker's memory and may be lost)."""
+def _batch(environ: WSGIEnvironment) -> Batch:
     batch = environ.get(ENVIRON_KEY)
     if batch is None:
         raise RuntimeError(
             "defer() needs DeferredMiddleware around the app: application = DeferredMiddleware(app)"
         )
+    return batch
+
+
+def _add(environ: WSGIEnvironment, func: Callable[..., Any], args: Any, kwargs: Any, always: bool):
+    """Append the call to the request's batch; with a journal or Celery, encode it now so
+    that a call which cannot travel fails here (``Unrecordable``), naming itself."""
+    batch = _batch(environ)
     if isinstance(func, volatile):
-        func = func.func
+        call = Call(func.func, args, kwargs, always=always)
     else:
+        call = Call(func, args, kwargs, always=always)
         durable = environ.get(DURABLE_KEY)
         if durable is not None:
-            durable[1].append((len(batch.calls), durable[0].encode(func, args, kwargs)))
-    batch.calls.append(Call(func, args, kwargs))
+            durable[1].append((call, durable[0].encode(func, args, kwargs)))
+    batch.calls.append(call)
+
+
+def defer(
+    environ: WSGIEnvironment, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs
+) -> None:
+    """Run ``func(*args, **kwargs)`` after this request's response; coroutine functions
+    are awaited. Failures are logged with the request they came from. Skipped if the
+    request fails (see ``defer_always``).
+
+    With a journal or Celery on, ``func`` must be importable by name and its arguments
+    serializable, or ``Unrecordable`` is raised here; ``defer(environ, volatile(func))``
+    opts out: that call runs in this worker's memory only, and may be lost."""
+    _add(environ, func, args, kwargs, False)
+
+
+def defer_always(
+    environ: WSGIEnvironment, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs
+) -> None:
+    """``defer``, but the call runs even if the request fails (an audit line, a
+    cleanup that must happen either way)."""
+    _add(environ, func, args, kwargs, True)
 
 
 def finish_request(environ: WSGIEnvironment) -> bool:
@@ -320,6 +436,7 @@ __all__ = [
     "DeferredMiddleware",
     "Unrecordable",
     "defer",
+    "defer_always",
     "drain",
     "finish_request",
     "volatile",

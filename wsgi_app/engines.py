@@ -12,22 +12,37 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from .callpath import Unrecordable, dumps_args, loads_args, path_of, resolve
-from .executor import Batch, Call, DeferredExecutor
+from .calls import Batch, Call, State
+from .executor import DeferredExecutor
 from .journal import Journal, Row, Sweeper
 
 log = logging.getLogger("wsgi_app.deferred")
 
-# (index of the call in its batch, what the engine keeps of it)
-Records = list[tuple[int, Any]]
+# each call that must travel, with what the engine made of it at defer()
+Records = list[tuple[Call, Any]]
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException | None) -> str:
+    if error is None:
+        return "failed (see the worker's log)"
     text = f"{type(error).__name__}: {error}".splitlines()
     return text[0][:500] if text else type(error).__name__
+
+
+def _origin(batch: Batch) -> str:
+    return f"{batch.origin} id={batch.request_id}" if batch.request_id else batch.origin
+
+
+def _kept(batch: Batch, records: Records) -> Records:
+    """The records of calls still in the batch (a failed request drops some)."""
+    present = set(batch.calls)
+    return [(call, record) for call, record in records if call in present]
 
 
 class JournalEngine:
@@ -38,9 +53,16 @@ class JournalEngine:
         self.journal = Journal(path, attempts=attempts, retry=retry)
         self.executor = executor
         self.sweeper = Sweeper(self.journal, self._run, self._room)
+        self._ids: dict[Call, int] = {}  # journaled calls not yet ended: their row ids
+        self._lock = threading.Lock()
+        executor.on_end.append(self._ended)
 
     def start(self) -> None:
         self.sweeper.start()
+
+    def stop(self, seconds_left: float = 0.0) -> int:
+        """A drain hook: stop taking calls over (what is left stays in the journal)."""
+        return self.sweeper.stop(seconds_left)
 
     def encode(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[str, bytes]:
         path = path_of(func)
@@ -48,50 +70,52 @@ class JournalEngine:
 
     def accept(self, batch: Batch, records: Records) -> Batch:
         """On the serving thread, before the finish: one transaction for the batch."""
-        ids = self.journal.record(batch.origin, [record for _, record in records])
-        self._track(batch, dict(zip((index for index, _ in records), ids, strict=True)))
+        records = _kept(batch, records)
+        if records:
+            ids = self.journal.record(_origin(batch), [record for _, record in records])
+            self._track([call for call, _ in records], ids)
         return batch
 
     def stats(self) -> dict[str, int]:
         return self.journal.counts()
 
-    def _track(self, batch: Batch, ids: dict[int, int]) -> None:
-        journal = self.journal
+    def _track(self, calls: list[Call], ids: list[int]) -> None:
+        with self._lock:
+            self._ids.update(zip(calls, ids, strict=True))
 
-        def ended(index: int, error: BaseException | None) -> None:
-            call_id = ids.get(index)
-            if call_id is None:  # a volatile() call: never recorded
-                return
-            if error is None:
-                journal.done(call_id)
-                return
-            delay = journal.failed(call_id, _one_line(error))
-            if delay is None:
-                log.error(
-                    "deferred %s dead after %d attempts (request %s): kept in %s, see "
-                    "python -m wsgi_app.journal list",
-                    batch.calls[index].describe(),
-                    journal.attempts,
-                    batch.origin,
-                    journal.path,
-                )
-            else:
-                log.warning(
-                    "deferred %s will be retried in %g s (request %s)",
-                    batch.calls[index].describe(),
-                    delay,
-                    batch.origin,
-                )
-
-        batch.on_call_end = ended
+    def _ended(self, batch: Batch, call: Call) -> None:
+        """The executor's on_end hook: forget a call done, note a failure; a call
+        abandoned at a stop stays in the journal for the next worker."""
+        with self._lock:
+            call_id = self._ids.pop(call, None)
+        if call_id is None or call.state is State.ABANDONED:  # volatile, or left for later
+            return
+        if call.state is State.DONE:
+            self.journal.done(call_id)
+            return
+        # the hook runs inside the executor's except block: the exception is still current
+        delay = self.journal.failed(call_id, _one_line(sys.exc_info()[1]))
+        if delay is None:
+            log.error(
+                "deferred %s dead after %d attempts %s: kept in %s, see "
+                "python -m wsgi_app.journal list",
+                call.describe(),
+                self.journal.attempts,
+                batch.label(),
+                self.journal.path,
+            )
+        else:
+            log.warning(
+                "deferred %s will be retried in %g s %s", call.describe(), delay, batch.label()
+            )
 
     def _room(self) -> bool:
         return self.executor.snapshot().get("queued", 0) < self.executor.backlog // 2
 
     def _run(self, rows: list[Row]) -> None:
         """Run a claimed request's calls (a dead worker's, or retries) in their order."""
-        batch = Batch(origin=f"{rows[0].origin} (taken over)")
-        ids = {}
+        batch = Batch(origin=f"{rows[0].origin}, taken over")
+        ids = []
         for row in rows:
             try:
                 args, kwargs = loads_args(row.payload)
@@ -100,10 +124,10 @@ class JournalEngine:
                 log.exception("deferred %s cannot be loaded (request %s)", row.path, row.origin)
                 self.journal.failed(row.id, _one_line(exc))
                 continue
-            ids[len(batch.calls)] = row.id
+            ids.append(row.id)
             batch.calls.append(call)
         if batch.calls:
-            self._track(batch, ids)
+            self._track(batch.calls, ids)
             self.executor.submit(batch)
 
 
@@ -122,6 +146,9 @@ class CeleryEngine:
     def start(self) -> None:
         pass
 
+    def stop(self, seconds_left: float = 0.0) -> int:
+        return 0
+
     def encode(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> list[Any]:
         path = path_of(func)
         self._check(path, args, kwargs)
@@ -129,11 +156,15 @@ class CeleryEngine:
 
     def accept(self, batch: Batch, records: Records) -> Batch:
         """Swap the recorded calls for one that publishes them (where the first was)."""
-        durable = {index for index, _ in records}
-        send = Call(self._publish, (self.broker, batch.origin, [r for _, r in records]), {})
-        calls = [c for i, c in enumerate(batch.calls) if i not in durable]
-        calls.insert(min(durable), send)
-        batch.calls = calls
+        records = _kept(batch, records)
+        if not records:
+            return batch
+        durable = {call for call, _ in records}
+        first = min(batch.calls.index(call) for call in durable)
+        message = (self.broker, _origin(batch), [record for _, record in records])
+        send = Call(self._publish, message, {}, always=True)
+        batch.calls = [call for call in batch.calls if call not in durable]
+        batch.calls.insert(first, send)
         return batch
 
     def stats(self) -> dict[str, int]:

@@ -1,22 +1,31 @@
-"""Where deferred work runs: a bounded executor owned by the worker process.
+"""Where deferred work runs: an executor owned by the worker process.
 
-Each request's callables form a ``Batch`` that runs in registration order.
-Batches run as tasks on one asyncio loop in a background thread, so
-coroutine functions interleave without a thread each; plain functions go to
-a small thread pool of their own, never to the threads serving requests.
+Each request's calls form a ``Batch`` that runs in registration order. A batch
+whose next call is a plain function goes straight to an elastic pool of daemon
+threads (``wsgi_app.pool``), which grows while calls block and shrinks when
+idle; a batch whose next call is a coroutine function goes to one asyncio loop
+in a background thread, where coroutines interleave without a thread each.
+A batch that mixes both moves between the two as it goes.
 
-Bounds: at most ``concurrency`` batches in progress, at most ``threads``
-plain functions at once, at most ``backlog`` calls waiting. When the backlog
-is full the policy is caller-runs: the thread that finished the request runs
-its batch itself, after the response has gone out, which slows that worker's
-intake instead of dropping work or growing memory without limit. Each
-overflow is logged and counted.
+Bounds: ``threads`` plain functions at once, ``concurrency`` batches on the
+loop at once, and a ``backlog`` of waiting calls. Past the backlog, a batch is
+still taken (never dropped, never run on the thread that served the request,
+which with ``--threads 1`` is the worker's I/O loop): it waits its turn, and
+each overflow is counted and logged, one line a second at most. What bounds
+the wait then is memory (a few hundred bytes per waiting call plus its
+arguments); a worker that overflows for long needs more ``threads``, or the
+work belongs in a queue beyond the process (Celery).
+
+Every call ends exactly once, as done, failed or abandoned (``wsgi_app.calls``).
+Hooks for a journal: ``on_accept`` callbacks see each batch the executor
+takes, ``on_end`` callbacks each call as it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import collections
+import contextlib
 import gc
 import inspect
 import logging
@@ -28,15 +37,20 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from .calls import Batch, Call, State
+from .pool import ElasticPool
+
 log = logging.getLogger("wsgi_app.deferred")
 
-_REPR_LIMIT = 80
 TICK = 0.02  # seconds: how often a busy loop takes new work and fires timers
-SLOW_CHECK = 0.25  # seconds between looks for slow calls, when --slow-deferred is on
+SLOW_CHECK = 0.25  # seconds between looks for slow calls, when ``slow`` is on
+IDLE_TIMEOUT = 10.0  # seconds an idle pool thread waits for work before it ends
+LATENCY_SAMPLES = 2000  # recent finish-to-start delays kept for ``start_delays()``
+
+Hook = Callable[..., None]
 
 
 class _TickSelector(selectors.DefaultSelector):
@@ -49,62 +63,56 @@ class _TickSelector(selectors.DefaultSelector):
         return super().select(timeout)
 
 
-@dataclass(eq=False)
-class Call:
-    """One deferred callable with its arguments."""
+class _Engine:
+    """The threads of one executor in one process: the pool and the asyncio loop.
 
-    func: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    thread: int | None = None  # the pool thread running it, for a plain function
-    reported: bool = False  # already in the slow log
+    A drain retires its engine; later work starts a new one (also after a fork).
+    """
 
-    def describe(self) -> str:
-        name = getattr(self.func, "__qualname__", None) or repr(self.func)
-        args = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
-        text = ", ".join(args)
-        if len(text) > _REPR_LIMIT:
-            text = text[: _REPR_LIMIT - 3] + "..."
-        return f"{name}({text})"
+    def __init__(self, executor: DeferredExecutor) -> None:
+        self.pid = os.getpid()
+        self.pool = ElasticPool(
+            lambda batch: executor._run_plain(self, batch), executor.threads, IDLE_TIMEOUT
+        )
+        self.loop = asyncio.SelectorEventLoop(_TickSelector())
+        self.slots = asyncio.Semaphore(executor.concurrency)
+        self.inbox: list[tuple[Batch, Any]] = []
+        self.idle = True  # the loop sleeps until woken (no tick pending)
+        self.watching = False  # a slow-call check is scheduled
+        self.retired = False
+        threading.Thread(target=self._serve, name="deferred-loop", daemon=True).start()
 
-
-@dataclass(eq=False)
-class Batch:
-    """The calls one request registered, and where that request came from."""
-
-    origin: str
-    calls: list[Call] = field(default_factory=list)
-    started: int = 0  # calls begun so far; those after it are still waiting
-    failed: int = 0
-    began: float = 0.0
-    task: Any = None
-    on_done: Callable[[int, float, int], None] | None = None  # (count, seconds, failures)
-    on_call_end: Callable[[int, BaseException | None], None] | None = None  # (index, error)
-
-    def ended(self, index: int, error: BaseException | None) -> None:
-        """Report the end of call ``index`` (not a cancelled one) to the journal, if any."""
-        if self.on_call_end is not None:
+    def _serve(self) -> None:
+        """Run the loop until retired; if something escapes it (a callback raising
+        SystemExit), log it and go on with the same loop and its tasks."""
+        while not self.retired:
             try:
-                self.on_call_end(index, error)
-            except Exception:
-                log.exception("recording the end of deferred work of %s failed", self.origin)
+                self.loop.run_forever()
+            except BaseException:
+                log.exception("the deferred loop failed; running it again")
+        self.loop.close()
 
-    def done(self) -> None:
-        """Report the batch's end to whoever asked (the server's access log)."""
-        if self.on_done is not None and self.calls:
-            try:
-                self.on_done(len(self.calls), time.monotonic() - self.began, self.failed)
-            except Exception:
-                log.exception("reporting deferred work of %s failed", self.origin)
+    def retire(self) -> None:
+        """Cancel what runs on the loop, stop it, and let idle pool threads end."""
+        self.retired = True
+        self.pool.close()
+
+        def stop() -> None:
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.stop()
+
+        with contextlib.suppress(RuntimeError):  # already closed
+            self.loop.call_soon_threadsafe(stop)
 
 
 class DeferredExecutor:
-    """Runs batches after their responses, within fixed bounds; see the module docstring."""
+    """Runs batches after their responses, within bounds; see the module docstring."""
 
     def __init__(
         self,
-        threads: int = 4,
-        concurrency: int = 100,
+        threads: int = 128,
+        concurrency: int = 1000,
         backlog: int = 1000,
         slow: float = 0,
         timeout: float = 0,
@@ -115,22 +123,20 @@ class DeferredExecutor:
         self.slow = slow  # seconds before a running call's stack is logged; 0: never
         self.timeout = timeout  # seconds before a coroutine is cancelled; 0: never
         self.stats = dict.fromkeys(
-            ("queued", "running", "done", "failed", "overflowed", "abandoned", "slow"), 0
+            ("queued", "running", "done", "failed", "abandoned", "overflowed", "skipped", "slow"), 0
         )
-        self._running: dict[Call, tuple[Batch, float, Any]] = {}  # call: (batch, start, task)
+        self.registered = 0  # calls accepted, ever: done + failed + abandoned + queued + running
         self.last_duration = 0.0
-        self._lock = threading.Condition()
+        self.on_accept: list[Hook] = []  # hook(batch): the executor took it
+        self.on_end: list[Hook] = []  # hook(batch, call): call.state is its outcome
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a batch ended
         self._batches: set[Batch] = set()
-        self._pid: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._running: dict[Call, tuple[Batch, Any]] = {}  # call: (batch, its asyncio task)
+        self._engine: _Engine | None = None
+        self._delays: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self._overflow_logged_at = -1.0
         self._overflow_unlogged = 0
-        self._inbox: list[Batch] = []
-        self._idle = True
-        self._watching = False  # a slow-call check is scheduled
-        self._closed = False
 
     def configure(self, slow: float | None = None, timeout: float | None = None) -> None:
         """Set the slow-log and timeout limits (the worker offers its own through the environ)."""
@@ -142,26 +148,42 @@ class DeferredExecutor:
     # -- taking work ----------------------------------------------------------------
 
     def submit(self, batch: Batch) -> None:
-        """Queue ``batch``; when the backlog is full or we are draining, run it here and now."""
-        with self._lock:
-            overflow = self._closed or self.stats["queued"] + len(batch.calls) > self.backlog
-            if not overflow:
-                self._start()
-                self.stats["queued"] += len(batch.calls)
-                self._batches.add(batch)
-            else:
-                self.stats["overflowed"] += len(batch.calls)
-        if overflow:
-            self._warn_overflow(batch)
-            self._run_here(batch)
+        """Take ``batch``: it starts as soon as a thread (or the loop) is free."""
+        if not batch.calls:
             return
         with self._lock:
-            self._inbox.append(batch)
-            if not self._idle:
+            engine = self._engine
+            if engine is None or engine.pid != os.getpid():
+                engine = self._engine = _Engine(self)
+            batch.accepted = time.monotonic()
+            count = len(batch.calls)
+            self.registered += count
+            self.stats["queued"] += count
+            overflow = self.stats["queued"] > self.backlog
+            if overflow:
+                self.stats["overflowed"] += count
+            self._batches.add(batch)
+        if overflow:
+            self._warn_overflow(batch)
+        for hook in self.on_accept:
+            self._hook(hook, batch)
+        if self.slow and not engine.watching:
+            engine.watching = True
+            engine.loop.call_soon_threadsafe(self._watch_slow, engine)
+        self._dispatch(engine, batch)
+
+    def _dispatch(self, engine: _Engine, batch: Batch, awaiting: Any = None) -> None:
+        """Send ``batch`` on to where its next call runs (``awaiting``: a plain function's
+        awaitable result, to be awaited on the loop)."""
+        if awaiting is None and not _is_async(batch.calls[batch.next].func):
+            engine.pool.submit(batch)
+            return
+        with self._lock:
+            engine.inbox.append((batch, awaiting))
+            if not engine.idle:
                 return  # the loop's next tick takes it
-            self._idle = False
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._tick)
+            engine.idle = False
+        engine.loop.call_soon_threadsafe(self._tick, engine)
 
     def _warn_overflow(self, batch: Batch) -> None:
         """Log an overflow; under sustained overload, one line a second with the count."""
@@ -172,130 +194,190 @@ class DeferredExecutor:
                 return
             count, self._overflow_unlogged = self._overflow_unlogged, 0
             self._overflow_logged_at = now
-        reason = "stopping" if self._closed else f"backlog of {self.backlog} full"
+            waiting = self.stats["queued"]
         log.warning(
-            "deferred %s: running %d batch(es) on the request thread, latest %d call(s) from %s",
-            reason,
+            "deferred backlog of %d full: %d batch(es) queued beyond it (%d calls waiting), "
+            "latest %d call(s) %s",
+            self.backlog,
             count,
+            waiting,
             len(batch.calls),
-            batch.origin,
+            batch.label(),
         )
 
-    def _start(self) -> None:
-        """Start the loop thread and pool in this process (again after a fork)."""
-        if self._pid == os.getpid():
-            return
-        self._pid = os.getpid()
-        self._closed = False
-        self._batches.clear()
-        self._inbox.clear()
-        self._idle = True
-        self._watching = False
-        self._loop = asyncio.SelectorEventLoop(_TickSelector())
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, "deferred")
-        self._slots = asyncio.Semaphore(self.concurrency)
-        threading.Thread(target=self._loop.run_forever, name="deferred-loop", daemon=True).start()
+    def skip(self, count: int) -> None:
+        """Count calls of a failed request that will not run (never registered here)."""
+        with self._lock:
+            self.stats["skipped"] += count
 
-    def _tick(self) -> None:
+    # -- running work -----------------------------------------------------------------
+
+    def _run_plain(self, engine: _Engine, batch: Batch) -> None:
+        """On a pool thread: run the batch's plain calls until it ends or needs the loop."""
+        while batch.next < len(batch.calls):
+            call = batch.calls[batch.next]
+            if _is_async(call.func):
+                self._dispatch(engine, batch)
+                return
+            if not self._start(batch, call, None):
+                break
+            call.thread = threading.get_ident()
+            try:
+                result = call.func(*call.args, **call.kwargs)
+            except BaseException:
+                self._end(batch, call, State.FAILED, sys.exc_info())
+                continue
+            if inspect.isawaitable(result):
+                self._dispatch(engine, batch, result)
+                return
+            self._end(batch, call, State.DONE)
+        self._batch_over(batch)
+
+    def _tick(self, engine: _Engine) -> None:
         """On the loop: start the batches that arrived; tick again while they keep coming.
 
         Under a stream of submissions the loop picks them up every ``TICK`` instead of
         being woken for each: a wake-up is a pipe write and a GIL hand-off that the
         serving threads pay for. When a tick finds nothing new, the loop sleeps until
-        ``submit`` wakes it (or a timer of running work fires).
+        ``_dispatch`` wakes it (or a timer of running work fires).
         """
-        assert self._loop is not None
         with self._lock:
-            arrived = list(self._inbox)
-            self._inbox.clear()
-            self._idle = not arrived
-        for batch in arrived:
-            batch.task = self._loop.create_task(self._run_batch(batch))
-        if self.slow and arrived and not self._watching:
-            self._watching = True
-            self._loop.call_later(SLOW_CHECK, self._watch_slow)
+            arrived = engine.inbox
+            engine.inbox = []
+            engine.idle = not arrived
+        for batch, awaiting in arrived:
+            engine.loop.create_task(self._run_async(engine, batch, awaiting))
         if arrived:
-            self._loop.call_later(TICK, self._tick)
+            engine.loop.call_later(TICK, self._tick, engine)
 
-    def _watch_slow(self) -> None:
-        """While calls run, look for slow ones every ``SLOW_CHECK`` seconds."""
-        assert self._loop is not None
-        self._check_slow()
-        self._watching = bool(self._running or self._batches)
-        if self._watching:
-            self._loop.call_later(SLOW_CHECK, self._watch_slow)
+    async def _run_async(self, engine: _Engine, batch: Batch, awaiting: Any) -> None:
+        """On the loop: await the batch's coroutines until it ends or needs a thread."""
+        async with engine.slots:
+            if awaiting is not None:  # a plain call returned an awaitable: its end is ours
+                call = batch.calls[batch.next]
+                await self._await(batch, call, awaiting)
+            while batch.next < len(batch.calls):
+                call = batch.calls[batch.next]
+                if not _is_async(call.func):
+                    engine.pool.submit(batch)
+                    return
+                if not self._start(batch, call, asyncio.current_task()):
+                    break
+                try:
+                    coro = call.func(*call.args, **call.kwargs)
+                except BaseException:
+                    self._end(batch, call, State.FAILED, sys.exc_info())
+                    continue
+                await self._await(batch, call, coro)
+        self._batch_over(batch)
 
-    # -- running work -----------------------------------------------------------------
-
-    async def _run_batch(self, batch: Batch) -> None:
-        assert self._slots is not None and self._loop is not None
+    async def _await(self, batch: Batch, call: Call, awaitable: Any) -> None:
+        """Await one call's awaitable under ``timeout``; record how it ended."""
         try:
-            async with self._slots:
-                batch.began = time.monotonic()
-                for index, call in enumerate(batch.calls):
-                    with self._lock:
-                        batch.started += 1
-                        self.stats["queued"] -= 1
-                        self.stats["running"] += 1
-                    began = time.monotonic()
-                    self._running[call] = (batch, began, asyncio.current_task())
-                    try:
-                        if inspect.iscoroutinefunction(call.func):
-                            await self._awaited(call.func(*call.args, **call.kwargs))
-                        else:
-                            result = await self._loop.run_in_executor(self._pool, _invoke, call)
-                            if inspect.isawaitable(result):
-                                await self._awaited(result)
-                    except asyncio.CancelledError:  # drain() has counted it as abandoned
-                        with self._lock:
-                            self.stats["running"] -= 1
-                        raise
-                    except TimeoutError as exc:
-                        batch.failed += 1
-                        self._count(began, "failed")
-                        log.error(
-                            "deferred %s cancelled after %g s (request %s)",
-                            call.describe(),
-                            self.timeout,
-                            batch.origin,
-                        )
-                        batch.ended(index, exc)
-                    except Exception as exc:
-                        batch.failed += 1
-                        self._count(began, "failed")
-                        log.exception(
-                            "deferred %s failed (request %s)", call.describe(), batch.origin
-                        )
-                        batch.ended(index, exc)
-                    else:
-                        self._count(began, "done")
-                        batch.ended(index, None)
-                    finally:
-                        self._running.pop(call, None)
-                batch.done()
-        finally:
-            with self._lock:
-                self._batches.discard(batch)
-                self._lock.notify_all()
+            if self.timeout:
+                await asyncio.wait_for(_as_coroutine(awaitable), self.timeout)
+            else:
+                await awaitable
+        except TimeoutError:
+            log.error(
+                "deferred %s cancelled after %g s %s",
+                call.describe(),
+                self.timeout,
+                batch.label(),
+            )
+            self._end(batch, call, State.FAILED)
+        except BaseException:  # SystemExit too: log it, go on with the next call
+            self._end(batch, call, State.FAILED, sys.exc_info())
+        else:
+            self._end(batch, call, State.DONE)
 
-    async def _awaited(self, awaitable: Any) -> Any:
-        if self.timeout:
-            return await asyncio.wait_for(awaitable, self.timeout)
-        return await awaitable
+    # -- accounting: every call starts once and ends once --------------------------------
+
+    def _start(self, batch: Batch, call: Call, task: Any) -> bool:
+        """Mark ``call`` running; False if a stop has abandoned it meanwhile."""
+        now = time.monotonic()
+        with self._lock:
+            if call.state is not State.QUEUED:
+                return False
+            call.state = State.RUNNING
+            call.began = now
+            self.stats["queued"] -= 1
+            self.stats["running"] += 1
+            self._running[call] = (batch, task)
+            if batch.next == 0:
+                batch.began = now
+                self._delays.append(now - batch.accepted)
+        return True
+
+    def _end(self, batch: Batch, call: Call, state: State, exc_info: Any = None) -> None:
+        """Record the end of a running call; a call abandoned at a stop keeps that end."""
+        now = time.monotonic()
+        with self._lock:
+            batch.next += 1
+            late = call.state is not State.RUNNING
+            if not late:
+                call.state = state
+                self.stats["running"] -= 1
+                self.stats[state.value] += 1
+                self.last_duration = now - call.began
+                self._running.pop(call, None)
+                if state is not State.DONE:
+                    batch.failed += 1
+        if late:
+            log.warning(
+                "deferred %s ended after the stop had abandoned it %s",
+                call.describe(),
+                batch.label(),
+            )
+            return
+        if exc_info is not None:
+            log.error(
+                "deferred %s failed %s",
+                call.describe(),
+                batch.label(),
+                exc_info=exc_info,
+            )
+        for hook in self.on_end:
+            self._hook(hook, batch, call)
+
+    def _batch_over(self, batch: Batch) -> None:
+        with self._lock:
+            if batch not in self._batches:
+                return  # a stop abandoned it and reported it
+            self._batches.discard(batch)
+            self._changed.notify_all()
+        self._hook(batch.finished)
+
+    def _hook(self, hook: Hook, *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("deferred-work hook %r failed", hook)
+
+    # -- the slow log ---------------------------------------------------------------------
+
+    def _watch_slow(self, engine: _Engine) -> None:
+        """On the loop, while calls run: log those past ``slow`` every ``SLOW_CHECK`` s."""
+        self._check_slow()
+        with self._lock:
+            engine.watching = bool(self._batches) and not engine.retired
+        if engine.watching:
+            engine.loop.call_later(SLOW_CHECK, self._watch_slow, engine)
 
     def _check_slow(self) -> None:
-        """On the loop, every ``SLOW_CHECK`` s while work runs: log calls past ``slow``."""
         if not self.slow:
             return
         now = time.monotonic()
         frames = None
-        for call, (batch, began, task) in list(self._running.items()):
-            if now - began < self.slow or call.reported:
+        with self._lock:
+            running = list(self._running.items())
+        for call, (batch, task) in running:
+            if now - call.began < self.slow or call.reported:
                 continue
             call.reported = True
-            if call.thread is not None:
+            if task is None:  # a plain function: its pool thread's stack
                 frames = frames or _thread_frames()
-                frame = frames.get(call.thread)
+                frame = frames.get(call.thread or 0)
                 stack = traceback.format_stack(frame) if frame else []
             else:  # a coroutine: the frames down its chain of awaits
                 chain = [(f, f.f_lineno) for f in task.get_stack(limit=20)]
@@ -303,86 +385,82 @@ class DeferredExecutor:
             with self._lock:
                 self.stats["slow"] += 1
             log.warning(
-                "slow deferred %s running for %.1f s (request %s):\n%s",
+                "slow deferred %s running for %.1f s %s:\n%s",
                 call.describe(),
-                now - began,
-                batch.origin,
+                now - call.began,
+                batch.label(),
                 "".join(stack).rstrip(),
             )
-
-    def _count(self, began: float, outcome: str) -> None:
-        with self._lock:
-            self.stats["running"] -= 1
-            self.stats[outcome] += 1
-            self.last_duration = time.monotonic() - began
-
-    def _run_here(self, batch: Batch) -> None:
-        batch.began = time.monotonic()
-        for index, call in enumerate(batch.calls):
-            began = time.monotonic()
-            with self._lock:
-                self.stats["running"] += 1
-            try:
-                result = _invoke(call)
-                if inspect.isawaitable(result):
-                    asyncio.run(self._awaited(result))
-            except Exception as exc:
-                batch.failed += 1
-                self._count(began, "failed")
-                log.exception("deferred %s failed (request %s)", call.describe(), batch.origin)
-                batch.ended(index, exc)
-            else:
-                self._count(began, "done")
-                batch.ended(index, None)
-        batch.done()
 
     # -- stopping ------------------------------------------------------------------------
 
     def drain(self, timeout: float) -> int:
-        """Finish accepted work for up to ``timeout`` seconds; log and count what is left.
+        """Finish accepted work for up to ``timeout`` seconds; then log each call left
+        (never started, or still running) and count it abandoned. Returns how many.
 
-        Work submitted from now on runs on the submitting thread. Returns how many
-        calls were abandoned (never started, or still running at the deadline).
+        Work taken during the drain is waited for too. The executor's threads are
+        retired; work submitted afterwards starts new ones (a later server in the
+        same process). A plain function still running is left to its daemon thread:
+        it cannot hold the process at exit.
         """
         deadline = time.monotonic() + timeout
         with self._lock:
-            self._closed = True
-            while self._batches and self._pid == os.getpid():
+            engine = self._engine
+            if engine is None or engine.pid != os.getpid():
+                return 0  # nothing ever ran in this process
+            while self._batches:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._lock.wait(left)
-            if self._pid != os.getpid():
-                return 0
-            leftover = list(self._batches)
-        abandoned = 0
+                self._changed.wait(left)
+            leftover = sorted(self._batches, key=lambda b: b.accepted)
+            self._batches.clear()
+            self._engine = None
+            abandoned: list[tuple[Batch, Call, State]] = []
+            for batch in leftover:
+                for call in batch.calls:
+                    if call.state.ended:
+                        continue
+                    abandoned.append((batch, call, call.state))
+                    self.stats[call.state.value] -= 1
+                    self.stats["abandoned"] += 1
+                    call.state = State.ABANDONED
+                    batch.failed += 1
+                    self._running.pop(call, None)
+        engine.retire()
+        for batch, call, was in abandoned:
+            log.error(
+                "deferred %s abandoned at stop, %s %s",
+                call.describe(),
+                "still running" if was is State.RUNNING else "never started",
+                batch.label(),
+            )
+            for hook in self.on_end:
+                self._hook(hook, batch, call)
         for batch in leftover:
-            for index, call in enumerate(batch.calls):
-                if index < batch.started - 1:
-                    continue
-                state = "still running" if index == batch.started - 1 else "never started"
-                log.error(
-                    "deferred %s abandoned at stop, %s (request %s)",
-                    call.describe(),
-                    state,
-                    batch.origin,
-                )
-                abandoned += 1
-            if batch.task is not None and self._loop is not None:
-                self._loop.call_soon_threadsafe(batch.task.cancel)
-        with self._lock:
-            self.stats["abandoned"] += abandoned
-            self.stats["queued"] = 0
-        return abandoned
+            self._hook(batch.finished)
+        return len(abandoned)
+
+    # -- figures --------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
+        """The counters for the status page; queued + running + done + failed +
+        abandoned == every call ever taken."""
         with self._lock:
             return {**self.stats, "last_duration": round(self.last_duration, 6)}
 
+    def start_delays(self) -> list[float]:
+        """Seconds from the finish to the first call's start, for recent batches."""
+        with self._lock:
+            return list(self._delays)
 
-def _invoke(call: Call) -> Any:
-    call.thread = threading.get_ident()  # where the slow log finds its stack
-    return call.func(*call.args, **call.kwargs)
+
+def _is_async(func: Any) -> bool:
+    return inspect.iscoroutinefunction(func)
+
+
+async def _as_coroutine(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def _thread_frames() -> dict[int, FrameType]:
@@ -396,3 +474,6 @@ def _thread_frames() -> dict[int, FrameType]:
     finally:
         if enabled:
             gc.enable()
+
+
+__all__ = ["Batch", "Call", "DeferredExecutor", "State"]

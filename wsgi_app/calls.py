@@ -1,0 +1,96 @@
+"""What deferred work is made of: a ``Call`` (one callable and its arguments) and a
+``Batch`` (the calls one request registered, run in that order).
+
+Both are plain data. Each call carries its own state, so every count the worker
+shows (status page, access log, exit log) comes from one place: a call is
+``queued`` until it starts, ``running`` while it runs, and then ends exactly once
+as ``done``, ``failed`` or ``abandoned``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+REPR_LIMIT = 80  # characters of arguments shown in logs
+
+
+class State(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+    @property
+    def ended(self) -> bool:
+        return self in _ENDED
+
+
+_ENDED = frozenset({State.DONE, State.FAILED, State.ABANDONED})
+
+
+@dataclass(eq=False)
+class Call:
+    """One deferred callable with its arguments, and where it stands."""
+
+    func: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    always: bool = False  # run even when the request failed (``defer_always``)
+    state: State = State.QUEUED
+    began: float = 0.0  # time.monotonic() when it started running
+    thread: int | None = None  # the pool thread running it, for the slow log's stack
+    reported: bool = False  # already in the slow log
+
+    def describe(self) -> str:
+        """``name(args...)``, the arguments cut to ``REPR_LIMIT`` characters."""
+        name = getattr(self.func, "__qualname__", None) or repr(self.func)
+        shown = [_short_repr(a) for a in self.args]
+        shown += [f"{k}={_short_repr(v)}" for k, v in self.kwargs.items()]
+        text = ", ".join(shown)
+        if len(text) > REPR_LIMIT:
+            text = text[: REPR_LIMIT - 3] + "..."
+        return f"{name}({text})"
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not hide the call in the log
+        text = f"<{type(value).__name__} (repr failed)>"
+    return text if len(text) <= REPR_LIMIT else text[: REPR_LIMIT - 3] + "..."
+
+
+@dataclass(eq=False)
+class Batch:
+    """The calls one request registered, and where that request came from.
+
+    ``origin`` is ``METHOD /uri``; ``request_id`` the server's ``fcgi.request_id``
+    when it offers one. ``next`` is the index of the first call not yet started.
+    """
+
+    origin: str
+    request_id: str = ""
+    calls: list[Call] = field(default_factory=list)
+    next: int = 0
+    failed: int = 0  # calls that ended failed or abandoned
+    accepted: float = 0.0  # time.monotonic() when the executor took it
+    began: float = 0.0  # when its first call started
+    on_done: Callable[[int, float, int], None] | None = None  # (count, seconds, failures)
+
+    def label(self) -> str:
+        """How logs name the request: ``(request GET /uri) id=123-4``, the id as in
+        the access log."""
+        text = f"(request {self.origin})"
+        return f"{text} id={self.request_id}" if self.request_id else text
+
+    def finished(self) -> None:
+        """Every call has ended: tell whoever asked (the server's access log line)."""
+        if self.on_done is None:
+            return
+        seconds = time.monotonic() - (self.began or self.accepted)
+        self.on_done(len(self.calls), seconds, self.failed)
