@@ -31,7 +31,7 @@ system-packages:
 	@./conf/install-packages.sh nginx:nginx-light apache2:apache2 lighttpd:lighttpd caddy:caddy redis-server:redis-server
 
 render: install
-	@mkdir -p var/run var/log var/tmp
+	@mkdir -p var/run var/log var/tmp var/lib
 	@./conf/render.sh conf/nginx.conf $(NGINX_LISTEN) $(ROOT)/var/run/app.sock $(ROOT)/var > var/run/nginx.conf.new
 	@mv var/run/nginx.conf.new var/run/nginx.conf
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 
 from tests import apps_journal
 from tests.fcgi_client import Client
-from tests.procs import ROOT, python_env, stop, wait_for, worker
+from tests.procs import ROOT, python_env, stack, stop, wait_for, worker
 from wsgi_app import journal as journal_module
 from wsgi_app.callpath import Unrecordable, dumps_args, path_of, resolve
 from wsgi_app.journal import Journal
@@ -102,11 +103,12 @@ def test_calls_of_a_dead_process_are_claimed_oldest_first_in_request_order(
         for row in group:
             journal.done(row.id)
     assert journal.counts() == {"journal_pending": 0, "journal_dead": 0}
+    journal.close()
 
 
 def test_a_live_workers_calls_are_left_alone_until_its_lease_runs_out(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
-    Journal(path)  # the schema
+    Journal(path).close()  # the schema
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("INSERT INTO workers VALUES ('elsewhere:1:x', 'elsewhere', 1, ?)", (time.time(),))
     db.execute(
@@ -117,6 +119,7 @@ def test_a_live_workers_calls_are_left_alone_until_its_lease_runs_out(tmp_path: 
     assert journal.claim() == []  # another host: its pid says nothing here, its lease holds
     db.execute("UPDATE workers SET heartbeat = ?", (time.time() - journal_module.LEASE - 1,))
     assert [len(g) for g in journal.claim()] == [1]
+    journal.close()
     db.close()
 
 
@@ -155,9 +158,15 @@ def test_a_failing_call_is_retried_then_kept_as_dead_for_the_cli(tmp_path: Path)
     db.close()
     assert cli("purge", "--all-dead") == "1 call(s) purged\n"
     assert cli("list", "--all") == ""
+    journal.close()
 
 
 # -- the worker with a journal -------------------------------------------------------------
+
+
+def counts(path: Path) -> dict[str, int]:
+    with contextlib.closing(Journal(path)) as journal:
+        return journal.counts()
 
 
 def journal_env(path: Path, **extra: str) -> dict[str, str]:
@@ -193,7 +202,7 @@ def test_a_poisoned_call_ends_dead_after_its_attempts(tmp_path: Path) -> None:
         client = Client(str(sock))
         assert client.request(f"/poison?out={out}").status == 200
         client.close()
-        wait_for(lambda: Journal(path).counts()["journal_dead"] == 1, what="a dead call")
+        wait_for(lambda: counts(path)["journal_dead"] == 1, what="a dead call")
     assert lines(out).count(f"attempt {_proc.pid}") == 3
     log = (tmp_path / "app.log").read_text()
     assert log.count("will be retried") == 2
@@ -223,14 +232,14 @@ def test_sigkill_with_200_calls_pending_a_fresh_worker_runs_them_all(tmp_path: P
     env = journal_env(path, DEFERRED_THREADS="2")
     with worker(tmp_path, "tests.apps_journal:application", env=env) as (first, sock):
         send_batches(sock, out, 20, 10, 0.02)
-        assert Journal(path).counts()["journal_pending"] > 150
+        assert counts(path)["journal_pending"] > 150
         first.kill()
         first.wait()
     before = len(lines(out))
     assert before < 50
     with worker(tmp_path, "tests.apps_journal:application", env=env, name="b") as (second, _):
         check_all_ran(out, 200)
-        wait_for(lambda: Journal(path).counts()["journal_pending"] == 0, what="an empty journal")
+        wait_for(lambda: counts(path)["journal_pending"] == 0, what="an empty journal")
     by_second = [ln for ln in lines(out)[before:] if ln.endswith(f" {second.pid}")]
     assert len(by_second) >= 200 - before
     # each request's calls ran in the order registered
@@ -298,12 +307,21 @@ def test_under_supervisord_kill_9_of_one_worker_loses_nothing(tmp_path: Path) ->
         send_batches(tmp_path / "app.sock", out, 20, 10, 0.02)
         wait_for(lambda: lines(out), what="the first call")
         victim = int(lines(out)[0].split()[1])
-        assert Journal(path).counts()["journal_pending"] > 150
+        assert counts(path)["journal_pending"] > 150
         os.kill(victim, signal.SIGKILL)
         check_all_ran(out, 200)
-        wait_for(lambda: Journal(path).counts()["journal_pending"] == 0, what="an empty journal")
+        wait_for(lambda: counts(path)["journal_pending"] == 0, what="an empty journal")
         others = {int(ln.split()[1]) for ln in lines(out)} - {victim}
         assert others, "nobody took the dead worker's calls over"
         assert victim in first.values()
     finally:
         stop(proc, timeout=60)
+
+
+@pytest.mark.e2e
+def test_the_shipped_stack_keeps_a_journal_under_var_lib(tmp_path: Path) -> None:
+    with stack(tmp_path, numprocs=1):
+        path = tmp_path / "var" / "lib" / "deferred.sqlite3"
+        wait_for(path.exists, what="the journal file")
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT count(*) FROM workers").fetchone() == (1,)

@@ -95,9 +95,9 @@ class Journal:
         self._requests = 0
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+        db = self._db()
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
 
     # -- connections -------------------------------------------------------------------
 
@@ -109,6 +109,13 @@ class Journal:
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db, self._local.pid = db, os.getpid()
         return db
+
+    def close(self) -> None:
+        """Close this thread's connection (a CLI run, a test); another call reopens it."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            self._local.db = None
+            db.close()
 
     def _register(self) -> None:
         """Enter this process in ``workers`` (again after a fork or an exec)."""

@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(args.journal):
         parser.error(f"no journal at {args.journal}")
     journal = Journal(args.journal)
+    try:
+        return _run(parser, args, journal)
+    finally:
+        journal.close()
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, journal: Journal) -> int:
     if args.command == "list":
         now = time.time()
         rows = journal.rows(None if args.all else "dead")
