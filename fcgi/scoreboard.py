@@ -37,9 +37,13 @@ FIELDS = (
     ("deferred_failed", "Q"),
     ("deferred_abandoned", "Q"),
     ("last_deferred", "d"),
+    ("deferred_journal_pending", "Q"),  # journal-wide (every worker sees the same file)
+    ("deferred_journal_dead", "Q"),
 )
 SLOT = struct.Struct("<" + "".join(fmt for _, fmt in FIELDS))
 NAMES = [name for name, _ in FIELDS]
+# the deferred-work hook's keys kept in a slot (the journal's only when it is on)
+COUNTERS = ("queued", "running", "done", "failed", "abandoned", "journal_pending", "journal_dead")
 _TEXT = {"method", "uri"}
 
 
@@ -90,7 +94,7 @@ class Scoreboard:
         v = self.values
         v["slow"] = slow
         if deferred:
-            for key in ("queued", "running", "done", "failed", "abandoned"):
+            for key in COUNTERS:
                 v["deferred_" + key] = deferred.get(key, 0)
             v["last_deferred"] = deferred.get("last_duration", 0.0)
         self._write()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import os
 import signal
 import sqlite3
@@ -198,11 +199,20 @@ def test_unrecordable_calls_are_refused_at_defer_with_an_error_naming_them(
 def test_a_poisoned_call_ends_dead_after_its_attempts(tmp_path: Path) -> None:
     out, path = tmp_path / "out", tmp_path / "j.sqlite3"
     env = journal_env(path, DEFERRED_ATTEMPTS="3", DEFERRED_RETRY="0.01")
-    with worker(tmp_path, "tests.apps_journal:application", env=env) as (_proc, sock):
+    status = ("--status-path", "/fcgi-status")
+    with worker(tmp_path, "tests.apps_journal:application", *status, env=env) as (_proc, sock):
         client = Client(str(sock))
         assert client.request(f"/poison?out={out}").status == 200
-        client.close()
         wait_for(lambda: counts(path)["journal_dead"] == 1, what="a dead call")
+
+        def shown() -> dict:
+            return json.loads(client.request("/fcgi-status?json").body)
+
+        data = wait_for(lambda: shown()["deferred journal dead"] == 1 and shown(), what="status")
+        assert data["deferred journal pending"] == 0 and data["deferred failed"] == 3
+        metrics = client.request("/fcgi-status?openmetrics").body.decode()
+        assert 'fcgi_deferred_journal{pool="app",state="dead"} 1' in metrics
+        client.close()
     assert lines(out).count(f"attempt {_proc.pid}") == 3
     log = (tmp_path / "app.log").read_text()
     assert log.count("will be retried") == 2
