@@ -37,7 +37,7 @@ def redis(tmp: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def celery_worker(tmp: Path, broker: str) -> Iterator[int]:
+def celery_worker(tmp: Path, broker: str, **env: str) -> Iterator[int]:
     """``celery -A wsgi_app.celery worker`` (one process: its pid runs every call)."""
     log = tmp / "celery.log"
     cmd = [sys.executable, "-m", "celery", "-A", "wsgi_app.celery", "worker", "--pool", "solo"]
@@ -48,7 +48,7 @@ def celery_worker(tmp: Path, broker: str) -> Iterator[int]:
         lambda: log.exists() and " ready." in log.read_text(),
         "the Celery worker",
         cwd=ROOT,
-        env=python_env(DEFERRED_CELERY=broker),
+        env=python_env(DEFERRED_CELERY=broker, **env),
     ) as proc:
         yield proc.pid
 
