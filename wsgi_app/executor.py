@@ -439,6 +439,14 @@ class DeferredExecutor:
                 self._hook(hook, batch, call)
         for batch in leftover:
             self._hook(batch.finished)
+        with self._lock:
+            counts = dict(self.stats, registered=self.registered)
+        log.log(
+            logging.WARNING if abandoned else logging.INFO,
+            "deferred work at stop: %(registered)d call(s) taken, %(done)d done, "
+            "%(failed)d failed, %(abandoned)d abandoned",
+            counts,
+        )
         return len(abandoned)
 
     # -- figures --------------------------------------------------------------------------
@@ -447,7 +455,11 @@ class DeferredExecutor:
         """The counters for the status page; queued + running + done + failed +
         abandoned == every call ever taken."""
         with self._lock:
-            return {**self.stats, "last_duration": round(self.last_duration, 6)}
+            return {
+                **self.stats,
+                "registered": self.registered,
+                "last_duration": round(self.last_duration, 6),
+            }
 
     def start_delays(self) -> list[float]:
         """Seconds from the finish to the first call's start, for recent batches."""

@@ -1,0 +1,105 @@
+"""The capacity scenario's apps: one request in twenty defers work, the rest do not.
+
+Three apps, the same shape: ``/`` answers, ``/defer?S`` answers the same and
+defers S seconds of waiting, ``/count`` tells the requests seen, the calls
+registered, the deferred counters and the finish-to-start delays.
+
+- ``plain``: the deferred call is a plain ``time.sleep`` (what users write:
+  ``send_mail``, ``requests.post``);
+- ``coroutine``: ``await asyncio.sleep``;
+- ``page``: a Flask view rendering a compiled Jinja template, deferring a plain
+  ``time.sleep``: a real page, not hello world.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from wsgi_app.deferred import DeferredMiddleware, defer
+
+HELLO = b"Hello world\n"
+
+
+def blocking_work(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+async def sleeping_work(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+class _Counted:
+    """Counts requests and registered calls; answers ``/count``."""
+
+    def __init__(self, work: Callable[[float], Any], inner: Callable[..., Any]) -> None:
+        self.work = work
+        self.inner = inner
+        self.requests = 0
+        self.registered = 0
+        self.middleware = DeferredMiddleware(self)
+
+    def __call__(self, environ, start_response):
+        self.requests += 1
+        path = environ["PATH_INFO"]
+        if path == "/defer":
+            self.registered += 1
+            defer(environ, self.work, float(environ["QUERY_STRING"] or 0.1))
+        elif path == "/count":
+            return self.count(start_response)
+        return self.inner(environ, start_response)
+
+    def count(self, start_response):
+        delays = sorted(self.middleware.executor.start_delays())
+        p99 = statistics.quantiles(delays, n=100)[98] if len(delays) >= 2 else 0.0
+        body = json.dumps(
+            {
+                "pid": os.getpid(),
+                "requests": self.requests,
+                "registered": self.registered,
+                "deferred": self.middleware.stats(),
+                "start_p99_ms": p99 * 1000,
+                "start_samples": len(delays),
+            }
+        ).encode()
+        start_response(
+            "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+
+def _hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "12")])
+    return [HELLO]
+
+
+def _flask_page() -> Callable[..., Any]:
+    from flask import Flask, render_template
+    from jinja2 import DictLoader
+
+    app = Flask(__name__)
+    template = """<!doctype html>
+<title>{{ title }}</title>
+<h1>{{ title }}</h1>
+<ul>{% for item in items %}<li class="{{ loop.cycle('odd', 'even') }}">{{ item.name }}:
+{{ "%.2f"|format(item.price) }}</li>{% endfor %}</ul>
+<p>{{ items|length }} items, {{ items|sum(attribute='price')|round(2) }} in all.</p>"""
+    items = [{"name": f"item {i}", "price": i * 1.25} for i in range(20)]
+    app.jinja_loader = DictLoader({"page.html": template})  # compiled once, then cached
+
+    @app.route("/")
+    @app.route("/defer")
+    def page():
+        return render_template("page.html", title="A real page", items=items)
+
+    return app.wsgi_app
+
+
+plain = _Counted(blocking_work, _hello).middleware
+coroutine = _Counted(sleeping_work, _hello).middleware
+page = _Counted(blocking_work, _flask_page()).middleware
