@@ -335,3 +335,11 @@ def test_the_shipped_stack_keeps_a_journal_under_var_lib(tmp_path: Path) -> None
         wait_for(path.exists, what="the journal file")
         with contextlib.closing(sqlite3.connect(path)) as db:
             assert db.execute("SELECT count(*) FROM workers").fetchone() == (1,)
+
+
+def test_a_request_with_thousands_of_calls_is_recorded_in_order(tmp_path: Path) -> None:
+    with contextlib.closing(Journal(tmp_path / "j.sqlite3")) as journal:
+        calls = [("tests.apps_journal:append", str(i).encode()) for i in range(2500)]
+        ids = journal.record("GET /many", calls)
+        assert len(ids) == 2500 and ids == sorted(ids)
+        assert [r.payload for r in journal.rows()] == [str(i).encode() for i in range(2500)]

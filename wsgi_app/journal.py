@@ -35,6 +35,7 @@ log = logging.getLogger("wsgi_app.deferred")
 LEASE = 60.0  # seconds without a heartbeat after which a worker's calls are taken over
 HEARTBEAT = 5.0  # seconds between heartbeats (and between looks for orphaned calls: POLL)
 POLL = 1.0  # seconds between looks for calls to claim
+INSERT_ROWS = 1000  # calls per INSERT statement (SQLite's limit on variables: 32766)
 CLAIM_ROWS = 500  # calls claimed at most per look (whole requests: their order is kept)
 
 SCHEMA = """
@@ -107,6 +108,8 @@ class Journal:
         if db is None or self._local.pid != os.getpid():
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             db.execute("PRAGMA synchronous=NORMAL")
+            # no checkpoint (its fsync) on a serving thread: the sweeper does them
+            db.execute("PRAGMA wal_autocheckpoint=0")
             self._local.db, self._local.pid = db, os.getpid()
         return db
 
@@ -148,19 +151,27 @@ class Journal:
             request = f"{self.worker}:{self._requests}"
         now = time.time()
         db = self._db()
-        ids = []
-        db.execute("BEGIN IMMEDIATE")
+        chunks = [calls[i : i + INSERT_ROWS] for i in range(0, len(calls), INSERT_ROWS)]
+        if len(chunks) > 1:
+            db.execute("BEGIN IMMEDIATE")
+        ids: list[int] = []
         try:
-            for path, payload in calls:
-                cur = db.execute(
-                    "INSERT INTO calls (request, origin, path, payload, owner, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (request, origin, path, payload, self.worker, now),
-                )
-                ids.append(cur.lastrowid)
-            db.execute("COMMIT")
+            for chunk in chunks:  # usually one statement: one transaction, all rows or none
+                values: list[object] = []
+                for path, payload in chunk:
+                    values += (request, origin, path, payload, self.worker, now)
+                rows = db.execute(
+                    "INSERT INTO calls (request, origin, path, payload, owner, created) VALUES "
+                    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
+                    + " RETURNING id",
+                    values,
+                ).fetchall()
+                ids += sorted(row[0] for row in rows)  # ids grow in insertion order
+            if len(chunks) > 1:
+                db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         return ids
 
@@ -190,6 +201,11 @@ class Journal:
         return delay
 
     # -- taking over ---------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database when no reader holds it (the sweeper, each
+        second: the serving threads never pay for it)."""
+        self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def heartbeat(self) -> None:
         """Say this worker is alive; re-enter it if another took it for gone."""
@@ -351,6 +367,7 @@ class Sweeper:
                 if time.monotonic() - beat >= HEARTBEAT:
                     self.journal.heartbeat()
                     beat = time.monotonic()
+                self.journal.checkpoint()
                 while self.room() and not self._stop.is_set():
                     groups = self.journal.claim()
                     for rows in groups:

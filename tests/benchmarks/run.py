@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tests.benchmarks import harness
 from tests.benchmarks.harness import Run, probe, rss_kb, summary, wrk
-from tests.procs import ROOT, nginx, stack, wait_for, worker
+from tests.procs import ROOT, nginx, python_env, stack, wait_for, worker
+from wsgi_app.journal import Journal
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -304,6 +305,56 @@ def draw_chart(path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def journal_cost(tmp: Path) -> None:
+    """7. Where deferred work is kept: one request in twenty deferring 0.1 s, the same
+    bench app in memory, with the SQLite journal, and handed to Celery (real Redis)."""
+    from tests.test_celery import celery_worker, redis  # only this scenario needs them
+
+    script = str(SCRIPTS / "one_in_twenty.lua")
+    journal = tmp / "journal" / "deferred.sqlite3"
+    ports = {}
+    with contextlib.ExitStack() as es:
+        broker = es.enter_context(redis(_made(tmp / "redis")))
+        es.enter_context(celery_worker(tmp / "redis", broker))
+        for name, env in (
+            ("memory", {}),
+            ("journal", {"DEFERRED_JOURNAL": str(journal)}),
+            ("celery", {"DEFERRED_CELERY": broker}),
+        ):
+            where = _made(tmp / name)
+            _proc, sock = es.enter_context(
+                worker(where, f"{APPS}:bench", "--log-level", "warning", env=python_env(**env))
+            )
+            ports[name] = es.enter_context(nginx(where, sock))
+        res = alternate(
+            {
+                name: (lambda p=port: wrk(url(p), SECONDS, script=script))
+                for name, port in ports.items()
+            }
+        )
+        with contextlib.closing(Journal(journal)) as kept:
+            wait_for(lambda: kept.counts()["journal_pending"] == 0, 120, "the journal to empty")
+    table(
+        "7. Where deferred work is kept, one request in twenty deferring (req/s)",
+        res,
+        "rps",
+        "req/s",
+    )
+    ratios = {name: med(runs, "rps") / med(res["memory"], "rps") for name, runs in res.items()}
+    sections.append(
+        f"Against memory: journal {ratios['journal']:.2f}x, Celery (publish to Redis) "
+        f"{ratios['celery']:.2f}x; every journaled call ran (the journal ended empty).\n"
+    )
+    goal(
+        "7. journal cost, 1 in 20 deferring", ratios["journal"], ">= 0.9x", ratios["journal"] >= 0.9
+    )
+
+
+def _made(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 SCENARIOS = {
     "hello": hello_world,
     "pool": pool_scaling,
@@ -311,6 +362,7 @@ SCENARIOS = {
     "capacity": capacity,
     "bodies": large_bodies,
     "memory": memory,
+    "journal": journal_cost,
 }
 
 
