@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -276,3 +278,22 @@ def test_a_plain_function_returning_an_awaitable_has_it_awaited():
     call_app(app)
     assert app.executor.drain(5) == 0
     assert ran == ["awaited", "next"]
+
+
+def test_a_forked_child_neither_runs_nor_counts_the_parents_work(tmp_path):
+    gate = threading.Event()
+    executor = DeferredExecutor(threads=1)
+    executor.submit(Batch("GET /parent", calls=[Call(gate.wait, (5,))]))
+    wait_for(lambda: executor.snapshot()["running"] == 1, what="the parent's call")
+    with warnings.catch_warnings():  # 3.12+ warns of fork() beside threads: that is the case
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: its own work runs, the parent's is not waited for
+        done = threading.Event()
+        executor.submit(Batch("GET /child", calls=[Call(done.set)]))
+        ok = done.wait(5) and executor.drain(1) == 0 and executor.snapshot()["done"] == 1
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    gate.set()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert executor.drain(5) == 0

@@ -100,7 +100,7 @@ class _Engine:
         def stop() -> None:
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()
-            self.loop.stop()
+            self.loop.call_soon(self.loop.stop)  # after the cancellations are delivered
 
         with contextlib.suppress(RuntimeError):  # already closed
             self.loop.call_soon_threadsafe(stop)
@@ -154,6 +154,8 @@ class DeferredExecutor:
         with self._lock:
             engine = self._engine
             if engine is None or engine.pid != os.getpid():
+                if engine is not None and engine.pid != os.getpid():
+                    self._forget_parent()
                 engine = self._engine = _Engine(self)
             batch.accepted = time.monotonic()
             count = len(batch.calls)
@@ -184,6 +186,15 @@ class DeferredExecutor:
                 return  # the loop's next tick takes it
             engine.idle = False
         engine.loop.call_soon_threadsafe(self._tick, engine)
+
+    def _forget_parent(self) -> None:
+        """In a forked child (under ``_lock``): the parent's work is not ours to run or count."""
+        self._batches.clear()
+        self._running.clear()
+        self._delays.clear()
+        for key in self.stats:
+            self.stats[key] = 0
+        self.registered = 0
 
     def _warn_overflow(self, batch: Batch) -> None:
         """Log an overflow; under sustained overload, one line a second with the count."""
