@@ -88,7 +88,15 @@ class JournalEngine:
         abandoned at a stop stays in the journal for the next worker."""
         with self._lock:
             call_id = self._ids.pop(call, None)
-        if call_id is None or call.state is State.ABANDONED:  # volatile, or left for later
+        if call_id is None:  # a volatile() call: never recorded
+            return
+        if call.state is State.ABANDONED:  # a stop's deadline: the next worker runs it
+            log.warning(
+                "deferred %s kept in %s for the next worker %s",
+                call.describe(),
+                self.journal.path,
+                batch.label(),
+            )
             return
         if call.state is State.DONE:
             self.journal.done(call_id)

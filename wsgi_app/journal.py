@@ -66,6 +66,14 @@ CREATE TABLE IF NOT EXISTS workers (
 # object on it (two middlewares in one process must not take each other's calls).
 _ids: dict[str, tuple[int, str]] = {}
 _ids_lock = threading.Lock()
+# journal file -> the lock its writers in this process take: threads queue on it and
+# wake at once, instead of meeting SQLite's busy handler, which sleeps 1 ms and more
+_write_locks: dict[str, threading.Lock] = {}
+
+
+def _write_lock(path: Path) -> threading.Lock:
+    with _ids_lock:
+        return _write_locks.setdefault(str(path.resolve()), threading.Lock())
 
 
 @dataclass
@@ -95,6 +103,7 @@ class Journal:
         self.worker = ""
         self._requests = 0
         self._lock = threading.Lock()
+        self._writing = _write_lock(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._db()
         db.execute("PRAGMA journal_mode=WAL")
@@ -150,7 +159,12 @@ class Journal:
             self._requests += 1
             request = f"{self.worker}:{self._requests}"
         now = time.time()
-        db = self._db()
+        with self._writing:
+            return self._insert(self._db(), request, origin, calls, now)
+
+    def _insert(
+        self, db: sqlite3.Connection, request: str, origin: str, calls: Sequence, now: float
+    ) -> list[int]:
         chunks = [calls[i : i + INSERT_ROWS] for i in range(0, len(calls), INSERT_ROWS)]
         if len(chunks) > 1:
             db.execute("BEGIN IMMEDIATE")
@@ -177,12 +191,16 @@ class Journal:
 
     def done(self, call_id: int) -> None:
         """The call ended (done, or failed for good and logged): forget it."""
-        self._db().execute("DELETE FROM calls WHERE id = ?", (call_id,))
+        with self._writing:
+            self._db().execute("DELETE FROM calls WHERE id = ?", (call_id,))
 
     def failed(self, call_id: int, error: str) -> float | None:
         """The call raised: free it for a retry later, or mark it dead. Returns the
         retry delay in seconds, or None when it is now dead."""
-        db = self._db()
+        with self._writing:
+            return self._failed(self._db(), call_id, error)
+
+    def _failed(self, db: sqlite3.Connection, call_id: int, error: str) -> float | None:
         row = db.execute("SELECT attempts FROM calls WHERE id = ?", (call_id,)).fetchone()
         if row is None:
             return None
@@ -210,9 +228,10 @@ class Journal:
     def heartbeat(self) -> None:
         """Say this worker is alive; re-enter it if another took it for gone."""
         self._register()
-        cur = self._db().execute(
-            "UPDATE workers SET heartbeat = ? WHERE id = ?", (time.time(), self.worker)
-        )
+        with self._writing:
+            cur = self._db().execute(
+                "UPDATE workers SET heartbeat = ? WHERE id = ?", (time.time(), self.worker)
+            )
         if cur.rowcount == 0:  # taken for gone (a stall past the lease): enter again
             self._pid = 0
             self._register()
@@ -225,8 +244,42 @@ class Journal:
         segfault, an OOM) is declared dead after ``attempts`` claims like any other.
         """
         self._register()
-        db = self._db()
-        now = time.time()
+        if not self._claimable(self._db(), time.time()):
+            return []  # the usual case: no write lock taken, serving threads never wait
+        with self._writing:
+            claimed, worn = self._take(self._db(), time.time(), limit)
+        for row in worn:
+            log.error(
+                "deferred %s dead after %d attempts (request %s): %s",
+                row.path,
+                self.attempts,
+                row.origin,
+                row.error or "its worker died while it ran",
+            )
+        groups: dict[str, list[Row]] = {}
+        for row in sorted(claimed, key=lambda r: r.id):
+            if row.attempts <= self.attempts:
+                groups.setdefault(row.request, []).append(row)
+        return list(groups.values())
+
+    def _claimable(self, db: sqlite3.Connection, now: float) -> bool:
+        """Whether a claim would find anything (a read: no lock)."""
+        gone = [
+            wid
+            for wid, host, pid, beat in db.execute("SELECT * FROM workers")
+            if wid != self.worker and _gone(host, pid, beat, now)
+        ]
+        marks = ", ".join("?" * len(gone))
+        found = db.execute(
+            "SELECT 1 FROM calls WHERE state = 'pending' AND ready_at <= ? AND (owner IS NULL"
+            f" OR owner IN ({marks}) OR owner NOT IN (SELECT id FROM workers)) LIMIT 1",
+            (now, *gone),
+        ).fetchone()
+        return found is not None
+
+    def _take(self, db: sqlite3.Connection, now: float, limit: int) -> tuple[list[Row], list[Row]]:
+        """In one transaction: forget gone workers, own their calls and the calls due;
+        mark dead those past their attempts. Returns (claimed, worn out)."""
         db.execute("BEGIN IMMEDIATE")
         try:
             gone = [
@@ -256,19 +309,7 @@ class Journal:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        for row in worn:
-            log.error(
-                "deferred %s dead after %d attempts (request %s): %s",
-                row.path,
-                self.attempts,
-                row.origin,
-                row.error or "its worker died while it ran",
-            )
-        groups: dict[str, list[Row]] = {}
-        for row in sorted(claimed, key=lambda r: r.id):
-            if row.attempts <= self.attempts:
-                groups.setdefault(row.request, []).append(row)
-        return list(groups.values())
+        return claimed, worn
 
     # -- looking and tidying (status page, CLI) --------------------------------------------
 
@@ -302,9 +343,10 @@ class Journal:
 
     def _dead_update(self, sql: str, ids: Iterable[int] | None) -> int:
         db = self._db()
-        if ids is None:
-            return db.execute(sql).rowcount
-        return sum(db.execute(sql + " AND id = ?", (i,)).rowcount for i in ids)
+        with self._writing:
+            if ids is None:
+                return db.execute(sql).rowcount
+            return sum(db.execute(sql + " AND id = ?", (i,)).rowcount for i in ids)
 
 
 def _gone(host: str, pid: int, heartbeat: float, now: float) -> bool:

@@ -20,7 +20,8 @@ from .journal import Journal
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m wsgi_app.journal", description=__doc__.split("\n")[0]
+        prog="python -m wsgi_app.journal",
+        description="List, retry and purge the calls of a deferred-work journal.",
     )
     parser.add_argument(
         "--journal",
