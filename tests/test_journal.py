@@ -343,3 +343,16 @@ def test_a_request_with_thousands_of_calls_is_recorded_in_order(tmp_path: Path) 
         ids = journal.record("GET /many", calls)
         assert len(ids) == 2500 and ids == sorted(ids)
         assert [r.payload for r in journal.rows()] == [str(i).encode() for i in range(2500)]
+
+
+def test_calls_left_at_a_graceful_stops_deadline_run_in_the_next_worker(tmp_path: Path) -> None:
+    out, path = tmp_path / "out", tmp_path / "j.sqlite3"
+    env = journal_env(path, DEFERRED_THREADS="1")
+    app = "tests.apps_journal:application"
+    with worker(tmp_path, app, "--graceful-timeout", "0.3", env=env) as (first, sock):
+        send_batches(sock, out, 1, 10, 0.2)  # 2 s of work, 0.3 s to stop
+    assert first.returncode == 3  # some deferred work abandoned
+    assert "kept in" in (tmp_path / "app.log").read_text()
+    assert len(lines(out)) < 10
+    with worker(tmp_path, app, env=env, name="b"):
+        check_all_ran(out, 10)
