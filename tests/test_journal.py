@@ -103,6 +103,7 @@ def test_calls_of_a_dead_process_are_claimed_oldest_first_in_request_order(
     for group in groups:
         for row in group:
             journal.done(row.id)
+    wait_for(lambda: journal.counts()["journal_pending"] == 0, what="the ends recorded")
     assert journal.counts() == {"journal_pending": 0, "journal_dead": 0}
     journal.close()
 
@@ -233,7 +234,8 @@ def check_all_ran(out: Path, expected: int) -> collections.Counter:
     runs = collections.Counter(ln.split()[0] for ln in lines(out))
     assert len(runs) == expected
     twice = [tag for tag, n in runs.items() if n > 1]
-    assert len(twice) <= 4, f"run twice: {twice}"  # only those running at the kill
+    # only those running at the kill, or ended in the DONE_DELAY before it
+    assert len(twice) <= 6, f"run twice: {twice}"
     return runs
 
 

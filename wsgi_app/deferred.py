@@ -246,6 +246,8 @@ class DeferredMiddleware:
             if engine is not None:
                 add_drain_hook(engine.stop)  # stop taking over others' calls first
             add_drain_hook(self.executor.drain)
+            if engine is not None:
+                add_drain_hook(engine.flush)  # the ends of the calls the drain finished
         add_stats_hook = environ.get("fcgi.add_stats_hook")
         if add_stats_hook is not None:
             add_stats_hook(self.executor.snapshot)

@@ -19,6 +19,7 @@ bytes) but not of the machine (power loss may drop the last commits).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -35,6 +36,7 @@ log = logging.getLogger("wsgi_app.deferred")
 LEASE = 60.0  # seconds without a heartbeat after which a worker's calls are taken over
 HEARTBEAT = 5.0  # seconds between heartbeats (and between looks for orphaned calls: POLL)
 POLL = 1.0  # seconds between looks for calls to claim
+DONE_DELAY = 0.02  # seconds an ended call may wait before it is deleted, with others
 INSERT_ROWS = 1000  # calls per INSERT statement (SQLite's limit on variables: 32766)
 CLAIM_ROWS = 500  # calls claimed at most per look (whole requests: their order is kept)
 
@@ -52,7 +54,7 @@ CREATE TABLE IF NOT EXISTS calls (
     created REAL NOT NULL,
     error TEXT                       -- the last failure, one line
 );
-CREATE INDEX IF NOT EXISTS calls_state ON calls (state, owner);
+
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,             -- host:pid:random, new at each start (exec keeps the pid)
     host TEXT NOT NULL,
@@ -104,6 +106,9 @@ class Journal:
         self._requests = 0
         self._lock = threading.Lock()
         self._writing = _write_lock(self.path)
+        self._done: list[int] = []  # ended calls not yet deleted (see done())
+        self._done_lock = threading.Condition()
+        self._flusher_pid = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._db()
         db.execute("PRAGMA journal_mode=WAL")
@@ -174,13 +179,14 @@ class Journal:
                 values: list[object] = []
                 for path, payload in chunk:
                     values += (request, origin, path, payload, self.worker, now)
-                rows = db.execute(
+                cur = db.execute(
                     "INSERT INTO calls (request, origin, path, payload, owner, created) VALUES "
-                    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
-                    + " RETURNING id",
+                    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
                     values,
-                ).fetchall()
-                ids += sorted(row[0] for row in rows)  # ids grow in insertion order
+                )
+                # one statement holding the write lock numbers its rows one after another
+                last = cur.lastrowid
+                ids += range(last - len(chunk) + 1, last + 1)
             if len(chunks) > 1:
                 db.execute("COMMIT")
         except BaseException:
@@ -190,9 +196,40 @@ class Journal:
         return ids
 
     def done(self, call_id: int) -> None:
-        """The call ended (done, or failed for good and logged): forget it."""
-        with self._writing:
-            self._db().execute("DELETE FROM calls WHERE id = ?", (call_id,))
+        """The call ended: forget it within ``DONE_DELAY`` s, in one statement with the
+        others that ended meanwhile (a write per call would contend with the serving
+        threads' writes; a call that ended that recently may run again after a kill)."""
+        with self._done_lock:
+            if self._flusher_pid != os.getpid():
+                self._flusher_pid = os.getpid()
+                self._done.clear()  # a forked child: the parent forgets its own
+                threading.Thread(target=self._flush_loop, name="journal-done", daemon=True).start()
+                atexit.register(self.flush)
+            self._done.append(call_id)
+            if len(self._done) == 1:
+                self._done_lock.notify()
+
+    def flush(self, _seconds_left: float = 0.0) -> int:
+        """Forget the calls that ended (a drain hook too, after the executor's drain)."""
+        with self._done_lock:
+            ids, self._done = self._done, []
+        for i in range(0, len(ids), INSERT_ROWS):
+            chunk = ids[i : i + INSERT_ROWS]
+            marks = ", ".join("?" * len(chunk))
+            with self._writing:
+                self._db().execute(f"DELETE FROM calls WHERE id IN ({marks})", chunk)
+        return 0
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._done_lock:
+                while not self._done:
+                    self._done_lock.wait()
+            time.sleep(DONE_DELAY)  # let the calls ending meanwhile join this statement
+            try:
+                self.flush()
+            except Exception:
+                log.exception("deferred journal %s: recording ended calls failed", self.path)
 
     def failed(self, call_id: int, error: str) -> float | None:
         """The call raised: free it for a retry later, or mark it dead. Returns the
