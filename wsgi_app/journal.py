@@ -2,11 +2,12 @@
 
 One database file per machine (``DEFERRED_JOURNAL=var/lib/deferred.sqlite3``),
 shared by every worker of the pool. A request's calls are inserted in one
-transaction before the response is finished, deleted when each one ends, and
+transaction before the response is finished, deleted once they end, and
 claimed by another worker when theirs is gone: its pid no longer alive, or its
 heartbeat older than ``LEASE`` seconds. So once the visitor has the page, the
 calls run at least once even if the worker is SIGKILLed, OOM-killed or crashes;
-only a call running at that moment may run twice.
+only a call running at that moment (or ended in the ``DONE_DELAY`` before) may run
+twice.
 
 A failing call is retried (after ``retry`` seconds, doubling) until it has been
 tried ``attempts`` times; then it stays in the journal as dead, for
