@@ -57,12 +57,28 @@ def _app(environ, start_response):
             failing = bool(fail_every) and i % fail_every == fail_every - 1
             defer(environ, work, float(query.get("s", 0.1)), f"{query.get('tag', '')}-{i}", failing)
     elif path == "/count":
-        return _json(start_response, engine.stats())
+        return _json(start_response, environ["tests.stats"]())
+    elif path == "/pid":
+        defer(environ, note_pid)
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
     return [b"ok\n"]
 
 
-engine = DeferredMiddleware(_app)
+def _make(**settings) -> DeferredMiddleware:
+    def app(environ, start_response):
+        environ["tests.stats"] = middleware.stats
+        return _app(environ, start_response)
+
+    middleware = DeferredMiddleware(app, **settings)
+    return middleware
+
+
+def note_pid() -> None:
+    note(f"pid {os.getpid()}")
+
+
+engine = _make()
+engine_helper = _make(process=True)  # the same in a helper process
 
 
 def _failing(environ, start_response):

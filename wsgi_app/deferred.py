@@ -131,6 +131,15 @@ SETTINGS: tuple[Setting, ...] = (
         "cancel a coroutine running longer than this many seconds (0: off)",
     ),
     Setting(
+        "process",
+        "DEFERRED_PROCESS",
+        False,
+        _flag,
+        "run deferred calls in a helper process forked from the worker at its first call, "
+        "outside the serving GIL; callables and arguments must pickle (others run in the "
+        "worker) and open their connections themselves",
+    ),
+    Setting(
         "run_on_error",
         "DEFERRED_RUN_ON_ERROR",
         False,
@@ -202,6 +211,7 @@ class DeferredMiddleware:
         backlog: int | None = None,
         slow: float | None = None,
         timeout: float | None = None,
+        process: bool | None = None,
         run_on_error: bool | None = None,
         journal: str | os.PathLike[str] | None = None,
         attempts: int | None = None,
@@ -215,6 +225,7 @@ class DeferredMiddleware:
             "backlog": backlog,
             "slow": slow,
             "timeout": timeout,
+            "process": process,
             "run_on_error": run_on_error,
             "journal": journal,
             "attempts": attempts,

@@ -41,6 +41,7 @@ from types import FrameType
 from typing import Any
 
 from .calls import Batch, Call, State
+from .helper import Helper
 from .pool import ElasticPool
 
 log = logging.getLogger("wsgi_app.deferred")
@@ -116,8 +117,11 @@ class DeferredExecutor:
         backlog: int = 1000,
         slow: float = 0,
         timeout: float = 0,
+        process: bool = False,
     ) -> None:
         self.threads = threads
+        self.process = process  # run picklable batches in a helper process (wsgi_app.helper)
+        self.summary = True  # log the totals at a drain
         self.concurrency = concurrency
         self.backlog = backlog
         self.slow = slow  # seconds before a running call's stack is logged; 0: never
@@ -128,12 +132,15 @@ class DeferredExecutor:
         self.registered = 0  # calls accepted, ever: done + failed + abandoned + queued + running
         self.last_duration = 0.0
         self.on_accept: list[Hook] = []  # hook(batch): the executor took it
+        self.on_start: list[Hook] = []  # hook(batch, call): call started running
         self.on_end: list[Hook] = []  # hook(batch, call): call.state is its outcome
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a batch ended
         self._batches: set[Batch] = set()
         self._running: dict[Call, tuple[Batch, Any]] = {}  # call: (batch, its asyncio task)
         self._engine: _Engine | None = None
+        self._helper: Helper | None = None
+        self._helper_lock = threading.Lock()
         self._delays: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self._overflow_logged_at = -1.0
         self._overflow_unlogged = 0
@@ -151,6 +158,7 @@ class DeferredExecutor:
         """Take ``batch``: it starts as soon as a thread (or the loop) is free."""
         if not batch.calls:
             return
+        helper = self._helper_here() if self.process else None
         with self._lock:
             engine = self._engine
             if engine is None or engine.pid != os.getpid():
@@ -169,10 +177,48 @@ class DeferredExecutor:
             self._warn_overflow(batch)
         for hook in self.on_accept:
             self._hook(hook, batch)
+        if helper is not None and helper.send(batch):
+            return
         if self.slow and not engine.watching:
             engine.watching = True
             engine.loop.call_soon_threadsafe(self._watch_slow, engine)
         self._dispatch(engine, batch)
+
+    def _helper_here(self) -> Helper:
+        """This process's helper, forked on first use (before the lock: a fork under a
+        held lock would leave it held in the child)."""
+        with self._helper_lock:
+            helper = self._helper
+            if helper is None or helper.parent != os.getpid():
+                settings = {
+                    "threads": self.threads,
+                    "concurrency": self.concurrency,
+                    "backlog": self.backlog,
+                    "slow": self.slow,
+                    "timeout": self.timeout,
+                }
+                helper = self._helper = Helper(settings, self._helper_report)
+            return helper
+
+    def _helper_report(self, batch: Batch, index: int, state: State, seconds: float) -> None:
+        """From the helper's reader thread: a call of ``batch`` started or ended there."""
+        if index == len(batch.calls):
+            self._batch_over(batch)
+            return
+        call = batch.calls[index]
+        if state is State.RUNNING:
+            self._start(batch, call, None)
+        elif state is State.ABANDONED:  # the helper logged it
+            with self._lock:
+                if call.state.ended:
+                    return
+                self.stats[call.state.value] -= 1
+                self.stats["abandoned"] += 1
+                call.state = State.ABANDONED
+                batch.failed += 1
+                self._running.pop(call, None)
+        else:
+            self._end(batch, call, state, seconds=seconds)  # the helper logged any failure
 
     def _dispatch(self, engine: _Engine, batch: Batch, awaiting: Any = None) -> None:
         """Send ``batch`` on to where its next call runs (``awaiting``: a plain function's
@@ -318,10 +364,20 @@ class DeferredExecutor:
             if batch.next == 0:
                 batch.began = now
                 self._delays.append(now - batch.accepted)
+        for hook in self.on_start:
+            self._hook(hook, batch, call)
         return True
 
-    def _end(self, batch: Batch, call: Call, state: State, exc_info: Any = None) -> None:
-        """Record the end of a running call; a call abandoned at a stop keeps that end."""
+    def _end(
+        self,
+        batch: Batch,
+        call: Call,
+        state: State,
+        exc_info: Any = None,
+        seconds: float | None = None,
+    ) -> None:
+        """Record the end of a running call (``seconds``: how long it ran, when measured
+        elsewhere); a call abandoned at a stop keeps that end."""
         now = time.monotonic()
         with self._lock:
             batch.next += 1
@@ -330,7 +386,7 @@ class DeferredExecutor:
                 call.state = state
                 self.stats["running"] -= 1
                 self.stats[state.value] += 1
-                self.last_duration = now - call.began
+                self.last_duration = now - call.began if seconds is None else seconds
                 self._running.pop(call, None)
                 if state is not State.DONE:
                     batch.failed += 1
@@ -385,6 +441,8 @@ class DeferredExecutor:
         for call, (batch, task) in running:
             if now - call.began < self.slow or call.reported:
                 continue
+            if task is None and call.thread is None:
+                continue  # running in the helper process, whose own slow log reports it
             call.reported = True
             if task is None:  # a plain function: its pool thread's stack
                 frames = frames or _thread_frames()
@@ -416,6 +474,14 @@ class DeferredExecutor:
         """
         deadline = time.monotonic() + timeout
         with self._lock:
+            abandoned_before = self.stats["abandoned"]
+        with self._helper_lock:
+            helper, self._helper = self._helper, None
+        if helper is not None and helper.parent == os.getpid():
+            helper.request_drain(timeout)
+        else:
+            helper = None
+        with self._lock:
             engine = self._engine
             if engine is None or engine.pid != os.getpid():
                 return 0  # nothing ever ran in this process
@@ -424,6 +490,9 @@ class DeferredExecutor:
                 if left <= 0:
                     break
                 self._changed.wait(left)
+        if helper is not None:  # its last reports end or abandon its calls
+            helper.finish(max(0.0, deadline - time.monotonic()) + 0.2)
+        with self._lock:
             leftover = sorted(self._batches, key=lambda b: b.accepted)
             self._batches.clear()
             self._engine = None
@@ -452,13 +521,16 @@ class DeferredExecutor:
             self._hook(batch.finished)
         with self._lock:
             counts = dict(self.stats, registered=self.registered)
+        if not self.summary:
+            return len(abandoned)
+        abandoned_here = counts["abandoned"] - abandoned_before  # the helper's included
         log.log(
-            logging.WARNING if abandoned else logging.INFO,
+            logging.WARNING if abandoned_here else logging.INFO,
             "deferred work at stop: %(registered)d call(s) taken, %(done)d done, "
             "%(failed)d failed, %(abandoned)d abandoned",
             counts,
         )
-        return len(abandoned)
+        return abandoned_here
 
     # -- figures --------------------------------------------------------------------------
 

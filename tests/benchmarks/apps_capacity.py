@@ -8,7 +8,8 @@ registered, the deferred counters and the finish-to-start delays.
   ``send_mail``, ``requests.post``);
 - ``coroutine``: ``await asyncio.sleep``;
 - ``page``: a Flask view rendering a compiled Jinja template, deferring a plain
-  ``time.sleep``: a real page, not hello world.
+  ``time.sleep``: a real page, not hello world;
+- ``plain_helper``, ``coroutine_helper``: the first two with ``process=True``.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ async def sleeping_work(seconds: float) -> None:
 class _Counted:
     """Counts requests and registered calls; answers ``/count``."""
 
-    def __init__(self, work: Callable[[float], Any], inner: Callable[..., Any]) -> None:
+    def __init__(
+        self, work: Callable[[float], Any], inner: Callable[..., Any], **settings: Any
+    ) -> None:
         self.work = work
         self.inner = inner
         self.requests = 0
         self.registered = 0
-        self.middleware = DeferredMiddleware(self)
+        self.middleware = DeferredMiddleware(self, **settings)
 
     def __call__(self, environ, start_response):
         self.requests += 1
@@ -103,3 +106,6 @@ def _flask_page() -> Callable[..., Any]:
 plain = _Counted(blocking_work, _hello).middleware
 coroutine = _Counted(sleeping_work, _hello).middleware
 page = _Counted(blocking_work, _flask_page()).middleware
+# The same in a helper process (DEFERRED_PROCESS=1): outside the serving GIL.
+plain_helper = _Counted(blocking_work, _hello, process=True).middleware
+coroutine_helper = _Counted(sleeping_work, _hello, process=True).middleware

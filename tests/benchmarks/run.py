@@ -178,6 +178,8 @@ CAPACITY = (
     ("plain function time.sleep(0.1)", "plain", 0.9),
     ("coroutine asyncio.sleep(0.1)", "coroutine", 0.9),
     ("Flask + Jinja page, plain time.sleep(0.1)", "page", 0.95),
+    ("plain function, process=True", "plain_helper", 0.9),
+    ("coroutine, process=True", "coroutine_helper", 0.9),
 )
 START_P99_MS = 50.0
 
@@ -185,11 +187,12 @@ START_P99_MS = 50.0
 def capacity_run(tmp: Path, app: str, script: str) -> tuple[dict[str, list[Run]], dict]:
     """Alternate plain and mixed rounds on one worker; then wait for its deferred work
     to end and return the rounds and the app's /count."""
+    plain_script = script.replace(".lua", "_plain.lua")  # the same Lua calls, no /defer
     with contextlib.ExitStack() as es:
         port, _ = ours(es, tmp, f"tests.benchmarks.apps_capacity:{app}")
         res = alternate(
             {
-                "plain": lambda: wrk(url(port), SECONDS, 8, script, {"DEFER_PATH": "/"}),
+                "plain": lambda: wrk(url(port), SECONDS, 8, plain_script),
                 "mix": lambda: wrk(url(port), SECONDS, 8, script),
             }
         )

@@ -1,0 +1,84 @@
+"""The helper process (``process=True``): deferred calls run outside the worker's GIL,
+counted in the worker, stopped within the graceful timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from tests.apps_engine import note_pid
+from tests.fcgi_client import Client
+from tests.procs import python_env, wait_for, worker
+from wsgi_app.calls import Batch, Call
+from wsgi_app.executor import DeferredExecutor
+
+APP = "tests.apps_engine:engine_helper"
+
+
+def test_picklable_calls_run_in_the_helper_the_rest_here(tmp_path, monkeypatch):
+    log = tmp_path / "work.log"
+    monkeypatch.setattr("tests.apps_engine.LOG", str(log))
+    ran_here: list[int] = []
+    executor = DeferredExecutor(process=True)
+    executor.submit(Batch("GET /a", calls=[Call(note_pid), Call(int, ("x",))]))
+    executor.submit(Batch("GET /b", calls=[Call(lambda: ran_here.append(os.getpid()))]))
+    wait_for(lambda: executor.snapshot()["done"] == 2, what="both to run")
+    stats = executor.snapshot()
+    assert executor.drain(5) == 0
+    pids = [int(line.split()[1]) for line in log.read_text().splitlines()]
+    assert pids and pids[0] != os.getpid()  # in the helper
+    assert ran_here == [os.getpid()]  # a lambda does not pickle: it ran here
+    assert (stats["done"], stats["failed"], stats["registered"]) == (2, 1, 3)
+
+
+def test_a_hanging_call_in_the_helper_cannot_hold_the_stop(tmp_path):
+    log = tmp_path / "work.log"
+    env = python_env(TEST_APP_LOG=str(log))
+    with worker(tmp_path, APP, "--graceful-timeout", "2", env=env) as (proc, sock):
+        client = Client(str(sock))
+        assert client.request("/pid").status == 200
+        wait_for(lambda: log.exists() and "pid" in log.read_text(), what="the helper's call")
+        assert client.request("/hang").status == 200
+        counts = wait_for(
+            lambda: (c := json.loads(client.request("/count").body))["running"] and c,
+            what="the hanging call to start",
+        )
+        client.close()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 3
+        took = time.monotonic() - started
+    assert took < 3.5
+    assert counts["done"] == 1
+    helper = int(log.read_text().split()[1])
+    assert helper != proc.pid
+    assert (
+        not Path(f"/proc/{helper}").exists()
+        or "zombie" in Path(f"/proc/{helper}/status").read_text().lower()
+    )
+    text = (tmp_path / "app.log").read_text()
+    assert f"deferred work runs in helper process {helper}" in text
+    assert re.search(r"hang_forever\('x+\.\.\.\) abandoned at stop, still running", text)
+    assert "1 done, 0 failed, 1 abandoned" in text
+
+
+def test_the_counts_add_up_when_the_helper_runs_out_of_time(tmp_path):
+    env = python_env(DEFERRED_THREADS="4")
+    with worker(tmp_path, APP, "--graceful-timeout", "1.5", env=env) as (proc, sock):
+        client = Client(str(sock))
+        for i in range(10):
+            assert client.request(f"/work?n=4&s=0.4&fail=3&tag=r{i}").status == 200
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 3
+    text = (tmp_path / "app.log").read_text()
+    summary = re.search(r"(\d+) call\(s\) taken, (\d+) done, (\d+) failed, (\d+) abandoned", text)
+    assert summary, text
+    taken, done, failed, abandoned = map(int, summary.groups())
+    assert taken == 40 and done + failed + abandoned == 40 and abandoned > 0 and failed > 0
+    assert text.count("abandoned at stop") == abandoned
+    assert text.count("RuntimeError: failing on purpose") == failed
