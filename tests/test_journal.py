@@ -358,3 +358,13 @@ def test_calls_left_at_a_graceful_stops_deadline_run_in_the_next_worker(tmp_path
     assert len(lines(out)) < 10
     with worker(tmp_path, app, env=env, name="b"):
         check_all_ran(out, 10)
+
+
+def test_gone_workers_are_forgotten_even_with_nothing_to_take(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    record_and_die(path)  # registers nothing: no call recorded
+    with contextlib.closing(Journal(path)) as journal:
+        db = journal._db()
+        db.execute("INSERT INTO workers VALUES ('old:1:x', 'old', 1, 0)")  # lease long out
+        assert journal.claim() == []
+        assert [w for (w,) in db.execute("SELECT id FROM workers")] == [journal.worker]

@@ -301,17 +301,19 @@ class Journal:
         return list(groups.values())
 
     def _claimable(self, db: sqlite3.Connection, now: float) -> bool:
-        """Whether a claim would find anything (a read: no lock)."""
+        """Whether a claim would find anything: calls, or gone workers to forget (a read:
+        no lock)."""
         gone = [
             wid
             for wid, host, pid, beat in db.execute("SELECT * FROM workers")
             if wid != self.worker and _gone(host, pid, beat, now)
         ]
-        marks = ", ".join("?" * len(gone))
+        if gone:
+            return True
         found = db.execute(
             "SELECT 1 FROM calls WHERE state = 'pending' AND ready_at <= ? AND (owner IS NULL"
-            f" OR owner IN ({marks}) OR owner NOT IN (SELECT id FROM workers)) LIMIT 1",
-            (now, *gone),
+            " OR owner NOT IN (SELECT id FROM workers)) LIMIT 1",
+            (now,),
         ).fetchone()
         return found is not None
 
