@@ -408,9 +408,10 @@ def _paired_rounds(ports: dict[str, int]) -> dict[str, list[Run]]:
     script = str(SCRIPTS / "one_in_twenty.lua")
     seconds = max(2, round(SECONDS / 2))  # wrk takes whole seconds
     res: dict[str, list[Run]] = {name: [] for name in ports}
-    for round_ in range(max(2 * ROUNDS, 8) + 1):
-        for name, port in ports.items():
-            run = wrk(url(port), seconds, script=script)
+    order = list(ports)
+    for round_ in range(max(2 * ROUNDS, 12) + 1):
+        for name in order if round_ % 2 else reversed(order):  # A B, B A: no side always first
+            run = wrk(url(ports[name]), seconds, script=script)
             if round_:
                 res[name].append(run)
     return res
