@@ -200,14 +200,14 @@ class DeferredExecutor:
                 helper = self._helper = Helper(settings, self._helper_report)
             return helper
 
-    def _helper_report(self, batch: Batch, index: int, state: State, seconds: float) -> None:
+    def _helper_report(self, batch: Batch, index: int, state: State, when: float) -> None:
         """From the helper's reader thread: a call of ``batch`` started or ended there."""
         if index == len(batch.calls):
             self._batch_over(batch)
             return
         call = batch.calls[index]
         if state is State.RUNNING:
-            self._start(batch, call, None)
+            self._start(batch, call, None, when)
         elif state is State.ABANDONED:  # the helper logged it
             with self._lock:
                 if call.state.ended:
@@ -218,7 +218,7 @@ class DeferredExecutor:
                 batch.failed += 1
                 self._running.pop(call, None)
         else:
-            self._end(batch, call, state, seconds=seconds)  # the helper logged any failure
+            self._end(batch, call, state, seconds=when - call.began)  # it logged failures
 
     def _dispatch(self, engine: _Engine, batch: Batch, awaiting: Any = None) -> None:
         """Send ``batch`` on to where its next call runs (``awaiting``: a plain function's
@@ -350,9 +350,10 @@ class DeferredExecutor:
 
     # -- accounting: every call starts once and ends once --------------------------------
 
-    def _start(self, batch: Batch, call: Call, task: Any) -> bool:
-        """Mark ``call`` running; False if a stop has abandoned it meanwhile."""
-        now = time.monotonic()
+    def _start(self, batch: Batch, call: Call, task: Any, now: float | None = None) -> bool:
+        """Mark ``call`` running (``now``: when it started, if elsewhere); False if a
+        stop has abandoned it meanwhile."""
+        now = time.monotonic() if now is None else now
         with self._lock:
             if call.state is not State.QUEUED:
                 return False

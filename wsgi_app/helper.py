@@ -47,7 +47,9 @@ class Helper:
     def __init__(
         self, settings: dict[str, Any], report: Callable[[Batch, int, State, float], None]
     ) -> None:
-        self.report = report  # report(batch, index, state, seconds) for each start and end
+        # report(batch, index, state, when): each start and end, ``when`` its
+        # time.monotonic() in the helper (CLOCK_MONOTONIC: the same clock here)
+        self.report = report
         self.batches: dict[int, Batch] = {}
         self._seq = 0
         self._lock = threading.Lock()
@@ -120,13 +122,13 @@ class Helper:
             events = pickle.loads(data)
             if events == "drained":
                 break
-            for bid, index, state, seconds in events:
+            for bid, index, state, when in events:
                 batch = self.batches.get(bid)
                 if batch is None:
                     continue
                 if index == len(batch.calls):  # the batch is over
                     del self.batches[bid]
-                self.report(batch, index, State(state), seconds)
+                self.report(batch, index, State(state), when)
         self.drained.set()
 
 
@@ -148,9 +150,9 @@ def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
         def note(batch: Batch, call: Call | None = None) -> None:
             index = len(batch.calls) if call is None else batch.calls.index(call)
             state = State.DONE if call is None else call.state
-            seconds = 0.0 if call is None else time.monotonic() - call.began
+            when = call.began if state is State.RUNNING else time.monotonic()
             with lock:
-                events.append((ids[id(batch)], index, state.value, seconds))
+                events.append((ids[id(batch)], index, state.value, when))
 
         executor.on_start.append(note)
         executor.on_end.append(note)
