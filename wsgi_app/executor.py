@@ -16,9 +16,14 @@ the wait then is memory (a few hundred bytes per waiting call plus its
 arguments); a worker that overflows for long needs more ``threads``, or the
 work belongs in a queue beyond the process (Celery).
 
+With ``process=True`` a batch that pickles goes to a helper process instead
+(``wsgi_app.helper``), which runs it on an executor of its own and reports each
+start and end back here, where the counts stay.
+
 Every call ends exactly once, as done, failed or abandoned (``wsgi_app.calls``).
 Hooks for a journal: ``on_accept`` callbacks see each batch the executor
-takes, ``on_end`` callbacks each call as it ends.
+takes, ``on_start`` each call as it starts, ``on_end`` each call as it ends
+(``call.state`` is its outcome).
 """
 
 from __future__ import annotations
@@ -217,6 +222,8 @@ class DeferredExecutor:
                 call.state = State.ABANDONED
                 batch.failed += 1
                 self._running.pop(call, None)
+            for hook in self.on_end:
+                self._hook(hook, batch, call)
         else:
             self._end(batch, call, state, seconds=when - call.began)  # it logged failures
 
