@@ -50,7 +50,7 @@ $(VENV)/.python-%:
 # Debian packages the stack runs: nginx. `make test` adds the other web servers
 # the end-to-end tests put in front of the worker (wrk comes with `make bench`).
 system-packages:
-	@./conf/install-packages.sh nginx:nginx-light
+	@./conf/install-packages.sh nginx:nginx-light redis-server:redis-server
 
 test-packages:
 	@./conf/install-packages.sh apache2:apache2 lighttpd:lighttpd caddy:caddy \

@@ -101,7 +101,9 @@ class _SteadyLogger(logging.Logger):
 
 def setup(level: str, fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:
     """Give the ``fcgi`` loggers their own handler on ``stream`` (stderr); their lines do
-    not reach the root logger, so the app's handlers neither drop nor restyle them."""
+    not reach the root logger, so the app's handlers neither drop nor restyle them. The
+    root logger gets the same handler while it has none, so the app's lines (deferred
+    work's included) land in the same log until the app sets up logging of its own."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     logger = logging.getLogger(LOGGER)
@@ -110,6 +112,10 @@ def setup(level: str, fmt: str = "text", stream: TextIO | None = None) -> loggin
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
+    root = logging.getLogger()
+    if not root.handlers:  # the app's own lines (and its middleware's) in the same log,
+        root.addHandler(handler)  # until the app configures logging of its own
+        root.setLevel(level.upper())
     for name in CHILDREN:  # made now, so an app's later dictConfig cannot switch them off
         logging.getLogger(name)
     for name, child in list(logging.root.manager.loggerDict.items()):

@@ -52,9 +52,13 @@ FIELDS = (
     ("last_deferred", "d"),
     ("connections", "Q"),
     ("active", "Q"),  # requests running now
+    ("deferred_journal_pending", "Q"),  # journal-wide (every worker sees the same file)
+    ("deferred_journal_dead", "Q"),
 )
 SLOT = struct.Struct("<" + "".join(fmt for _, fmt in FIELDS))
 NAMES = [name for name, _ in FIELDS]
+# the deferred-work hook's keys kept in a slot (the journal's only when it is on)
+COUNTERS = ("queued", "running", "done", "failed", "abandoned", "journal_pending", "journal_dead")
 _TEXT = {"method", "uri"}
 
 
@@ -147,7 +151,7 @@ class Scoreboard:
             v = self.values
             v["slow"] = slow
             if deferred:
-                for key in ("queued", "running", "done", "failed", "abandoned"):
+                for key in COUNTERS:
                     v["deferred_" + key] = deferred.get(key, 0)
                 v["last_deferred"] = deferred.get("last_duration", 0.0)
             self._write()

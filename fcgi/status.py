@@ -42,6 +42,10 @@ def pool_status(board: Scoreboard, pool_name: str, full: bool) -> dict[str, Any]
     for key in ("queued", "running", "done", "failed", "abandoned"):
         data[f"deferred {key}"] = sum(s["deferred_" + key] for s in slots)
     data["last deferred duration"] = round(max((s["last_deferred"] for s in slots), default=0), 6)
+    for key in ("pending", "dead"):  # one journal for the pool: the freshest look, not a sum
+        data[f"deferred journal {key}"] = max(
+            (s[f"deferred_journal_{key}"] for s in slots), default=0
+        )
     if full:
         data["processes"] = [_process(s, now) for s in slots]
     return data
@@ -135,6 +139,15 @@ _METRICS = (
         "counter",
         "Deferred calls ended, by outcome.",
         [(f'outcome="{o}"', f"deferred {o}") for o in ("done", "failed", "abandoned")],
+    ),
+    (
+        "fcgi_deferred_journal",
+        "gauge",
+        "Calls in the deferred journal: pending (any worker), dead (python -m wsgi_app.journal).",
+        [
+            ('state="pending"', "deferred journal pending"),
+            ('state="dead"', "deferred journal dead"),
+        ],
     ),
     (
         "fcgi_last_deferred_duration_seconds",

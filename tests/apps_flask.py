@@ -43,10 +43,10 @@ def helper_far_below_the_view(tag: str) -> None:
     defer_in_app(what_the_call_sees, tag)
 
 
-def make_app(name: str = "shop") -> Flask:
+def make_app(name: str = "shop", **settings: object) -> Flask:
     app = Flask(name)
     app.config["GREETING"] = f"hello from {name}"
-    FlaskDeferred(app)
+    FlaskDeferred(app, **settings)
 
     @app.get("/in-app")
     def in_app():

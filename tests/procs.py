@@ -238,13 +238,17 @@ def stack(
     try:
 
         def all_running() -> bool:
-            lines = ctl("status").splitlines()
+            lines = [ln for ln in ctl("status").splitlines() if not ln.startswith("celery ")]
             return len(lines) == numprocs + 1 and all(" RUNNING " in ln for ln in lines)
 
         wait_for(lambda: proc.poll() is not None or all_running(), 30, "the stack to run")
         assert proc.poll() is None, (var / "log" / "supervisord.log").read_text()
         wait_for(lambda: connectable(("127.0.0.1", port)), 10, "nginx")
-        pids = {int(ln.split("pid ")[1].split(",")[0]) for ln in ctl("status").splitlines()}
+        pids = {
+            int(ln.split("pid ")[1].split(",")[0])
+            for ln in ctl("status").splitlines()
+            if "pid " in ln  # not the optional celery program, stopped
+        }
         yield port, ctl
         pids |= {
             int(ln.split("pid ")[1].split(",")[0])

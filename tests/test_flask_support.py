@@ -94,3 +94,13 @@ def test_flask_deferred_wraps_wsgi_app_and_keeps_the_flask_object():
     assert app.extensions["fcgi_finish"] is extension and extension.middleware is app.wsgi_app
     with pytest.raises(ValueError, match="threads"):  # settings reach the middleware
         FlaskDeferred(Flask("bad"), threads=0)
+
+
+def test_with_the_journal_on_the_call_still_runs_in_memory(seen, tmp_path):
+    # the app object cannot be journaled: defer_in_app's calls are volatile, never refused
+    app = apps_flask.make_app("journaled", journal=str(tmp_path / "journal.sqlite3"))
+    status, _body, response = call(app, "/in-app", "tag=j")
+    response.close()
+    assert status == "200 OK"
+    wait_for(lambda: seen, what="the deferred call")
+    assert seen[0]["tag"] == "j" and seen[0]["app"] == "journaled"

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec
 
+from .callpath import Unrecordable, volatile
 from .calls import Batch, Call
 from .executor import DeferredExecutor
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 
 ENVIRON_KEY = "wsgi_app.deferred"
+DURABLE_KEY = "wsgi_app.deferred.durable"  # (engine, records) when a journal or Celery is on
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -74,6 +76,10 @@ def _seconds(text: str) -> float:
     if value < 0:
         raise ValueError("must be a number of seconds, or 0 for off")
     return value
+
+
+def _text(text: str) -> str:
+    return text
 
 
 def _flag(text: str) -> bool:
@@ -151,6 +157,35 @@ SETTINGS: tuple[Setting, ...] = (
         _flag,
         "run deferred calls of requests that failed (raised, 5xx, body cut short) too",
     ),
+    Setting(
+        "journal",
+        "DEFERRED_JOURNAL",
+        "",
+        _text,
+        "SQLite file recording each call before the response is finished, so it survives "
+        "the worker's death (empty: memory only)",
+    ),
+    Setting(
+        "attempts",
+        "DEFERRED_ATTEMPTS",
+        5,
+        _count,
+        "journal: runs of a failing call before it is kept as dead",
+    ),
+    Setting(
+        "retry",
+        "DEFERRED_RETRY",
+        10,
+        _seconds,
+        "journal: seconds before a failed call runs again (doubling each time)",
+    ),
+    Setting(
+        "celery",
+        "DEFERRED_CELERY",
+        "",
+        _text,
+        "Celery broker URL: hand the calls to `celery -A wsgi_app.celery worker` instead",
+    ),
 )
 
 _executors: weakref.WeakSet[DeferredExecutor] = weakref.WeakSet()
@@ -189,6 +224,10 @@ class DeferredMiddleware:
         timeout: float | None = None,
         process: bool | None = None,
         run_on_error: bool | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        attempts: int | None = None,
+        retry: float | None = None,
+        celery: str | None = None,
     ) -> None:
         self.app = app
         given = {
@@ -199,22 +238,43 @@ class DeferredMiddleware:
             "timeout": timeout,
             "process": process,
             "run_on_error": run_on_error,
+            "journal": journal,
+            "attempts": attempts,
+            "retry": retry,
+            "celery": celery,
         }
         values = _settings(given, os.environ)
         self.run_on_error: bool = values.pop("run_on_error")
+        durable = {k: values.pop(k) for k in ("journal", "attempts", "retry", "celery")}
         self.executor = DeferredExecutor(**values)
         _executors.add(self.executor)
+        self.engine = None
+        if durable["journal"] or durable["celery"]:
+            from .engines import engine_for  # only then: SQLite and Celery stay unimported
+
+            self.engine = engine_for(durable, self.executor)
+            self.engine.start()
         self._server_limits: object = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         batch = Batch(origin=_origin(environ), request_id=environ.get("fcgi.request_id", ""))
         environ[ENVIRON_KEY] = batch
+        engine = self.engine
+        if engine is not None:
+            environ[DURABLE_KEY] = (engine, [])
+            engine.start()  # once per process (again in a forked child)
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None:  # the server keeps each hook once
+            if engine is not None:
+                add_drain_hook(engine.stop)  # stop taking over others' calls first
             add_drain_hook(self.executor.drain)
+            if engine is not None:
+                add_drain_hook(engine.flush)  # the ends of the calls the drain finished
         add_stats_hook = environ.get("fcgi.add_stats_hook")
         if add_stats_hook is not None:
             add_stats_hook(self.executor.snapshot)
+            if engine is not None:
+                add_stats_hook(engine.stats)
         batch.on_done = environ.get("fcgi.log_deferred")  # the access log's second line
         limits = environ.get("fcgi.deferred_limits")
         if limits is not None and limits is not self._server_limits:
@@ -255,6 +315,12 @@ class DeferredMiddleware:
         fields = environ.get("fcgi.log_fields")
         if fields is not None:
             fields["deferred"] = len(batch.calls)
+        durable = environ.get(DURABLE_KEY)
+        if durable is not None and durable[1]:  # recorded before the visitor has the page
+            if failure is not None:
+                self._failed_request(batch, failure)
+                failure = None
+            batch = durable[0].accept(batch, durable[1])
         finish_request = environ.get("fcgi.finish_request")
         if finish and finish_request is not None:
             finish_request()
@@ -353,13 +419,31 @@ def _batch(environ: WSGIEnvironment) -> Batch:
     return batch
 
 
+def _add(environ: WSGIEnvironment, func: Callable[..., Any], args: Any, kwargs: Any, always: bool):
+    """Append the call to the request's batch; with a journal or Celery, encode it now so
+    that a call which cannot travel fails here (``Unrecordable``), naming itself."""
+    batch = _batch(environ)
+    if isinstance(func, volatile):
+        call = Call(func.func, args, kwargs, always=always)
+    else:
+        call = Call(func, args, kwargs, always=always)
+        durable = environ.get(DURABLE_KEY)
+        if durable is not None:
+            durable[1].append((call, durable[0].encode(func, args, kwargs)))
+    batch.calls.append(call)
+
+
 def defer(
     environ: WSGIEnvironment, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs
 ) -> None:
     """Run ``func(*args, **kwargs)`` after this request's response; coroutine functions
     are awaited. Failures are logged with the request they came from. Skipped if the
-    request fails (see ``defer_always``)."""
-    _batch(environ).calls.append(Call(func, args, kwargs))
+    request fails (see ``defer_always``).
+
+    With a journal or Celery on, ``func`` must be importable by name and its arguments
+    serializable, or ``Unrecordable`` is raised here; ``defer(environ, volatile(func))``
+    opts out: that call runs in this worker's memory only, and may be lost."""
+    _add(environ, func, args, kwargs, False)
 
 
 def defer_always(
@@ -367,7 +451,7 @@ def defer_always(
 ) -> None:
     """``defer``, but the call runs even if the request fails (an audit line, a
     cleanup that must happen either way)."""
-    _batch(environ).calls.append(Call(func, args, kwargs, always=True))
+    _add(environ, func, args, kwargs, True)
 
 
 def add_task(func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
@@ -403,3 +487,14 @@ def drain(timeout: float = 30.0) -> int:
     return sum(
         executor.drain(max(0.0, deadline - time.monotonic())) for executor in list(_executors)
     )
+
+
+__all__ = [
+    "DeferredMiddleware",
+    "Unrecordable",
+    "defer",
+    "defer_always",
+    "drain",
+    "finish_request",
+    "volatile",
+]

@@ -32,7 +32,7 @@ from typing import Any, ParamSpec
 
 from flask import Flask, current_app, has_app_context
 
-from .deferred import DeferredMiddleware, add_task, current_environ
+from .deferred import DeferredMiddleware, add_task, current_environ, volatile
 
 P = ParamSpec("P")
 
@@ -59,13 +59,16 @@ class FlaskDeferred:
 def defer_in_app(func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
     """Run ``func(*args, **kwargs)`` after this request's response, inside a fresh
     application context of the current app; coroutine functions are awaited. Call it
-    anywhere inside a Flask request served through ``DeferredMiddleware``."""
+    anywhere inside a Flask request served through ``DeferredMiddleware``. The call
+    runs in this worker's memory even with the journal or Celery on (``volatile``):
+    for durable work, ``defer`` a module-level function that pushes its own app context."""
     if current_environ() is None or not has_app_context():
         raise RuntimeError(
             "defer_in_app() runs only inside a Flask request served through DeferredMiddleware "
             "(FlaskDeferred(app), or app.wsgi_app = DeferredMiddleware(app.wsgi_app))"
         )
-    add_task(_in_app_context(current_app._get_current_object(), func), *args, **kwargs)
+    # The app object cannot be journaled or sent to Celery: the call stays in memory.
+    add_task(volatile(_in_app_context(current_app._get_current_object(), func)), *args, **kwargs)
 
 
 def _in_app_context(app: Flask, func: Callable[..., Any]) -> Callable[..., Any]:

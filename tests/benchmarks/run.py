@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tests.benchmarks import harness
 from tests.benchmarks.harness import Run, probe, rss_kb, summary, wrk
-from tests.procs import ROOT, nginx, stack, wait_for, worker
+from tests.procs import ROOT, nginx, python_env, stack, wait_for, worker
+from wsgi_app.journal import Journal
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -378,6 +379,92 @@ def draw_chart(path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def journal_cost(tmp: Path) -> None:
+    """7. Where deferred work is kept: one request in twenty deferring 0.1 s, the same
+    bench app in memory, with the SQLite journal, then handed to Celery (real Redis).
+    Celery is measured apart, after the journal: its worker's backlog would load the
+    machine while the journal's goal is measured."""
+    from tests.test_celery import celery_worker, redis  # only this scenario needs them
+
+    journal = tmp / "journal" / "deferred.sqlite3"
+    with contextlib.ExitStack() as es:
+        ports = {
+            "memory": _bench_worker(es, tmp / "memory", {}),
+            "journal": _bench_worker(es, tmp / "journal", {"DEFERRED_JOURNAL": str(journal)}),
+        }
+        res = _paired_rounds(ports)
+        with contextlib.closing(Journal(journal)) as kept:
+            wait_for(lambda: kept.counts()["journal_pending"] == 0, 120, "the journal to empty")
+    with contextlib.ExitStack() as es:
+        broker = es.enter_context(redis(_made(tmp / "redis")))
+        es.enter_context(celery_worker(tmp / "redis", broker))
+        ports = {
+            "memory (again)": _bench_worker(es, tmp / "memory2", {}),
+            "celery": _bench_worker(es, tmp / "celery", {"DEFERRED_CELERY": broker}),
+        }
+        res.update(_paired_rounds(ports))
+    table(
+        "7. Where deferred work is kept, one request in twenty deferring (req/s)",
+        res,
+        "rps",
+        "req/s",
+    )
+
+    def ratio(name: str, base: str) -> float:
+        pairs = zip(res[name], res[base], strict=True)
+        return statistics.median(r.rps / b.rps for r, b in pairs)
+
+    journal_ratio, celery_ratio = ratio("journal", "memory"), ratio("celery", "memory (again)")
+    cpu = {name: med(runs, "cpu_us") for name, runs in res.items()}
+    cpu_journal = cpu["memory"] / cpu["journal"]
+    sections.append(
+        f"Median of the rounds' ratios against memory: journal {journal_ratio:.2f}x, "
+        f"Celery (publish to Redis) {celery_ratio:.2f}x; every journaled call ran "
+        "(the journal ended empty). Worker CPU per request (µs): "
+        + ", ".join(f"{name} {us:.0f}" for name, us in cpu.items())
+        + f"; memory / journal {cpu_journal:.2f}.\n"
+    )
+    goal(
+        "7. journal cost, 1 in 20 deferring",
+        journal_ratio,
+        ">= 0.9x",
+        journal_ratio >= 0.9,
+        f"CPU ratio {cpu_journal:.2f}",
+    )
+
+
+def _bench_worker(es: contextlib.ExitStack, where: Path, env: dict[str, str]) -> tuple[int, int]:
+    """The bench app in our worker with ``env``, behind nginx: (port, worker pid)."""
+    args = ("--log-level", "warning")
+    proc, sock = es.enter_context(
+        worker(_made(where), f"{APPS}:bench", *args, env=python_env(**env))
+    )
+    return es.enter_context(nginx(where, sock)), proc.pid
+
+
+def _paired_rounds(ports: dict[str, tuple[int, int]]) -> dict[str, list[Run]]:
+    """More, shorter alternating rounds than the other scenarios (after a warm-up): the
+    goal is the median of each round's own ratio, which drift on a shared machine spares."""
+    script = str(SCRIPTS / "one_in_twenty.lua")
+    seconds = max(2, round(SECONDS / 2))  # wrk takes whole seconds
+    res: dict[str, list[Run]] = {name: [] for name in ports}
+    order = list(ports)
+    for round_ in range(max(2 * ROUNDS, 12) + 1):
+        for name in order if round_ % 2 else reversed(order):  # A B, B A: no side always first
+            port, pid = ports[name]
+            before = cpu_seconds(pid)
+            run = wrk(url(port), seconds, script=script)
+            run.cpu_us = (cpu_seconds(pid) - before) / (run.rps * seconds) * 1e6
+            if round_:
+                res[name].append(run)
+    return res
+
+
+def _made(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 SCENARIOS = {
     "hello": hello_world,
     "pool": pool_scaling,
@@ -385,6 +472,7 @@ SCENARIOS = {
     "capacity": capacity,
     "bodies": large_bodies,
     "memory": memory,
+    "journal": journal_cost,
 }
 
 

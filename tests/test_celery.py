@@ -1,0 +1,87 @@
+"""DEFERRED_CELERY: the same defer() calls run by a real Celery worker, through a real Redis."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fcgi_client import Client
+from tests.procs import ROOT, connectable, free_port, python_env, require, running, wait_for, worker
+
+
+@contextlib.contextmanager
+def redis(tmp: Path) -> Iterator[str]:
+    """redis-server on a free port, persisting nothing; yields its URL."""
+    port = free_port()
+    cmd = [
+        require("redis-server", "redis-server"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp),
+    ]
+    with running(cmd, tmp / "redis.log", lambda: connectable(("127.0.0.1", port)), "redis"):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextlib.contextmanager
+def celery_worker(tmp: Path, broker: str, **env: str) -> Iterator[int]:
+    """``celery -A wsgi_app.celery worker`` (one process: its pid runs every call)."""
+    log = tmp / "celery.log"
+    cmd = [sys.executable, "-m", "celery", "-A", "wsgi_app.celery", "worker", "--pool", "solo"]
+    cmd += ["--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    with running(
+        cmd,
+        log,
+        lambda: log.exists() and " ready." in log.read_text(),
+        "the Celery worker",
+        cwd=ROOT,
+        env=python_env(DEFERRED_CELERY=broker, **env),
+    ) as proc:
+        yield proc.pid
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.e2e
+def test_deferred_calls_run_in_a_celery_worker_in_request_order(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with redis(tmp_path) as broker, celery_worker(tmp_path, broker) as celery_pid:
+        env = python_env(DEFERRED_CELERY=broker)
+        with worker(tmp_path, "tests.apps_journal:application", env=env) as (_app, sock):
+            client = Client(str(sock))
+            for r in range(10):
+                started = time.monotonic()
+                assert client.request(f"/defer?out={out}&n=3&s=0.1&tag=r{r}").status == 200
+                assert time.monotonic() - started < 0.3 * 3  # the 3 x 0.1 s run elsewhere
+            assert client.request(f"/async?out={out}&tag=coroutine").status == 200
+            assert client.request(f"/poison?out={out}").status == 200
+            assert client.request(f"/lambda?out={out}").status == 500  # refused at defer()
+            client.close()
+            wait_for(lambda: len(lines(out)) == 32, 30, "every call run by Celery")
+    runs = [ln.split() for ln in lines(out)]
+    assert {pid for _, pid in runs} == {str(celery_pid)}  # none ran in the fcgi worker
+    tags = collections.Counter(tag for tag, _ in runs)
+    assert all(n == 1 for n in tags.values())
+    for r in range(10):
+        mine = [tag for tag, _ in runs if tag.startswith(f"r{r}-")]
+        assert mine == [f"r{r}-0", f"r{r}-1", f"r{r}-2"]
+    assert "coroutine" in tags
+    celery_log = (tmp_path / "celery.log").read_text()
+    assert "deferred tests.apps_journal:poisoned failed (request GET /poison" in celery_log
+    assert "RuntimeError: poisoned call" in celery_log
+    assert "is a lambda" in (tmp_path / "app.log").read_text()

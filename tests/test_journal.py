@@ -1,0 +1,370 @@
+"""The journal: deferred calls that survive the worker's death, and the calls it refuses."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import apps_journal
+from tests.fcgi_client import Client
+from tests.procs import ROOT, python_env, stack, stop, wait_for, worker
+from wsgi_app import journal as journal_module
+from wsgi_app.callpath import Unrecordable, dumps_args, path_of, resolve
+from wsgi_app.journal import Journal
+
+# -- what can travel -------------------------------------------------------------------
+
+
+class Holder:
+    @staticmethod
+    def static(x: int) -> int:
+        return x
+
+    @classmethod
+    def klass(cls, x: int) -> int:
+        return x
+
+
+def test_module_level_functions_travel_by_import_path() -> None:
+    assert path_of(apps_journal.append) == "tests.apps_journal:append"
+    assert resolve("tests.apps_journal:append") is apps_journal.append
+    assert resolve(path_of(Holder.static))(3) == 3
+    assert resolve(path_of(Holder.klass))(4) == 4
+    assert path_of(os.path.join) == "posixpath:join"
+
+
+def test_lambdas_closures_bound_methods_and_odd_arguments_are_refused_by_name() -> None:
+    def inner() -> None: ...
+
+    with pytest.raises(Unrecordable, match=r"<lambda> is a lambda"):
+        path_of(lambda: None)
+    with pytest.raises(Unrecordable, match=r"inner is a function defined inside another"):
+        path_of(inner)
+    with pytest.raises(Unrecordable, match=r"Page.save is a method bound to a live Page"):
+        path_of(apps_journal.Page().save)
+    with pytest.raises(Unrecordable, match=r"names another object"):
+        path_of(functools.wraps(apps_journal.append)(lambda *a: None))
+    with pytest.raises(Unrecordable, match=r"arguments of deferred x:y cannot be recorded"):
+        dumps_args("x:y", (threading.Lock(),), {})
+
+
+# -- the store, across real processes ------------------------------------------------------
+
+
+def record_and_die(path: Path, *batches: list[str]) -> None:
+    """Record batches of calls from another process, which is then SIGKILLed."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from wsgi_app.journal import Journal
+        from wsgi_app.callpath import dumps_args
+        journal = Journal({str(path)!r})
+        for i, texts in enumerate({list(batches)!r}):
+            journal.record(f"GET /{{i}}", [
+                ("tests.apps_journal:append", dumps_args("", ("out", t), {{}})) for t in texts
+            ])
+        os.kill(os.getpid(), 9)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=python_env())
+    assert proc.returncode == -signal.SIGKILL
+
+
+def texts(rows) -> list[str]:
+    from wsgi_app.callpath import loads_args
+
+    return [loads_args(r.payload)[0][1] for r in rows]
+
+
+def test_calls_of_a_dead_process_are_claimed_oldest_first_in_request_order(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.sqlite3"
+    record_and_die(path, ["a1", "a2", "a3"], ["b1"], ["c1", "c2"])
+    journal = Journal(path)
+    groups = journal.claim()
+    assert [texts(g) for g in groups] == [["a1", "a2", "a3"], ["b1"], ["c1", "c2"]]
+    assert {r.attempts for g in groups for r in g} == {2}  # the claim is a second attempt
+    assert journal.claim() == []  # ours now, and we are alive
+    assert journal.counts() == {"journal_pending": 6, "journal_dead": 0}
+    for group in groups:
+        for row in group:
+            journal.done(row.id)
+    wait_for(lambda: journal.counts()["journal_pending"] == 0, what="the ends recorded")
+    assert journal.counts() == {"journal_pending": 0, "journal_dead": 0}
+    journal.close()
+
+
+def test_a_live_workers_calls_are_left_alone_until_its_lease_runs_out(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    Journal(path).close()  # the schema
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("INSERT INTO workers VALUES ('elsewhere:1:x', 'elsewhere', 1, ?)", (time.time(),))
+    db.execute(
+        "INSERT INTO calls (request, origin, path, payload, owner, created)"
+        " VALUES ('r', 'GET /', 'tests.apps_journal:append', x'', 'elsewhere:1:x', 0)"
+    )
+    journal = Journal(path)
+    assert journal.claim() == []  # another host: its pid says nothing here, its lease holds
+    db.execute("UPDATE workers SET heartbeat = ?", (time.time() - journal_module.LEASE - 1,))
+    assert [len(g) for g in journal.claim()] == [1]
+    journal.close()
+    db.close()
+
+
+def test_a_failing_call_is_retried_then_kept_as_dead_for_the_cli(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path, attempts=3, retry=0)
+    [call_id] = journal.record("GET /poison", [("tests.apps_journal:poisoned", b"x")])
+    for attempt in (2, 3):
+        assert journal.failed(call_id, "RuntimeError: poisoned call") == 0
+        [[row]] = journal.claim()
+        assert row.attempts == attempt
+    assert journal.failed(call_id, "RuntimeError: poisoned call") is None
+    assert journal.claim() == []
+    assert journal.counts() == {"journal_pending": 0, "journal_dead": 1}
+
+    def cli(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "wsgi_app.journal", "--journal", str(path), *args],
+            cwd=ROOT,
+            env=python_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    listed = cli("list")
+    assert f"{call_id}\tdead\t3 attempt(s)" in listed
+    assert "GET /poison\ttests.apps_journal:poisoned\tRuntimeError: poisoned call" in listed
+    assert cli("retry", str(call_id)) == "1 call(s) will run again\n"
+    [[row]] = journal.claim()
+    assert row.id == call_id and row.attempts == 1
+    journal.failed(call_id, "again")
+    assert journal.counts()["journal_dead"] == 0  # a fresh set of attempts
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("UPDATE calls SET state = 'dead'")
+    db.close()
+    assert cli("purge", "--all-dead") == "1 call(s) purged\n"
+    assert cli("list", "--all") == ""
+    journal.close()
+
+
+# -- the worker with a journal -------------------------------------------------------------
+
+
+def counts(path: Path) -> dict[str, int]:
+    with contextlib.closing(Journal(path)) as journal:
+        return journal.counts()
+
+
+def journal_env(path: Path, **extra: str) -> dict[str, str]:
+    return python_env(DEFERRED_JOURNAL=str(path), **extra)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_unrecordable_calls_are_refused_at_defer_with_an_error_naming_them(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    env = journal_env(tmp_path / "j.sqlite3")
+    with worker(tmp_path, "tests.apps_journal:application", env=env) as (_proc, sock):
+        client = Client(str(sock))
+        for page in ("/lambda", "/method", "/socket"):
+            assert client.request(f"{page}?out={out}").status == 500
+        assert client.request(f"/volatile?out={out}").status == 200
+        wait_for(lambda: lines(out) == [f"volatile {_proc.pid}"], what="the volatile call")
+        client.close()
+    log = (tmp_path / "app.log").read_text()
+    assert "tests.apps_journal.app.<locals>.<lambda> is a lambda" in log
+    assert "Page.save is a method bound to a live Page object" in log
+    assert "arguments of deferred tests.apps_journal:append cannot be recorded" in log
+
+
+def test_a_poisoned_call_ends_dead_after_its_attempts(tmp_path: Path) -> None:
+    out, path = tmp_path / "out", tmp_path / "j.sqlite3"
+    env = journal_env(path, DEFERRED_ATTEMPTS="3", DEFERRED_RETRY="0.01")
+    status = ("--status-path", "/fcgi-status")
+    with worker(tmp_path, "tests.apps_journal:application", *status, env=env) as (_proc, sock):
+        client = Client(str(sock))
+        assert client.request(f"/poison?out={out}").status == 200
+        wait_for(lambda: counts(path)["journal_dead"] == 1, what="a dead call")
+
+        def shown() -> dict:
+            return json.loads(client.request("/fcgi-status?json").body)
+
+        data = wait_for(lambda: shown()["deferred journal dead"] == 1 and shown(), what="status")
+        assert data["deferred journal pending"] == 0 and data["deferred failed"] == 3
+        metrics = client.request("/fcgi-status?openmetrics").body.decode()
+        assert 'fcgi_deferred_journal{pool="app",state="dead"} 1' in metrics
+        client.close()
+    assert lines(out).count(f"attempt {_proc.pid}") == 3
+    log = (tmp_path / "app.log").read_text()
+    assert log.count("will be retried") == 2
+    assert "dead after 3 attempts (request GET /poison" in log
+
+
+def send_batches(sock: Path, out: Path, requests: int, calls: int, seconds: float) -> None:
+    """``requests`` requests answered, each with ``calls`` journaled calls pending."""
+    client = Client(str(sock))
+    for r in range(requests):
+        resp = client.request(f"/defer?out={out}&n={calls}&s={seconds}&tag=r{r}")
+        assert resp.status == 200
+    client.close()
+
+
+def check_all_ran(out: Path, expected: int) -> collections.Counter:
+    wait_for(lambda: len({ln.split()[0] for ln in lines(out)}) == expected, 30, "every call")
+    runs = collections.Counter(ln.split()[0] for ln in lines(out))
+    assert len(runs) == expected
+    twice = [tag for tag, n in runs.items() if n > 1]
+    # only those running at the kill, or ended in the DONE_DELAY before it
+    assert len(twice) <= 6, f"run twice: {twice}"
+    return runs
+
+
+def test_sigkill_with_200_calls_pending_a_fresh_worker_runs_them_all(tmp_path: Path) -> None:
+    out, path = tmp_path / "out", tmp_path / "j.sqlite3"
+    env = journal_env(path, DEFERRED_THREADS="2")
+    with worker(tmp_path, "tests.apps_journal:application", env=env) as (first, sock):
+        send_batches(sock, out, 20, 10, 0.02)
+        assert counts(path)["journal_pending"] > 150
+        first.kill()
+        first.wait()
+    before = len(lines(out))
+    assert before < 50
+    with worker(tmp_path, "tests.apps_journal:application", env=env, name="b") as (second, _):
+        check_all_ran(out, 200)
+        wait_for(lambda: counts(path)["journal_pending"] == 0, what="an empty journal")
+    by_second = [ln for ln in lines(out)[before:] if ln.endswith(f" {second.pid}")]
+    assert len(by_second) >= 200 - before
+    # each request's calls ran in the order registered
+    second_tags = [ln.split()[0] for ln in by_second]
+    for r in range(20):
+        mine = [int(t.split("-")[1]) for t in second_tags if t.startswith(f"r{r}-")]
+        assert mine == sorted(mine)
+
+
+SUPERVISORD_CONF = """
+[unix_http_server]
+file={tmp}/supervisor.sock
+[supervisord]
+logfile={tmp}/supervisord.log
+pidfile={tmp}/supervisord.pid
+childlogdir={tmp}
+directory={root}
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+[supervisorctl]
+serverurl=unix://{tmp}/supervisor.sock
+[fcgi-program:app]
+socket=unix://{tmp}/app.sock
+command={python} -m fcgi tests.apps_journal:application
+process_name=%(program_name)s_%(process_num)02d
+numprocs=2
+directory={root}
+environment=DEFERRED_JOURNAL="{journal}",DEFERRED_THREADS="2",PYTHONPATH="{root}"
+startsecs=1
+autorestart=true
+redirect_stderr=true
+stdout_logfile={tmp}/%(program_name)s_%(process_num)02d.log
+"""
+
+
+@pytest.mark.e2e
+def test_under_supervisord_kill_9_of_one_worker_loses_nothing(tmp_path: Path) -> None:
+    out, path = tmp_path / "out", tmp_path / "j.sqlite3"
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(
+        SUPERVISORD_CONF.format(tmp=tmp_path, root=ROOT, python=sys.executable, journal=path)
+    )
+    bindir = Path(sys.executable).parent
+
+    def pids() -> dict[str, int]:
+        status = subprocess.run(
+            [str(bindir / "supervisorctl"), "-c", str(conf), "status"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        return {
+            ln.split()[0]: int(ln.split("pid ")[1].split(",")[0])
+            for ln in status.splitlines()
+            if " RUNNING " in ln
+        }
+
+    proc = subprocess.Popen(
+        [str(bindir / "supervisord"), "-n", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        first = wait_for(lambda: len(pids()) == 2 and pids(), 30, "two workers")
+        # every request on one connection: one worker takes them all
+        send_batches(tmp_path / "app.sock", out, 20, 10, 0.02)
+        wait_for(lambda: lines(out), what="the first call")
+        victim = int(lines(out)[0].split()[1])
+        assert counts(path)["journal_pending"] > 150
+        os.kill(victim, signal.SIGKILL)
+        check_all_ran(out, 200)
+        wait_for(lambda: counts(path)["journal_pending"] == 0, what="an empty journal")
+        others = {int(ln.split()[1]) for ln in lines(out)} - {victim}
+        assert others, "nobody took the dead worker's calls over"
+        assert victim in first.values()
+    finally:
+        stop(proc, timeout=60)
+
+
+@pytest.mark.e2e
+def test_the_shipped_stack_keeps_a_journal_under_var_lib(tmp_path: Path) -> None:
+    with stack(tmp_path, numprocs=1):
+        path = tmp_path / "var" / "lib" / "deferred.sqlite3"
+        wait_for(path.exists, what="the journal file")
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT count(*) FROM workers").fetchone() == (1,)
+
+
+def test_a_request_with_thousands_of_calls_is_recorded_in_order(tmp_path: Path) -> None:
+    with contextlib.closing(Journal(tmp_path / "j.sqlite3")) as journal:
+        calls = [("tests.apps_journal:append", str(i).encode()) for i in range(2500)]
+        ids = journal.record("GET /many", calls)
+        assert len(ids) == 2500 and ids == sorted(ids)
+        assert [r.payload for r in journal.rows()] == [str(i).encode() for i in range(2500)]
+
+
+def test_calls_left_at_a_graceful_stops_deadline_run_in_the_next_worker(tmp_path: Path) -> None:
+    out, path = tmp_path / "out", tmp_path / "j.sqlite3"
+    env = journal_env(path, DEFERRED_THREADS="1")
+    app = "tests.apps_journal:application"
+    with worker(tmp_path, app, "--graceful-timeout", "0.3", env=env) as (first, sock):
+        send_batches(sock, out, 1, 10, 0.2)  # 2 s of work, 0.3 s to stop
+    assert first.returncode == 3  # some deferred work abandoned
+    assert "kept in" in (tmp_path / "app.log").read_text()
+    assert len(lines(out)) < 10
+    with worker(tmp_path, app, env=env, name="b"):
+        check_all_ran(out, 10)
+
+
+def test_gone_workers_are_forgotten_even_with_nothing_to_take(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    record_and_die(path)  # registers nothing: no call recorded
+    with contextlib.closing(Journal(path)) as journal:
+        db = journal._db()
+        db.execute("INSERT INTO workers VALUES ('old:1:x', 'old', 1, 0)")  # lease long out
+        assert journal.claim() == []
+        assert [w for (w,) in db.execute("SELECT id FROM workers")] == [journal.worker]

@@ -1,0 +1,468 @@
+"""The deferred-work journal: calls written to SQLite before the visitor has the response.
+
+One database file per machine (``DEFERRED_JOURNAL=var/lib/deferred.sqlite3``),
+shared by every worker of the pool. A request's calls are inserted in one
+transaction before the response is finished, deleted once they end, and
+claimed by another worker when theirs is gone: its pid no longer alive, or its
+heartbeat older than ``LEASE`` seconds. So once the visitor has the page, the
+calls run at least once even if the worker is SIGKILLed, OOM-killed or crashes;
+only a call running at that moment (or ended in the ``DONE_DELAY`` before) may run
+twice.
+
+A failing call is retried (after ``retry`` seconds, doubling) until it has been
+tried ``attempts`` times; then it stays in the journal as dead, for
+``python -m wsgi_app.journal`` to list, retry or purge.
+
+SQLite in WAL mode with ``synchronous=NORMAL``: a commit is a write to the WAL
+file without fsync, which survives the death of the process (the kernel has the
+bytes) but not of the machine (power loss may drop the last commits).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("wsgi_app.deferred")
+
+LEASE = 60.0  # seconds without a heartbeat after which a worker's calls are taken over
+HEARTBEAT = 5.0  # seconds between heartbeats (and between looks for orphaned calls: POLL)
+POLL = 1.0  # seconds between looks for calls to claim
+DONE_DELAY = 0.02  # seconds an ended call may wait before it is deleted, with others
+INSERT_ROWS = 1000  # calls per INSERT statement (SQLite's limit on variables: 32766)
+CLAIM_ROWS = 500  # calls claimed at most per look (whole requests: their order is kept)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY,          -- insertion order: oldest first, a request's order
+    request TEXT NOT NULL,           -- the calls of one request share it
+    origin TEXT NOT NULL,            -- "GET /signup" (and the request id) for the logs
+    path TEXT NOT NULL,              -- "package.module:function"
+    payload BLOB NOT NULL,           -- pickle of (args, kwargs)
+    owner TEXT,                      -- the worker running it; NULL: free for any worker
+    state TEXT NOT NULL DEFAULT 'pending',  -- pending | dead
+    attempts INTEGER NOT NULL DEFAULT 1,    -- runs given to it (a claim counts as one)
+    ready_at REAL NOT NULL DEFAULT 0,       -- not before this time (retry delay)
+    created REAL NOT NULL,
+    error TEXT                       -- the last failure, one line
+);
+
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,             -- host:pid:random, new at each start (exec keeps the pid)
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    heartbeat REAL NOT NULL
+);
+"""
+
+
+# journal file -> (pid, worker id): one id per process and file, shared by every Journal
+# object on it (two middlewares in one process must not take each other's calls).
+_ids: dict[str, tuple[int, str]] = {}
+_ids_lock = threading.Lock()
+# journal file -> the lock its writers in this process take: threads queue on it and
+# wake at once, instead of meeting SQLite's busy handler, which sleeps 1 ms and more
+_write_locks: dict[str, threading.Lock] = {}
+
+
+def _write_lock(path: Path) -> threading.Lock:
+    with _ids_lock:
+        return _write_locks.setdefault(str(path.resolve()), threading.Lock())
+
+
+@dataclass
+class Row:
+    """One journaled call, as listed by the CLI or claimed for a run."""
+
+    id: int
+    request: str
+    origin: str
+    path: str
+    payload: bytes
+    state: str
+    attempts: int
+    created: float
+    error: str | None
+
+
+class Journal:
+    """The SQLite store of deferred calls; safe to share between threads and processes."""
+
+    def __init__(self, path: str | os.PathLike[str], attempts: int = 5, retry: float = 10.0):
+        self.path = Path(path)
+        self.attempts = attempts  # runs before a failing call is declared dead
+        self.retry = retry  # seconds before the first retry; doubles each time
+        self._local = threading.local()
+        self._pid = 0
+        self.worker = ""
+        self._requests = 0
+        self._lock = threading.Lock()
+        self._writing = _write_lock(self.path)
+        self._done: list[int] = []  # ended calls not yet deleted (see done())
+        self._done_lock = threading.Condition()
+        self._flusher_pid = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = self._db()
+        db.execute("PRAGMA page_size=1024")  # a new file only: rows are small, so are commits
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+
+    # -- connections -------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection (a new one after a fork: SQLite's may not cross it)."""
+        db = getattr(self._local, "db", None)
+        if db is None or self._local.pid != os.getpid():
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA synchronous=NORMAL")
+            # no checkpoint (its fsync) on a serving thread: the sweeper does them
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            self._local.db, self._local.pid = db, os.getpid()
+        return db
+
+    def close(self) -> None:
+        """Close this thread's connection (a CLI run, a test); another call reopens it."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            self._local.db = None
+            db.close()
+
+    def _register(self) -> None:
+        """Enter this process in ``workers`` (again after a fork or an exec)."""
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with _ids_lock:
+            if self._pid == pid:
+                return
+            key = str(self.path.resolve())
+            known = _ids.get(key)
+            if known is not None and known[0] == pid:
+                self.worker = known[1]
+            else:
+                self.worker = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
+                _ids[key] = (pid, self.worker)
+            self._db().execute(
+                "INSERT OR REPLACE INTO workers (id, host, pid, heartbeat) VALUES (?, ?, ?, ?)",
+                (self.worker, socket.gethostname(), pid, time.time()),
+            )
+            self._pid = pid
+
+    # -- the serving side ------------------------------------------------------------------
+
+    def record(self, origin: str, calls: Sequence[tuple[str, bytes]]) -> list[int]:
+        """Write one request's calls in one transaction, owned by this worker; their ids."""
+        self._register()
+        with self._lock:
+            self._requests += 1
+            request = f"{self.worker}:{self._requests}"
+        now = time.time()
+        with self._writing:
+            return self._insert(self._db(), request, origin, calls, now)
+
+    def _insert(
+        self, db: sqlite3.Connection, request: str, origin: str, calls: Sequence, now: float
+    ) -> list[int]:
+        chunks = [calls[i : i + INSERT_ROWS] for i in range(0, len(calls), INSERT_ROWS)]
+        if len(chunks) > 1:
+            db.execute("BEGIN IMMEDIATE")
+        ids: list[int] = []
+        try:
+            for chunk in chunks:  # usually one statement: one transaction, all rows or none
+                values: list[object] = []
+                for path, payload in chunk:
+                    values += (request, origin, path, payload, self.worker, now)
+                cur = db.execute(
+                    "INSERT INTO calls (request, origin, path, payload, owner, created) VALUES "
+                    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                    values,
+                )
+                # one statement holding the write lock numbers its rows one after another
+                last = cur.lastrowid
+                ids += range(last - len(chunk) + 1, last + 1)
+            if len(chunks) > 1:
+                db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return ids
+
+    def done(self, call_id: int) -> None:
+        """The call ended: forget it within ``DONE_DELAY`` s, in one statement with the
+        others that ended meanwhile (a write per call would contend with the serving
+        threads' writes; a call that ended that recently may run again after a kill)."""
+        with self._done_lock:
+            if self._flusher_pid != os.getpid():
+                self._flusher_pid = os.getpid()
+                self._done.clear()  # a forked child: the parent forgets its own
+                threading.Thread(target=self._flush_loop, name="journal-done", daemon=True).start()
+                atexit.register(self.flush)
+            self._done.append(call_id)
+            if len(self._done) == 1:
+                self._done_lock.notify()
+
+    def flush(self, _seconds_left: float = 0.0) -> int:
+        """Forget the calls that ended (a drain hook too, after the executor's drain)."""
+        with self._done_lock:
+            ids, self._done = self._done, []
+        for i in range(0, len(ids), INSERT_ROWS):
+            chunk = ids[i : i + INSERT_ROWS]
+            marks = ", ".join("?" * len(chunk))
+            with self._writing:
+                self._db().execute(f"DELETE FROM calls WHERE id IN ({marks})", chunk)
+        return 0
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._done_lock:
+                while not self._done:
+                    self._done_lock.wait()
+            time.sleep(DONE_DELAY)  # let the calls ending meanwhile join this statement
+            try:
+                self.flush()
+            except Exception:
+                log.exception("deferred journal %s: recording ended calls failed", self.path)
+
+    def failed(self, call_id: int, error: str) -> float | None:
+        """The call raised: free it for a retry later, or mark it dead. Returns the
+        retry delay in seconds, or None when it is now dead."""
+        with self._writing:
+            return self._failed(self._db(), call_id, error)
+
+    def _failed(self, db: sqlite3.Connection, call_id: int, error: str) -> float | None:
+        row = db.execute("SELECT attempts FROM calls WHERE id = ?", (call_id,)).fetchone()
+        if row is None:
+            return None
+        attempts = row[0]
+        if attempts >= self.attempts:
+            db.execute(
+                "UPDATE calls SET state = 'dead', owner = NULL, error = ? WHERE id = ?",
+                (error, call_id),
+            )
+            return None
+        delay = self.retry * 2 ** (attempts - 1)
+        db.execute(
+            "UPDATE calls SET owner = NULL, ready_at = ?, error = ? WHERE id = ?",
+            (time.time() + delay, error, call_id),
+        )
+        return delay
+
+    # -- taking over ---------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database when no reader holds it (the sweeper, with
+        each heartbeat: the serving threads never pay for it)."""
+        self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def heartbeat(self) -> None:
+        """Say this worker is alive; re-enter it if another took it for gone."""
+        self._register()
+        with self._writing:
+            cur = self._db().execute(
+                "UPDATE workers SET heartbeat = ? WHERE id = ?", (time.time(), self.worker)
+            )
+        if cur.rowcount == 0:  # taken for gone (a stall past the lease): enter again
+            self._pid = 0
+            self._register()
+
+    def claim(self, limit: int = CLAIM_ROWS) -> list[list[Row]]:
+        """Take the calls of gone workers and the calls due for a retry; return them
+        grouped by request, oldest request first, each in its request's order.
+
+        A claim counts as an attempt: a call that kills its worker every time (a
+        segfault, an OOM) is declared dead after ``attempts`` claims like any other.
+        """
+        self._register()
+        if not self._claimable(self._db(), time.time()):
+            return []  # the usual case: no write lock taken, serving threads never wait
+        with self._writing:
+            claimed, worn = self._take(self._db(), time.time(), limit)
+        for row in worn:
+            log.error(
+                "deferred %s dead after %d attempts (request %s): %s",
+                row.path,
+                self.attempts,
+                row.origin,
+                row.error or "its worker died while it ran",
+            )
+        groups: dict[str, list[Row]] = {}
+        for row in sorted(claimed, key=lambda r: r.id):
+            if row.attempts <= self.attempts:
+                groups.setdefault(row.request, []).append(row)
+        return list(groups.values())
+
+    def _claimable(self, db: sqlite3.Connection, now: float) -> bool:
+        """Whether a claim would find anything: calls, or gone workers to forget (a read:
+        no lock)."""
+        gone = [
+            wid
+            for wid, host, pid, beat in db.execute("SELECT * FROM workers")
+            if wid != self.worker and _gone(host, pid, beat, now)
+        ]
+        if gone:
+            return True
+        found = db.execute(
+            "SELECT 1 FROM calls WHERE state = 'pending' AND ready_at <= ? AND (owner IS NULL"
+            " OR owner NOT IN (SELECT id FROM workers)) LIMIT 1",
+            (now,),
+        ).fetchone()
+        return found is not None
+
+    def _take(self, db: sqlite3.Connection, now: float, limit: int) -> tuple[list[Row], list[Row]]:
+        """In one transaction: forget gone workers, own their calls and the calls due;
+        mark dead those past their attempts. Returns (claimed, worn out)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            gone = [
+                wid
+                for wid, host, pid, beat in db.execute("SELECT * FROM workers")
+                if wid != self.worker and _gone(host, pid, beat, now)
+            ]
+            db.executemany("DELETE FROM workers WHERE id = ?", [(w,) for w in gone])
+            free = (
+                "state = 'pending' AND ready_at <= :now AND (owner IS NULL"
+                " OR owner NOT IN (SELECT id FROM workers))"
+            )
+            rows = db.execute(
+                f"UPDATE calls SET owner = :me, attempts = attempts + 1 WHERE {free}"
+                f" AND request IN (SELECT request FROM calls WHERE {free} ORDER BY id LIMIT :n)"
+                " RETURNING id, request, origin, path, payload, state, attempts, created, error",
+                {"me": self.worker, "now": now, "n": limit},
+            ).fetchall()
+            claimed = [Row(*r) for r in rows]
+            worn = [r for r in claimed if r.attempts > self.attempts]
+            db.executemany(
+                "UPDATE calls SET state = 'dead', owner = NULL, attempts = attempts - 1,"
+                " error = coalesce(error, 'its worker died while it ran') WHERE id = ?",
+                [(r.id,) for r in worn],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return claimed, worn
+
+    # -- looking and tidying (status page, CLI) --------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Calls pending (in any worker, or waiting for a retry) and dead, journal-wide."""
+        found = dict(self._db().execute("SELECT state, count(*) FROM calls GROUP BY state"))
+        return {"journal_pending": found.get("pending", 0), "journal_dead": found.get("dead", 0)}
+
+    def rows(self, state: str | None = None) -> list[Row]:
+        where, params = ("WHERE state = ?", (state,)) if state else ("", ())
+        return [
+            Row(*r)
+            for r in self._db().execute(
+                "SELECT id, request, origin, path, payload, state, attempts, created, error"
+                f" FROM calls {where} ORDER BY id",
+                params,
+            )
+        ]
+
+    def retry_dead(self, ids: Iterable[int] | None = None) -> int:
+        """Give dead calls (these, or all) a fresh set of attempts; a worker claims them."""
+        return self._dead_update(
+            "UPDATE calls SET state = 'pending', owner = NULL, attempts = 0, ready_at = 0"
+            " WHERE state = 'dead'",
+            ids,
+        )
+
+    def purge_dead(self, ids: Iterable[int] | None = None) -> int:
+        """Delete dead calls (these, or all); returns how many."""
+        return self._dead_update("DELETE FROM calls WHERE state = 'dead'", ids)
+
+    def _dead_update(self, sql: str, ids: Iterable[int] | None) -> int:
+        db = self._db()
+        with self._writing:
+            if ids is None:
+                return db.execute(sql).rowcount
+            return sum(db.execute(sql + " AND id = ?", (i,)).rowcount for i in ids)
+
+
+def _gone(host: str, pid: int, heartbeat: float, now: float) -> bool:
+    """A worker is gone when its lease ran out, or (on this host) its pid is not alive,
+    or is this very process under an earlier id (an exec in place keeps the pid)."""
+    if now - heartbeat > LEASE:
+        return True
+    if host != socket.gethostname():
+        return False
+    return pid == os.getpid() or not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) is gone too
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+class Sweeper:
+    """A worker's background thread: heartbeats, and hands claimed calls to ``run``
+    (one list of rows per request) while ``room()`` says the executor has space."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        run: Callable[[list[Row]], None],
+        room: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.journal = journal
+        self.run = run
+        self.room = room
+        self._pid = 0
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Start (once per process: again in a forked child)."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, name="deferred-journal", daemon=True).start()
+
+    def stop(self, _seconds_left: float = 0.0) -> int:
+        """Stop claiming (a drain hook: abandons nothing, the journal keeps it all)."""
+        self._stop.set()
+        return 0
+
+    def _loop(self) -> None:
+        beat = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - beat >= HEARTBEAT:
+                    self.journal.heartbeat()
+                    self.journal.checkpoint()
+                    beat = time.monotonic()
+                while self.room() and not self._stop.is_set():
+                    groups = self.journal.claim()
+                    for rows in groups:
+                        self.run(rows)
+                    if not groups:
+                        break
+            except Exception:
+                log.exception("deferred journal %s: claiming failed", self.journal.path)
+            self._stop.wait(POLL)
+
+
+if __name__ == "__main__":
+    from .journal_cli import main
+
+    raise SystemExit(main())
