@@ -57,6 +57,7 @@ class Connection:
         self.out_size = 0
         self.closed = False
         self.watching_writes = False  # EPOLLOUT is registered (changed on the loop only)
+        self.paused = False  # not read while over HIGH_WATER (changed on the loop only)
         self.stalled_since: float | None = None  # output waiting since (per stall)
         self.receiving_since: float | None = None  # a record or request half-sent since
         self.opened = time.monotonic()

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .connection import Connection
+from .connection import HIGH_WATER, LOW_WATER, Connection
 from .fcgiconn import ConnState, FCGIConnection, IncomingRequest, RequestReady
 from .listener import Listener
 from .options import Options
@@ -32,6 +32,7 @@ SWEEP_INTERVAL = 1.0  # seconds between checks for stalled connections
 FIRST_REQUEST_GRACE = 2.0  # seconds a new connection is given for its first request
 
 _IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
 _IN_OUT = select.EPOLLIN | select.EPOLLOUT
 
 OnRequest = Callable[[Connection, IncomingRequest], None]
@@ -127,7 +128,11 @@ class IOLoop:
             if conn is None:
                 continue
             if mask & select.EPOLLOUT:
-                if not conn.on_writable():
+                more = conn.on_writable()
+                if conn.paused and conn.out_size <= LOW_WATER:
+                    conn.paused = False  # it reads what we sent: take its records again
+                    self._modify(conn, _IN_OUT if more else _IN)
+                elif not more:
                     self._modify(conn, _IN)
                 if conn.done:
                     self.close(conn)
@@ -148,6 +153,11 @@ class IOLoop:
                     log.debug("connection %d: request %d aborted by the web server", fd, event)
             if conn.out or conn.done:
                 self._attend(conn)
+                if conn.out_size > HIGH_WATER and not conn.paused and conns.get(fd) is conn:
+                    # a peer that sends and never reads (a flood of records we answer)
+                    # is not read until it takes its answers: memory stays bounded
+                    conn.paused = True
+                    self._modify(conn, _OUT)
         return True
 
     def _run_calls(self) -> None:
@@ -162,7 +172,7 @@ class IOLoop:
         if conn.done or conn.closed:
             self.close(conn)
         elif conn.watch_writes():
-            self._modify(conn, _IN_OUT)
+            self._modify(conn, _OUT if conn.paused else _IN_OUT)
 
     def _modify(self, conn: Connection, mask: int) -> None:
         with contextlib.suppress(OSError, ValueError):

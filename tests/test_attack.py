@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -135,3 +136,33 @@ def test_a_helper_process_that_dies_is_logged_its_calls_ended_and_replaced(tmp_p
     ran_in = int(log.read_text().split("after later in ")[1])
     assert ran_in != proc.pid  # in a new helper, not the worker
     assert "deferred _note_pid(" in _worker_log(tmp_path).read_text().split("died")[1]
+
+
+def test_a_peer_that_floods_without_reading_gets_no_unbounded_memory(serve):
+    running = serve(apps_attack.sleepy)
+    names = b"".join(flup.encode_pair(name, b"") for name in (b"FCGI_MAX_CONNS", b"FCGI_MAX_REQS"))
+    flood = record(flup.FCGI_GET_VALUES, 0, names) * 4096  # each one answered
+    peer = running.client()
+    peer.sock.setblocking(False)
+    pending, sent, most = flood, 0, 0
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline and sent < 64 << 20:
+        try:
+            n = peer.sock.send(pending)
+        except BlockingIOError:  # the worker stopped reading us: that is the point
+            time.sleep(0.01)
+        else:
+            sent += n
+            pending = pending[n:] or flood
+        most = max([most, *(c.out_size for c in list(running.server.conns.values()))])
+    assert most < 4 << 20, f"{most} bytes of answers queued for a peer that reads nothing"
+    response = running.client().request("/other")
+    assert (response.status, response.body) == (200, b"/other")
+    # once the peer reads its answers, the worker reads it again
+    got = []
+    reader = threading.Thread(target=lambda: got.append(peer.read_response()), daemon=True)
+    peer.sock.settimeout(10)
+    reader.start()
+    peer.send(pending + request_bytes("/after"))
+    reader.join(10)
+    assert got and got[0].body == b"/after"
