@@ -145,7 +145,27 @@ class Server:
             self.access_log.reopen()
 
     def handle_term(self, signum: int, frame: Any) -> None:
+        if not self.stopping and self.options.graceful_timeout > 0:
+            # the graceful stop runs on the loop's thread: a request stuck on that thread
+            # (--threads 1) would hold it for ever, so a timer bounds the stop
+            timer = threading.Timer(self.options.graceful_timeout + 2.0, self._stop_overdue)
+            timer.daemon = True
+            timer.start()
         self.stop()
+
+    def _stop_overdue(self) -> None:
+        if self._stopped.is_set():
+            return
+        for request in list(self.in_progress):
+            log.error("%s still running at the graceful deadline; abandoned", request)
+        log.error(
+            "not stopped %.0f s after the stop began: the loop's thread is held (by a request "
+            "on --threads 1); exiting %d",
+            self.options.graceful_timeout + 2.0,
+            EXIT_ABANDONED,
+        )
+        logging.shutdown()
+        os._exit(EXIT_ABANDONED)
 
     def handle_quit(self, signum: int, frame: Any) -> None:
         log.warning("SIGQUIT: stopping at once, dropping running requests and deferred work")
@@ -243,9 +263,11 @@ class Server:
             if not arriving and not self.in_progress and not loop.has_output():
                 break
             loop.poll(0.02, still_owner)
-        if not self.runner.stop(deadline):
-            log.warning("requests still running at the graceful deadline")
         abandoned = 0
+        if not self.runner.stop(deadline):
+            for request in list(self.in_progress):
+                log.error("%s still running at the graceful deadline; abandoned", request)
+                abandoned += 1
         for hook in self.drain_hooks:
             try:
                 abandoned += hook(max(0.0, deadline - time.monotonic()))

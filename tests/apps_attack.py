@@ -100,3 +100,9 @@ def _note_pid(path: str, text: str) -> None:
 
 
 deferring_helper = DeferredMiddleware(_deferring_helper, process=True)
+
+
+def stuck(environ, start_response):
+    """Notes that it runs, then sleeps QUERY_STRING seconds (past any graceful stop)."""
+    _note(os.environ["TEST_APP_LOG"], "running")
+    return sleepy(environ, start_response)

@@ -166,3 +166,21 @@ def test_a_peer_that_floods_without_reading_gets_no_unbounded_memory(serve):
     peer.send(pending + request_bytes("/after"))
     reader.join(10)
     assert got and got[0].body == b"/after"
+
+
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_a_request_past_the_graceful_deadline_is_named_and_the_stop_exits_3(tmp_path, threads):
+    log = tmp_path / "work.log"
+    env = python_env(TEST_APP_LOG=str(log))
+    args = ("--threads", threads, "--graceful-timeout", "1")
+    with worker(tmp_path, "tests.apps_attack:stuck", *args, env=env) as (proc, sock):
+        client = Client(str(sock))
+        client.send(request_bytes("/stuck?60"))
+        wait_for(lambda: log.exists() and "running" in log.read_text(), what="the request")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 3
+        assert time.monotonic() - started < 5  # 1 s, plus 2 s when the loop's thread is held
+        client.close()
+    text = _worker_log(tmp_path).read_text()
+    assert "(GET /stuck?60) still running at the graceful deadline; abandoned" in text
