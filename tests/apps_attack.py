@@ -51,6 +51,10 @@ def _fork_and_return(path: str) -> None:
     # the child returns into the executor, as a careless call would
 
 
+async def _block_the_loop() -> None:
+    time.sleep(1.5)  # a blocking call inside a coroutine: the whole loop waits
+
+
 def _deferring(environ, start_response):
     path = os.environ["TEST_APP_LOG"]
     what = environ["PATH_INFO"].strip("/")
@@ -58,6 +62,8 @@ def _deferring(environ, start_response):
         defer(environ, _defer_again, environ, path)
     elif what == "fork":
         defer(environ, _fork_and_return, path)
+    elif what == "block":
+        defer(environ, _block_the_loop)
     defer(environ, _note, path, f"after {what}")
     start_response("200 OK", OK)
     return [b"ok"]

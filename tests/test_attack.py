@@ -184,3 +184,21 @@ def test_a_request_past_the_graceful_deadline_is_named_and_the_stop_exits_3(tmp_
         client.close()
     text = _worker_log(tmp_path).read_text()
     assert "(GET /stuck?60) still running at the graceful deadline; abandoned" in text
+
+
+def test_a_coroutine_that_blocks_the_loop_is_reported_slow(tmp_path):
+    log = tmp_path / "work.log"
+    env = python_env(TEST_APP_LOG=str(log))
+    args = ("--slow-deferred", "0.3")
+    with worker(tmp_path, "tests.apps_attack:deferring", *args, env=env) as (proc, sock):
+        client = Client(str(sock))
+        assert client.request("/block").body == b"ok"
+        wait_for(
+            lambda: "slow deferred _block_the_loop()" in _worker_log(tmp_path).read_text(),
+            what="the slow line while the loop is blocked",
+        )
+        assert not log.exists()  # it is still blocking: reported while it ran
+        wait_for(lambda: log.exists() and "after block" in log.read_text(), what="the calls")
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

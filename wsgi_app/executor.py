@@ -199,7 +199,9 @@ class DeferredExecutor:
             return
         if self.slow and not engine.watching:
             engine.watching = True
-            engine.loop.call_soon_threadsafe(self._watch_slow, engine)
+            threading.Thread(
+                target=self._watch_slow, args=(engine,), name="deferred-slow", daemon=True
+            ).start()
         self._dispatch(engine, batch)
 
     def _helper_here(self) -> Helper:
@@ -449,12 +451,15 @@ class DeferredExecutor:
     # -- the slow log ---------------------------------------------------------------------
 
     def _watch_slow(self, engine: _Engine) -> None:
-        """On the loop, while calls run: log those past ``slow`` every ``SLOW_CHECK`` s."""
-        self._check_slow()
-        with self._lock:
-            engine.watching = bool(self._batches) and not engine.retired
-        if engine.watching:
-            engine.loop.call_later(SLOW_CHECK, self._watch_slow, engine)
+        """While calls run, log those past ``slow`` every ``SLOW_CHECK`` s; on a thread of
+        its own, not the loop: a coroutine that blocks the loop must be reported too."""
+        while True:
+            time.sleep(SLOW_CHECK)
+            self._check_slow()
+            with self._lock:
+                engine.watching = bool(self._batches) and not engine.retired
+                if not engine.watching:
+                    return
 
     def _check_slow(self) -> None:
         if not self.slow:
