@@ -145,7 +145,7 @@ class Server:
             self.access_log.reopen()
 
     def handle_term(self, signum: int, frame: Any) -> None:
-        if not self.stopping and self.options.graceful_timeout > 0:
+        if not self.stopping:
             # the graceful stop runs on the loop's thread: a request stuck on that thread
             # (--threads 1) would hold it for ever, so a timer bounds the stop
             timer = threading.Timer(self.options.graceful_timeout + 2.0, self._stop_overdue)
