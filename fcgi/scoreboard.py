@@ -30,8 +30,9 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 FIELDS = (
     ("pid", "i"),
@@ -60,6 +61,7 @@ NAMES = [name for name, _ in FIELDS]
 # the deferred-work hook's keys kept in a slot (the journal's only when it is on)
 COUNTERS = ("queued", "running", "done", "failed", "abandoned", "journal_pending", "journal_dead")
 _TEXT = {"method", "uri"}
+_POOL_LOCK = threading.Lock()  # POSIX locks do not exclude threads of one process
 
 
 class Scoreboard:
@@ -197,11 +199,19 @@ class Scoreboard:
     def pool(self) -> dict[str, Any]:
         return self._update_pool()
 
+    @contextlib.contextmanager
+    def _locked_pool(self) -> Iterator[IO[str]]:
+        """pool.json, open and locked against this pool's other workers and this one's
+        other threads. A POSIX record lock (``lockf``), not ``flock``: a process forked
+        meanwhile (the deferred-work helper, an app's own child) does not inherit it,
+        where an inherited ``flock`` stayed held by the child and hung this worker."""
+        with _POOL_LOCK, open(self.dir / "pool.json", "a+", encoding="utf-8") as f:
+            fcntl.lockf(f, fcntl.LOCK_EX)
+            yield f
+
     def _update_pool(self, active: int = 0, total: int = 0) -> dict[str, Any]:
         """Read and update pool.json under a lock: start time and high-water marks."""
-        path = self.dir / "pool.json"
-        with open(path, "a+", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with self._locked_pool() as f:
             f.seek(0)
             try:
                 pool = json.loads(f.read() or "{}")

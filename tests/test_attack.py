@@ -3,6 +3,7 @@ goes on serving (tests/apps_attack.py has the apps)."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -11,6 +12,7 @@ import time
 import pytest
 from flup.server import fcgi_base as flup
 
+from fcgi.scoreboard import Scoreboard
 from tests import apps_attack
 from tests.fcgi_client import Client, record, request_bytes
 from tests.procs import python_env, wait_for, worker
@@ -202,3 +204,23 @@ def test_a_coroutine_that_blocks_the_loop_is_reported_slow(tmp_path):
         client.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_a_process_forked_while_pool_json_is_locked_does_not_keep_it_locked(tmp_path):
+    # The deferred-work helper is forked from the worker at its first call; when the
+    # status sampler held pool.json's lock at that moment, the helper kept it for ever
+    # and the worker hung at its next sample (seen in 3 of 8 starts).
+    board = Scoreboard(tmp_path / "board")
+    try:
+        with board._locked_pool():
+            child = os.fork()
+            if child == 0:  # holds whatever it inherited, then leaves quietly
+                time.sleep(3)
+                os._exit(0)
+        done = threading.Event()
+        threading.Thread(target=lambda: (board.pool(), done.set()), daemon=True).start()
+        assert done.wait(2), "pool.json stayed locked by the forked child"
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        board.close()
