@@ -13,6 +13,7 @@ cut without END_REQUEST so the web server cannot take the body as complete.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -32,6 +33,7 @@ _STATUS = re.compile(r"[0-9]{3} [^\x00\r\n]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(r"[^\x00\r\n]*")
 _CHECKED_MAX = 512
+_PID = os.getpid()  # an app's child that returns into the worker must not answer
 # Status lines and header lines already checked and encoded: apps send the same few
 # again and again, so most responses skip the checks.
 _checked_status: dict[str, bytes] = {}
@@ -279,6 +281,8 @@ class Request:
         try:
             self.in_app = True
             result = app(self.environ, self.start_response)
+            if os.getpid() != _PID:
+                _leave_forked_child(self)
             if isinstance(result, (list, tuple)):
                 for chunk in result:
                     self.buffer(chunk)
@@ -286,6 +290,8 @@ class Request:
                 for chunk in result:
                     self.write(chunk)
         except BaseException:
+            if os.getpid() != _PID:
+                _leave_forked_child(self)
             self.in_app = False
             self.fail(sys.exc_info())
         finally:
@@ -334,6 +340,19 @@ class Request:
             self.on_finish(self)
         if self.in_app and self.on_early_finish is not None:
             self.on_early_finish()
+
+
+def _leave_forked_child(request: Request) -> None:
+    """The app forked and its child returned here: it must not answer the request (the
+    parent does) nor go on as a second worker on the same sockets, so it exits."""
+    log.error(
+        "%s: the app forked and its child (pid %d) returned into the worker; the child "
+        "exits: end a child with os._exit()",
+        request,
+        os.getpid(),
+    )
+    logging.shutdown()
+    os._exit(1)
 
 
 def log_access(access_log: AccessLog) -> Callable[[Request], None]:

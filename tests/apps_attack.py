@@ -112,3 +112,14 @@ def stuck(environ, start_response):
     """Notes that it runs, then sleeps QUERY_STRING seconds (past any graceful stop)."""
     _note(os.environ["TEST_APP_LOG"], "running")
     return sleepy(environ, start_response)
+
+
+def forking(environ, start_response):
+    """Forks; the child returns into the worker as a careless app's would."""
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        start_response("200 OK", OK)
+        return [b"parent"]
+    start_response("200 OK", OK)
+    return [b"child"]

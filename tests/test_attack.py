@@ -224,3 +224,15 @@ def test_a_process_forked_while_pool_json_is_locked_does_not_keep_it_locked(tmp_
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
         board.close()
+
+
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_an_app_child_returning_into_the_worker_exits_and_the_parent_answers(tmp_path, threads):
+    with worker(tmp_path, "tests.apps_attack:forking", "--threads", threads) as (proc, sock):
+        client = Client(str(sock), timeout=5)
+        assert client.request("/").body == b"parent"
+        assert client.request("/again").body == b"parent"
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "returned into the worker; the child exits" in _worker_log(tmp_path).read_text()
