@@ -137,6 +137,10 @@ class Server:
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self.handle_term)
         signal.signal(signal.SIGINT, self.handle_term)
+        # kill -HUP (a reload to gunicorn, uWSGI, nginx, or a closed terminal) stopped
+        # the worker at once by default, dropping its requests and deferred work:
+        # it stops gracefully instead, and supervisord starts it afresh
+        signal.signal(signal.SIGHUP, self.handle_term)
         signal.signal(signal.SIGQUIT, self.handle_quit)
         signal.signal(signal.SIGUSR1, self.handle_usr1)
 

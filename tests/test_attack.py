@@ -236,3 +236,15 @@ def test_an_app_child_returning_into_the_worker_exits_and_the_parent_answers(tmp
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert "returned into the worker; the child exits" in _worker_log(tmp_path).read_text()
+
+
+def test_sighup_stops_gracefully_and_runs_the_deferred_work(tmp_path):
+    log = tmp_path / "work.log"
+    env = python_env(TEST_APP_LOG=str(log))
+    with worker(tmp_path, "tests.apps:many_deferred", env=env) as (proc, sock):
+        client = Client(str(sock))
+        assert client.request("/?n=1&seconds=0.5").body == b"queued\n"
+        client.close()
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(30) == 0
+    assert "job0" in log.read_text()
