@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .connection import Connection
-from .fcgiconn import ConnState, FCGIConnection, IncomingRequest, RequestReady
+from .fcgiconn import ConnState, Event, FCGIConnection, IncomingRequest, RequestReady
 from .listener import Listener
 from .options import Options
 
@@ -64,6 +64,7 @@ class IOLoop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_pending = False
         self._next_sweep = 0.0
+        self._local = threading.local()  # still_owner of the thread polling, per thread
         self._listen_fd = listener.sock.fileno()
         self.epoll.register(self._wake_r, select.EPOLLIN)
 
@@ -104,12 +105,13 @@ class IOLoop:
         """Handle one batch of events; False if the loop moved to another thread meanwhile
         (a request that finished early took this one)."""
         self.owner = threading.get_ident()
+        self._local.still_owner = still_owner
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL
             self._sweep(now)
-        if self._calls:
-            self._run_calls()
+        if self._calls and not self._run_calls():
+            return False
         if timeout < 0 or timeout > SWEEP_INTERVAL:
             timeout = SWEEP_INTERVAL
         conns = self.conns
@@ -121,7 +123,8 @@ class IOLoop:
                 self._wake_pending = False
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-                self._run_calls()
+                if not self._run_calls():
+                    return False
                 continue
             conn = conns.get(fd)
             if conn is None:
@@ -139,22 +142,46 @@ class IOLoop:
                 self.close(conn)
                 continue
             conns.move_to_end(fd)
-            for event in events:
-                if type(event) is RequestReady:
-                    self.on_request(conn, event.request)
-                    if not still_owner():
-                        return False
-                else:
-                    log.debug("connection %d: request %d aborted by the web server", fd, event)
+            if events and not self._dispatch(conn, events, still_owner):
+                return False
             if conn.out or conn.done:
                 self._attend(conn)
         return True
 
-    def _run_calls(self) -> None:
+    def _dispatch(
+        self, conn: Connection, events: list[Event], still_owner: Callable[[], bool]
+    ) -> bool:
+        """Hand ``conn``'s events on; False if a request took the loop's thread with it,
+        in which case the events after it (several requests multiplexed in one read) go to
+        the new owner."""
+        for i, event in enumerate(events):
+            if type(event) is RequestReady:
+                self.on_request(conn, event.request)
+                if not still_owner():
+                    rest = events[i + 1 :]
+                    self.call_soon(self._dispatch_rest, conn, rest)
+                    return False
+            else:
+                log.debug("connection %d: request %s aborted by the web server", conn.fd, event)
+        return True
+
+    def _dispatch_rest(self, conn: Connection, events: list[Event]) -> None:
+        if self.conns.get(conn.fd) is not conn:
+            return  # closed meanwhile: its requests have no one to answer
+        if self._dispatch(conn, events, self._local.still_owner) and (conn.out or conn.done):
+            self._attend(conn)
+
+    def _run_calls(self) -> bool:
+        """Run what other threads asked for; False if a call took the loop's thread."""
         calls = self._calls
         while calls:
             func, args = calls.popleft()
             func(*args)
+            if not self._local.still_owner():
+                if calls:
+                    self.wake()
+                return False
+        return True
 
     def _attend(self, conn: Connection) -> None:
         if self.conns.get(conn.fd) is not conn:
@@ -245,7 +272,9 @@ class IOLoop:
             if self.on_accept is not None:
                 self.on_accept()
             opts = self.options
-            proto = FCGIConnection(self.fcgi_values, opts.max_params, opts.spool_threshold)
+            proto = FCGIConnection(
+                self.fcgi_values, opts.max_params, opts.spool_threshold, multiplex=True
+            )
             conn = Connection(client, proto, self, opts.write_timeout)
             log.debug("connection %d: opened", conn.fd)
             self.conns[conn.fd] = conn

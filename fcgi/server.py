@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import os
 import random
-import resource
 import signal
 import socket
 import threading
@@ -88,11 +87,13 @@ class Server:
         )
         self.answers = Answers(options, self._counters)  # status page, ping, outside --mount
         self.scoreboard = self.answers.scoreboard
-        max_conns = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        # FCGI_GET_VALUES answers: several requests per connection (HAProxy's
+        # mpxs-conns), as many connections as --max-connections, and as many requests as
+        # run at once: --threads, plus those gone on after an early finish.
         self.fcgi_values = {
-            "FCGI_MAX_CONNS": str(max_conns),
-            "FCGI_MAX_REQS": str(options.threads),
-            "FCGI_MPXS_CONNS": "0",
+            "FCGI_MAX_CONNS": str(options.max_connections),
+            "FCGI_MAX_REQS": str(options.threads + options.max_detached),
+            "FCGI_MPXS_CONNS": "1",
         }
         self.loop = IOLoop(
             listener,
