@@ -28,7 +28,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # Debian packages the stack and the tests run: nginx, and the other web servers
 # the end-to-end tests put in front of the worker (wrk comes with `make bench`).
 system-packages:
-	@./conf/install-packages.sh nginx:nginx-light apache2:apache2 lighttpd:lighttpd caddy:caddy
+	@./conf/install-packages.sh nginx:nginx-light apache2:apache2 lighttpd:lighttpd caddy:caddy haproxy:haproxy
 
 render: install
 	@mkdir -p var/run var/log var/tmp

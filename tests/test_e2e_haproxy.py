@@ -1,0 +1,65 @@
+"""Behind real HAProxy with the shipped conf/haproxy.cfg: several requests at once on
+each FastCGI connection (option mpxs-conns, http-reuse always)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+
+from tests.procs import HTTP, web_server, worker
+
+pytestmark = pytest.mark.e2e
+
+
+def load(port: int, clients: int, requests: int, path: str) -> list[tuple[int, float]]:
+    """``clients`` keep-alive clients at once, ``requests`` each: (status, seconds) per
+    request, with 0 for a request that failed outright."""
+    results: list[tuple[int, float]] = []
+
+    def one(n: int) -> None:
+        with HTTP(port, timeout=20) as client:
+            for i in range(requests):
+                try:
+                    resp, body, took = client.get(path.format(n=n, i=i), "POST", b"x" * 100)
+                    ok = resp.status if body == b"x" * 100 or "/php" in path else -1
+                    results.append((ok, took))
+                except OSError:
+                    results.append((0, 0.0))
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_haproxy_multiplexes_requests_on_few_connections(tmp_path):
+    with (
+        worker(tmp_path, "tests.apps:router", "--threads", "4", "--log-level", "debug") as (
+            _proc,
+            sock,
+        ),
+        web_server("haproxy", tmp_path / "haproxy", sock) as port,
+    ):
+        results = load(port, 50, 20, "/c{n}/{i}")
+        statuses = [status for status, _ in results]
+        assert len(statuses) == 1000
+        assert statuses.count(200) == 1000, {s: statuses.count(s) for s in set(statuses)}
+
+        # PHP-style requests (finish, then 2 s more of work) at once, within
+        # --max-detached (16): each answer comes at its finish, so a multiplexed
+        # connection's next request is never held back by the work after it.
+        started = time.monotonic()
+        results = load(port, 8, 2, "/php?seconds=2&tag={n}-{i}")
+        assert [s for s, _ in results] == [200] * 16
+        assert time.monotonic() - started < 3.0, "a finished request held back the next"
+        assert max(took for _, took in results) < 1.5
+
+    text = (tmp_path / "app.log").read_text()
+    opened = len(re.findall(r"connection \d+: opened", text))
+    assert 0 < opened < 50, f"{opened} FastCGI connections for 50 clients at once"
+    assert "CANT_MPX_CONN" not in text
