@@ -11,12 +11,14 @@ import functools
 import importlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .listener import ListenError, open_listener
+from .listener import Listener, ListenError, open_listener
 from .options import Options
+from .reload import exec_in_place, take_handover
 from .server import Server
 
 EXIT_USAGE = 2
@@ -61,11 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    handover = take_handover()  # this process's previous interpreter, after a reload
     try:
         app = load_app(options.app)
-        listener = open_listener(
-            options.bind, options.socket_mode, options.backlog, options.socket_group
-        )
+        if handover is not None:
+            listener = Listener(socket.socket(fileno=handover.listen_fd), handover.path)
+        else:
+            listener = open_listener(
+                options.bind, options.socket_mode, options.backlog, options.socket_group
+            )
     except (AppLoadError, ListenError) as exc:
         print(f"fcgi-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -75,21 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         listener.close()
         print(f"fcgi-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if handover is not None:
+        for kept in handover.conns:
+            server.loop.adopt(kept)
     server.install_signals()
     code = server.serve()
-    if server.recycling and code == 0:
-        restart_in_place()
+    if server.handover is not None:
+        # The listening socket stays open across exec, so connections wait in its
+        # backlog meanwhile, and supervisord sees no exit: its reference to the pool's
+        # socket never drops to zero, which would close the socket for the whole pool.
+        exec_in_place(server.handover)
     return code
-
-
-def restart_in_place() -> None:
-    """Become a fresh worker in the same process: a new interpreter, the same command line.
-
-    The listening socket stays open on fd 0 across ``exec``, so connections wait in its
-    backlog meanwhile, and supervisord sees no exit: its reference to the pool's socket
-    never drops to zero, which would close the socket for the whole pool.
-    """
-    logging.getLogger("fcgi").info("restarting in place with a fresh interpreter")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -134,6 +134,7 @@ class FCGIConnection:
         self.state = ConnState.IDLE
         self.requests: dict[int, IncomingRequest] = {}
         self.fresh = True  # no request begun on it yet
+        self.close_when_done = False  # the worker stops: close after the last response
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._ignored: set[int] = set()
@@ -293,7 +294,7 @@ class FCGIConnection:
         if request.state is not RequestState.READY:
             self._arriving -= 1
         self._ignore(request.id)
-        if not request.keep_conn:
+        if not request.keep_conn or (self.close_when_done and not self.requests):
             self.state = ConnState.CLOSING
         elif not self.requests and self.state is ConnState.ACTIVE:
             self.state = ConnState.IDLE
@@ -332,6 +333,11 @@ class FCGIConnection:
             if request.state is not RequestState.READY:
                 self._arriving -= 1
         self.state = ConnState.CLOSED
+
+    def pending_bytes(self) -> bytes:
+        """What was read and not yet parsed (part of a record), for a reload to hand on
+        with the socket; only between requests, when nothing else is half-received."""
+        return bytes(self._buf)
 
     def close(self) -> None:
         """The socket is gone (peer closed, reset, timed out): no more in or out."""

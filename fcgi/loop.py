@@ -25,6 +25,7 @@ from .connection import Connection
 from .fcgiconn import ConnState, Event, FCGIConnection, IncomingRequest, RequestReady
 from .listener import Listener
 from .options import Options
+from .reload import Handover, KeptConnection
 
 log = logging.getLogger("fcgi")
 
@@ -342,6 +343,60 @@ class IOLoop:
             elif conn.proto.receiving:
                 arriving = True
         return arriving
+
+    def close_after_responses(self) -> None:
+        """While stopping: each connection closes right after its last response (after
+        END_REQUEST, never in the middle of the web server's next request)."""
+        for conn in self.conns.values():
+            if not conn.proto.close_when_done:
+                with conn.lock:
+                    conn.proto.close_when_done = True
+
+    def park_idle(self) -> bool:
+        """While draining for a reload: stop reading connections with no request on them
+        (what the web server sends waits in the kernel for the next interpreter); True
+        while some request is still arriving on another."""
+        arriving = False
+        for conn in self.conns.values():
+            if conn.parked:
+                continue
+            if conn.proto.state is ConnState.IDLE and not conn.out:
+                conn.parked = True
+                with contextlib.suppress(OSError, ValueError):
+                    self.epoll.unregister(conn.fd)
+            elif conn.proto.receiving:
+                arriving = True
+        return arriving
+
+    def hand_over(self, listener: Listener) -> Handover:
+        """At the end of a reload's drain: the listening socket and every connection with
+        no request on it, detached from their socket objects so they stay open for the
+        next interpreter (``reload.exec_in_place``); the others are closed."""
+        kept = []
+        for conn in list(self.conns.values()):
+            if conn.proto.state is ConnState.IDLE and not conn.out and not conn.closed:
+                del self.conns[conn.fd]
+                with contextlib.suppress(OSError, ValueError):
+                    self.epoll.unregister(conn.fd)
+                buffered = conn.proto.pending_bytes()
+                kept.append(KeptConnection(conn.sock.detach(), buffered, conn.proto.fresh))
+        return Handover(listener.sock.detach(), listener.path, kept)
+
+    def adopt(self, kept: KeptConnection) -> None:
+        """Take a connection the previous interpreter of this process kept open."""
+        sock = socket.socket(fileno=kept.fd)
+        sock.setblocking(False)
+        opts = self.options
+        proto = FCGIConnection(
+            self.fcgi_values, opts.max_params, opts.spool_threshold, multiplex=True
+        )
+        proto.fresh = kept.fresh
+        conn = Connection(sock, proto, self, opts.write_timeout)
+        self.conns[conn.fd] = conn
+        self.epoll.register(conn.fd, _IN)
+        if kept.buffered:  # part of a record: the rest is in the kernel's buffer
+            proto.receive_data(kept.buffered)
+            conn.receiving_since = time.monotonic()
 
     def has_output(self) -> bool:
         return any(conn.out for conn in self.conns.values())
