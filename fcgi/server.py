@@ -82,6 +82,7 @@ class Server:
         # connections (fcgi.reload): supervisord sees no exit, nginx no close.
         self.reloading = False
         self._checking = False  # the new code is being imported in a child process
+        self._check_again = False  # a reload was asked for during that check
         self.handover: Handover | None = None  # what the next interpreter adopts
         # every request handed to the runner -> the id of the thread running it (0: queued)
         self.in_progress: dict[Request, int] = {}
@@ -152,8 +153,12 @@ class Server:
     def reload(self, why: str) -> None:
         """Reload in place once the new code is known to import; safe from a signal
         handler or another thread (the check runs in a thread of its own)."""
-        if self.stopping or self._checking:
+        if self.stopping:
             log.info("%s: a reload or stop is already under way", why)
+            return
+        if self._checking:  # the check may have read the code before this change
+            self._check_again = True
+            log.info("%s: the new code is checked again once the check under way ends", why)
             return
         self._checking = True
         threading.Thread(
@@ -164,8 +169,11 @@ class Server:
         log.info("%s: reloading; importing %s in a child process first", why, self.options.app)
         try:
             failure = check_app(self.options.app)
+            while self._check_again and failure is None:
+                self._check_again = False
+                failure = check_app(self.options.app)
         finally:
-            self._checking = False
+            self._checking = self._check_again = False
         if failure is not None:
             log.error(
                 "%s: the new code does not import; the old code keeps serving:\n%s", why, failure

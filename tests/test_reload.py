@@ -4,17 +4,22 @@ real stop that closes each connection right after its response."""
 
 from __future__ import annotations
 
+import http.client
+import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from flup.server import fcgi_base as flup
 
 from tests.fcgi_client import Client, request_bytes
-from tests.procs import connectable, fcgi_command, python_env, stop, wait_for
+from tests.procs import connectable, fcgi_command, python_env, stack, stop, wait_for
 
 APP = """
 import time
@@ -202,3 +207,70 @@ def test_stop_closes_each_connection_right_after_its_response(reloadable):
     assert resp.status == 200 and resp.end[1] == flup.FCGI_REQUEST_COMPLETE
     assert busy.read_record() is None  # ...then its connection closes
     assert worker.proc.wait(20) == 0
+
+
+def post_load(port: int, clients: int, seconds: float, during: Callable[[], None]) -> Counter:
+    """``clients`` keep-alive connections POSTing 2 KB through nginx for ``seconds``,
+    while ``during()`` runs; the count of each outcome (status, or the error's name)."""
+    outcomes: Counter = Counter()
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    payload = b"p" * 2048
+
+    def one() -> None:
+        seen: Counter = Counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while time.monotonic() < deadline:
+            try:
+                conn.request("POST", "/ping", body=payload)
+                resp = conn.getresponse()
+                resp.read()
+                seen[resp.status] += 1
+            except (OSError, http.client.HTTPException) as exc:
+                seen[type(exc).__name__] += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.close()
+        with lock:
+            outcomes.update(seen)
+
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    during()
+    for t in threads:
+        t.join(seconds + 60)
+    return outcomes
+
+
+@pytest.mark.e2e
+def test_reloads_and_recycles_under_post_load_fail_no_request(tmp_path):
+    """Two workers under supervisord behind nginx, 16 connections POSTing 2 KB for 12 s;
+    each worker gets SIGHUP twice (supervisorctl signal, as `make reload`) and recycles
+    every 2000 requests: no request fails, the pids stay, supervisord sees no exit."""
+    with stack(tmp_path, numprocs=2, FCGI_MAX_REQUESTS="2000") as (port, ctl):
+        pids = set(re.findall(r"pid (\d+)", ctl("status", "app:*")))
+        logs = tmp_path / "var" / "log"
+
+        def reloads() -> int:
+            return sum(p.read_text().count("restarting in place") for p in logs.glob("app_*.log"))
+
+        def during() -> None:
+            for pause in (3.0, 4.0):  # under load for 3 s, then each SIGHUP
+                time.sleep(pause)
+                before = reloads()
+                ctl("signal", "HUP", "app:*")
+                wait_for(lambda b=before: reloads() >= b + 2, 20, "both workers to reload")
+
+        outcomes = post_load(port, 16, 12.0, during)
+        assert set(re.findall(r"pid (\d+)", ctl("status", "app:*"))) == pids
+    total = sum(outcomes.values())
+    assert outcomes[200] == total, f"{total - outcomes[200]} of {total} failed: {outcomes}"
+    text = "".join(p.read_text() for p in logs.glob("app_*.log"))
+    # Each SIGHUP reloads, or (landing during a recycle's check) has the code checked
+    # again before that recycle's exec.
+    assert text.count("SIGHUP: ") == 4
+    assert text.count("restarting in place") >= 4 + total // 4000 - 2  # and the recycles
+    assert "does not import" not in text
+    supervisord = (logs / "supervisord.log").read_text()
+    assert "exited: app_" not in supervisord, supervisord
