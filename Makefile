@@ -54,11 +54,12 @@ stop:
 
 restart: stop start
 
-# New code with no dropped request: restart the workers one at a time, so the
-# pool's socket always has a worker (supervisord closes it when none runs).
+# New code with no dropped request: SIGHUP to every worker. Each imports the new
+# code in a child process first (if that fails it logs the traceback and keeps
+# the old code: see make logs), drains, and execs in place keeping its pid, the
+# pool's socket and nginx's kept-alive connections.
 reload: install
-	@for p in $$($(CTL) status 'app:*' | awk '{print $$1}'); do \
-		$(CTL) restart $$p || exit 1; done
+	$(CTL) signal HUP 'app:*'
 
 status: install
 	@if [ -S var/run/supervisor.sock ] && $(CTL) pid >/dev/null 2>&1; then \
