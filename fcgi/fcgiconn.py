@@ -43,7 +43,7 @@ class ConnState(enum.Enum):
 
     IDLE = "idle"  # no request on it: the web server may send the next one
     ACTIVE = "active"  # a request is arriving or running
-    CLOSING = "closing"  # the last request did not ask to keep the connection
+    CLOSING = "closing"  # to close once its output is sent (no keep-conn, or stopping)
     CLOSED = "closed"  # broken or cut: nothing more goes in or out
 
 
@@ -134,7 +134,9 @@ class FCGIConnection:
         self.state = ConnState.IDLE
         self.requests: dict[int, IncomingRequest] = {}
         self.fresh = True  # no request begun on it yet
-        self.close_when_done = False  # the worker stops: close after the last response
+        # Close after the last response: the worker stops, or a request did not ask to
+        # keep the connection.
+        self.close_when_done = False
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._ignored: set[int] = set()
@@ -294,10 +296,13 @@ class FCGIConnection:
         if request.state is not RequestState.READY:
             self._arriving -= 1
         self._ignore(request.id)
-        if not request.keep_conn or (self.close_when_done and not self.requests):
-            self.state = ConnState.CLOSING
-        elif not self.requests and self.state is ConnState.ACTIVE:
-            self.state = ConnState.IDLE
+        if not request.keep_conn:
+            self.close_when_done = True  # once the others multiplexed with it have ended
+        if not self.requests:
+            if self.close_when_done:
+                self.state = ConnState.CLOSING
+            elif self.state is ConnState.ACTIVE:
+                self.state = ConnState.IDLE
 
     # -- responses in, bytes out -----------------------------------------------------
 

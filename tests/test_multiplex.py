@@ -142,3 +142,13 @@ def test_the_finish_frees_its_slot_at_once(serve):
     client.send(request_bytes("/?seconds=0", rid=2) + request_bytes("/?seconds=0", rid=1))
     ended = read_until_ends(client, 2)
     assert set(ended) == {1, 2} and time.monotonic() - started < 1.0
+
+
+def test_a_request_without_keep_conn_closes_the_connection_after_the_others():
+    conn = FCGIConnection(VALUES, multiplex=True)
+    conn.receive_data(begin(1, keep_conn=False) + params(1, {"A": "b"}) + stdin(1))
+    conn.receive_data(begin(2) + params(2, {"A": "b"}) + stdin(2))
+    conn.end_request(1)
+    assert conn.state is ConnState.ACTIVE and conn.is_active(2)  # 2 is not cut off
+    conn.end_request(2)
+    assert conn.state is ConnState.CLOSING
