@@ -339,6 +339,20 @@ class FCGIConnection:
                 self._arriving -= 1
         self.state = ConnState.CLOSED
 
+    @property
+    def arriving(self) -> bool:
+        """True while a request has begun and is not yet complete."""
+        return self._arriving > 0
+
+    def ended_ids(self) -> list[int]:
+        """Ids of requests that ended or were refused lately, whose late records (an
+        ABORT the web server sent meanwhile) are dropped; handed on by a reload."""
+        return sorted(self._ignored)
+
+    def ignore_ids(self, ids: list[int]) -> None:
+        for rid in ids:
+            self._ignore(rid)
+
     def pending_bytes(self) -> bytes:
         """What was read and not yet parsed (part of a record), for a reload to hand on
         with the socket; only between requests, when nothing else is half-received."""

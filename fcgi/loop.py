@@ -138,6 +138,9 @@ class IOLoop:
                     continue
             if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                 continue
+            if conn.parked:  # hung up or broken while a reload drains: the peer is gone
+                self.close(conn)
+                continue
             events = conn.on_readable()
             if events is None:
                 self.close(conn)
@@ -193,6 +196,8 @@ class IOLoop:
             self._modify(conn, _IN_OUT)
 
     def _modify(self, conn: Connection, mask: int) -> None:
+        if conn.parked:
+            mask &= ~select.EPOLLIN  # a parked connection is written, never read
         with contextlib.suppress(OSError, ValueError):
             self.epoll.modify(conn.fd, mask)
 
@@ -353,19 +358,20 @@ class IOLoop:
                     conn.proto.close_when_done = True
 
     def park_idle(self) -> bool:
-        """While draining for a reload: stop reading connections with no request on them
-        (what the web server sends waits in the kernel for the next interpreter); True
-        while some request is still arriving on another."""
+        """While draining for a reload: stop reading each connection on which no request
+        is arriving (what the web server sends next waits in the kernel for the next
+        interpreter; requests running on it still send their output); True while some
+        request is still arriving on another. On a multiplexed connection this keeps
+        new requests from holding the reload up."""
         arriving = False
         for conn in self.conns.values():
             if conn.parked:
                 continue
-            if conn.proto.state is ConnState.IDLE and not conn.out:
-                conn.parked = True
-                with contextlib.suppress(OSError, ValueError):
-                    self.epoll.unregister(conn.fd)
-            elif conn.proto.receiving:
+            if conn.proto.arriving:
                 arriving = True
+            else:
+                conn.parked = True
+                self._modify(conn, _IN_OUT if conn.watching_writes else _IN)
         return arriving
 
     def hand_over(self, listener: Listener) -> Handover:
@@ -378,8 +384,12 @@ class IOLoop:
                 del self.conns[conn.fd]
                 with contextlib.suppress(OSError, ValueError):
                     self.epoll.unregister(conn.fd)
-                buffered = conn.proto.pending_bytes()
-                kept.append(KeptConnection(conn.sock.detach(), buffered, conn.proto.fresh))
+                proto = conn.proto
+                kept.append(
+                    KeptConnection(
+                        conn.sock.detach(), proto.pending_bytes(), proto.fresh, proto.ended_ids()
+                    )
+                )
         return Handover(listener.sock.detach(), listener.path, kept)
 
     def adopt(self, kept: KeptConnection) -> None:
@@ -391,6 +401,7 @@ class IOLoop:
             self.fcgi_values, opts.max_params, opts.spool_threshold, multiplex=True
         )
         proto.fresh = kept.fresh
+        proto.ignore_ids(kept.ended)
         conn = Connection(sock, proto, self, opts.write_timeout)
         self.conns[conn.fd] = conn
         self.epoll.register(conn.fd, _IN)

@@ -52,6 +52,7 @@ class KeptConnection:
     fd: int
     buffered: bytes = b""  # a record half-read before the exec, parsed first after it
     fresh: bool = False  # no request was ever begun on it
+    ended: list[int] = field(default_factory=list)  # ids whose late records are dropped
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Handover:
                 "listen": self.listen_fd,
                 "path": self.path,
                 "conns": [
-                    [c.fd, base64.b64encode(c.buffered).decode(), c.fresh] for c in self.conns
+                    [c.fd, base64.b64encode(c.buffered).decode(), c.fresh, c.ended]
+                    for c in self.conns
                 ],
             }
         )
@@ -77,8 +79,8 @@ class Handover:
     def decode(cls, text: str) -> Handover:
         data = json.loads(text)
         conns = [
-            KeptConnection(int(fd), base64.b64decode(buf), bool(fresh))
-            for fd, buf, fresh in data["conns"]
+            KeptConnection(int(fd), base64.b64decode(buf), bool(fresh), [int(i) for i in ended])
+            for fd, buf, fresh, ended in data["conns"]
         ]
         return cls(int(data["listen"]), data["path"], conns)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from flup.server import fcgi_base as flup
 
-from tests.fcgi_client import Client, request_bytes
+from tests.fcgi_client import Client, record, request_bytes
 from tests.procs import connectable, fcgi_command, python_env, stack, stop, wait_for
 
 APP = """
@@ -154,6 +154,25 @@ def test_a_record_half_read_before_the_exec_completes_after_it(reloadable):
     worker.signal_and_wait(signal.SIGHUP)
     client.send(data[5:])
     assert client.read_response().body.startswith(b"v2")
+
+
+def test_a_multiplexed_connection_is_parked_with_its_request_running(reloadable):
+    """A request sent on a busy multiplexed connection during the drain waits for the
+    new interpreter instead of holding the reload up; a late ABORT for a request that
+    ended before the exec is dropped there, as the spec says, not taken as an error."""
+    worker = reloadable("--threads", "2")
+    client = worker.client()
+    client.send(request_bytes("/slow", rid=1))
+    worker.write_app("2")
+    worker.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloading: finishing" in worker.log, 20, "the drain")
+    client.send(request_bytes("/", rid=2))
+    assert client.read_response(1).body.startswith(b"v1")  # ended by the old code
+    wait_for(lambda: worker.log.count("serving on") == 2, 20, "the reload")
+    client.send(record(flup.FCGI_ABORT_REQUEST, 1))
+    assert client.read_response(2).body.startswith(b"v2")  # read by the new interpreter
+    assert body(client).startswith("v2")
+    assert "keeping 1 connection(s)" in worker.log
 
 
 def test_signals_during_the_exec_are_held_not_fatal(reloadable):
