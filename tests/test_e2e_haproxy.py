@@ -4,12 +4,13 @@ each FastCGI connection (option mpxs-conns, http-reuse always)."""
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 
 import pytest
 
-from tests.procs import HTTP, web_server, worker
+from tests.procs import HTTP, wait_for, web_server, worker
 
 pytestmark = pytest.mark.e2e
 
@@ -72,3 +73,40 @@ def test_haproxy_multiplexes_requests_on_few_connections(tmp_path):
     opened = len(re.findall(r"connection \d+: opened", text))
     assert 0 < opened <= 10, f"{opened} FastCGI connections for 50 clients at once"
     assert "CANT_MPX_CONN" not in text
+
+
+def test_reloads_under_multiplexed_load_fail_no_request(tmp_path):
+    """SIGHUP twice while 16 clients POST through HAProxy: the multiplexed connections
+    are kept across each exec and every request is answered 200."""
+    with (
+        worker(
+            tmp_path,
+            "tests.apps_multiplex:slow_or_router",
+            "--threads",
+            "4",
+            "--log-level",
+            "debug",
+        ) as (proc, sock),
+        web_server("haproxy", tmp_path / "haproxy", sock) as port,
+    ):
+        log = tmp_path / "app.log"
+        results: list[tuple[int, float]] = []
+
+        def reload_twice() -> None:
+            for _ in range(2):
+                before = log.read_text().count("serving on")
+                proc.send_signal(signal.SIGHUP)
+                wait_for(lambda b=before: log.read_text().count("serving on") > b, 20, "reload")
+
+        loader = threading.Thread(target=lambda: results.extend(load(port, 16, 60, "/slow?0.01")))
+        loader.start()
+        time.sleep(0.5)  # under load first: nothing to wait on, the clients keep no count
+        reload_twice()
+        loader.join(60)
+        assert proc.poll() is None
+    statuses = [s for s, _ in results]
+    assert len(statuses) == 16 * 60
+    assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
+    text = log.read_text()
+    assert text.count("restarting in place") == 2
+    assert "keeping 0 connection(s)" not in text
