@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from flup.server import fcgi_base as flup
 
+from fcgi.reload import HANDOVER_ENV, Handover, KeptConnection, take_handover
 from tests.fcgi_client import Client, record, request_bytes
 from tests.procs import connectable, fcgi_command, python_env, stack, stop, wait_for
 
@@ -293,3 +294,14 @@ def test_reloads_and_recycles_under_post_load_fail_no_request(tmp_path):
     assert "does not import" not in text
     supervisord = (logs / "supervisord.log").read_text()
     assert "exited: app_" not in supervisord, supervisord
+
+
+def test_the_hand_over_round_trips_and_a_bad_one_is_ignored(caplog):
+    handover = Handover(
+        3, "/run/app.sock", [KeptConnection(7, b"\x01\x01", False, [1]), KeptConnection(9)]
+    )
+    environ = {HANDOVER_ENV: handover.encode()}
+    assert take_handover(environ) == handover
+    assert HANDOVER_ENV not in environ  # a child never takes the fds for its own
+    assert take_handover({HANDOVER_ENV: "{not json"}) is None
+    assert "not a valid hand-over" in caplog.text
