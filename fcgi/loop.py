@@ -166,7 +166,11 @@ class IOLoop:
                     self.call_soon(self._dispatch_rest, conn, rest)
                     return False
             else:
-                log.debug("connection %d: request %s aborted by the web server", conn.fd, event)
+                log.debug(
+                    "connection %d: request %d aborted by the web server",
+                    conn.fd,
+                    event.request_id,  # type: ignore[union-attr]
+                )
         return True
 
     def _dispatch_rest(self, conn: Connection, events: list[Event]) -> None:
