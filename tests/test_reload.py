@@ -305,3 +305,17 @@ def test_the_hand_over_round_trips_and_a_bad_one_is_ignored(caplog):
     assert HANDOVER_ENV not in environ  # a child never takes the fds for its own
     assert take_handover({HANDOVER_ENV: "{not json"}) is None
     assert "not a valid hand-over" in caplog.text
+
+
+def test_sigterm_during_a_reload_drain_stops_for_real(reloadable):
+    worker = reloadable("--threads", "2")  # the loop drains while the request runs
+    client = worker.client()
+    client.send(request_bytes("/slow"))
+    worker.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloading: finishing" in worker.log, 20, "the drain")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert client.read_response().status == 200  # the request in flight still ends
+    assert client.read_record() is None  # then its connection closes
+    assert worker.proc.wait(20) == 0
+    assert "restarting in place" not in worker.log
+    assert not Path(worker.sock).exists()
