@@ -50,11 +50,11 @@ $(VENV)/.python-%:
 # Debian packages the stack runs: nginx. `make test` adds the other web servers
 # the end-to-end tests put in front of the worker (wrk comes with `make bench`).
 system-packages:
-	@./conf/install-packages.sh nginx:nginx-light redis-server:redis-server
+	@./conf/install-packages.sh nginx:nginx-light
 
 test-packages:
 	@./conf/install-packages.sh apache2:apache2 lighttpd:lighttpd caddy:caddy \
-		php-fpm8.2:php8.2-fpm systemd-analyze:systemd
+		php-fpm8.2:php8.2-fpm systemd-analyze:systemd redis-server:redis-server haproxy:haproxy
 
 # var/ for this stack; started as root, the workers' user gets the files it writes
 # (the access log, the demo log, the scoreboard, var/lib for the journal) and must
@@ -100,11 +100,12 @@ stop:
 
 restart: stop start
 
-# New code with no dropped request: restart the workers one at a time, so the
-# pool's socket always has a worker (supervisord closes it when none runs).
+# New code with no dropped request: SIGHUP to every worker. Each imports the new
+# code in a child process first (if that fails it logs the traceback and keeps
+# the old code: see make logs), drains, and execs in place keeping its pid, the
+# pool's socket and nginx's kept-alive connections.
 reload: install
-	@for p in $$($(CTL) status 'app:*' | awk '{print $$1}'); do \
-		$(CTL) restart $$p || exit 1; done
+	$(CTL) signal HUP 'app:*'
 
 # This stack only: the pool's page is shown if nginx's answer names this var/.
 status: install

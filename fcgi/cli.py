@@ -18,14 +18,16 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import logs
-from .listener import ListenError, open_listener
+from .listener import Listener, ListenError, open_listener
 from .options import Options
+from .reload import exec_in_place, take_handover
 from .server import Server
 
 EXIT_USAGE = 2
@@ -134,11 +136,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # worker cleanly: the socket is already there for the web server to see.
     signal.signal(signal.SIGTERM, _stop_while_starting)
     signal.signal(signal.SIGINT, _stop_while_starting)
+    # HUP/USR2 while starting (their default would kill the worker): reload once serving.
+    reload_asked: list[int] = []
+    for sig in (signal.SIGHUP, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, frame: reload_asked.append(signum))
+    handover = take_handover()  # this process's previous interpreter, after a reload
+    start_dir = os.getcwd()  # where a relative --chdir starts from, after a reload too
     try:
         setup_path(options.chdir, options.pythonpath)
-        listener = open_listener(
-            options.bind, options.socket_mode, options.backlog, options.socket_group
-        )
+        if handover is not None:
+            listener = Listener(socket.socket(fileno=handover.listen_fd), handover.path)
+        else:
+            listener = open_listener(
+                options.bind, options.socket_mode, options.backlog, options.socket_group
+            )
     except (AppLoadError, ListenError) as exc:
         print(f"fcgi-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -174,21 +185,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Stopped:
         listener.close()
         return 0
+    if handover is not None:
+        for kept in handover.conns:
+            server.loop.adopt(kept)
     server.install_signals()
+    if reload_asked:
+        server.reload(f"{signal.Signals(reload_asked[-1]).name} while starting")
     code = server.serve()
-    if server.recycling and code == 0:
-        restart_in_place()
+    if server.handover is not None:
+        # The listening socket stays open across exec, so connections wait in its
+        # backlog meanwhile, and supervisord sees no exit: its reference to the pool's
+        # socket never drops to zero, which would close the socket for the whole pool.
+        os.chdir(start_dir)
+        exec_in_place(server.handover)
     return code
-
-
-def restart_in_place() -> None:
-    """Become a fresh worker in the same process: a new interpreter, the same command line.
-
-    The listening socket stays open on fd 0 across ``exec``, so connections wait in its
-    backlog meanwhile, and supervisord sees no exit: its reference to the pool's socket
-    never drops to zero, which would close the socket for the whole pool.
-    """
-    logging.getLogger("fcgi").info("restarting in place with a fresh interpreter")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

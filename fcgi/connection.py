@@ -61,6 +61,7 @@ class Connection:
         self.stalled_since: float | None = None  # output waiting since (per stall)
         self.receiving_since: float | None = None  # a record or request half-sent since
         self.opened = time.monotonic()
+        self.parked = False  # no longer read: kept for the next interpreter (a reload)
 
     # -- on the I/O loop ----------------------------------------------------------
 

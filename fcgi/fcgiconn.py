@@ -43,7 +43,7 @@ class ConnState(enum.Enum):
 
     IDLE = "idle"  # no request on it: the web server may send the next one
     ACTIVE = "active"  # a request is arriving or running
-    CLOSING = "closing"  # the last request did not ask to keep the connection
+    CLOSING = "closing"  # to close once its output is sent (no keep-conn, or stopping)
     CLOSED = "closed"  # broken or cut: nothing more goes in or out
 
 
@@ -134,6 +134,9 @@ class FCGIConnection:
         self.state = ConnState.IDLE
         self.requests: dict[int, IncomingRequest] = {}
         self.fresh = True  # no request begun on it yet
+        # Close after the last response: the worker stops, or a request did not ask to
+        # keep the connection.
+        self.close_when_done = False
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._ignored: set[int] = set()
@@ -294,9 +297,12 @@ class FCGIConnection:
             self._arriving -= 1
         self._ignore(request.id)
         if not request.keep_conn:
-            self.state = ConnState.CLOSING
-        elif not self.requests and self.state is ConnState.ACTIVE:
-            self.state = ConnState.IDLE
+            self.close_when_done = True  # once the others multiplexed with it have ended
+        if not self.requests:
+            if self.close_when_done:
+                self.state = ConnState.CLOSING
+            elif self.state is ConnState.ACTIVE:
+                self.state = ConnState.IDLE
 
     # -- responses in, bytes out -----------------------------------------------------
 
@@ -352,6 +358,25 @@ class FCGIConnection:
             if request.state is not RequestState.READY:
                 self._arriving -= 1
         self.state = ConnState.CLOSED
+
+    @property
+    def arriving(self) -> bool:
+        """True while a request has begun and is not yet complete."""
+        return self._arriving > 0
+
+    def ended_ids(self) -> list[int]:
+        """Ids of requests that ended or were refused lately, whose late records (an
+        ABORT the web server sent meanwhile) are dropped; handed on by a reload."""
+        return sorted(self._ignored)
+
+    def ignore_ids(self, ids: list[int]) -> None:
+        for rid in ids:
+            self._ignore(rid)
+
+    def pending_bytes(self) -> bytes:
+        """What was read and not yet parsed (part of a record), for a reload to hand on
+        with the socket; only between requests, when nothing else is half-received."""
+        return bytes(self._buf)
 
     def close(self) -> None:
         """The socket is gone (peer closed, reset, timed out): no more in or out."""

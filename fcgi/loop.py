@@ -22,9 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .connection import HIGH_WATER, LOW_WATER, Connection
-from .fcgiconn import ConnState, FCGIConnection, IncomingRequest, RequestReady
+from .fcgiconn import ConnState, Event, FCGIConnection, IncomingRequest, RequestReady
 from .listener import Listener
 from .options import Options
+from .reload import Handover, KeptConnection
 
 log = logging.getLogger("fcgi")
 
@@ -65,6 +66,7 @@ class IOLoop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_pending = False
         self._next_sweep = 0.0
+        self._local = threading.local()  # still_owner of the thread polling, per thread
         self._listen_fd = listener.sock.fileno()
         self.epoll.register(self._wake_r, select.EPOLLIN)
 
@@ -105,12 +107,13 @@ class IOLoop:
         """Handle one batch of events; False if the loop moved to another thread meanwhile
         (a request that finished early took this one)."""
         self.owner = threading.get_ident()
+        self._local.still_owner = still_owner
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL
             self._sweep(now)
-        if self._calls:
-            self._run_calls()
+        if self._calls and not self._run_calls():
+            return False
         if timeout < 0 or timeout > SWEEP_INTERVAL:
             timeout = SWEEP_INTERVAL
         conns = self.conns
@@ -122,7 +125,8 @@ class IOLoop:
                 self._wake_pending = False
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-                self._run_calls()
+                if not self._run_calls():
+                    return False
                 continue
             conn = conns.get(fd)
             if conn is None:
@@ -139,18 +143,16 @@ class IOLoop:
                     continue
             if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                 continue
+            if conn.parked:  # hung up or broken while a reload drains: the peer is gone
+                self.close(conn)
+                continue
             events = conn.on_readable()
             if events is None:
                 self.close(conn)
                 continue
             conns.move_to_end(fd)
-            for event in events:
-                if type(event) is RequestReady:
-                    self.on_request(conn, event.request)
-                    if not still_owner():
-                        return False
-                else:
-                    log.debug("connection %d: request %d aborted by the web server", fd, event)
+            if events and not self._dispatch(conn, events, still_owner):
+                return False
             if conn.out or conn.done:
                 self._attend(conn)
                 if conn.out_size > HIGH_WATER and not conn.paused and conns.get(fd) is conn:
@@ -160,11 +162,44 @@ class IOLoop:
                     self._modify(conn, _OUT)
         return True
 
-    def _run_calls(self) -> None:
+    def _dispatch(
+        self, conn: Connection, events: list[Event], still_owner: Callable[[], bool]
+    ) -> bool:
+        """Hand ``conn``'s events on; False if a request took the loop's thread with it,
+        in which case the events after it (several requests multiplexed in one read) go to
+        the new owner."""
+        for i, event in enumerate(events):
+            if type(event) is RequestReady:
+                self.on_request(conn, event.request)
+                if not still_owner():
+                    rest = events[i + 1 :]
+                    self.call_soon(self._dispatch_rest, conn, rest)
+                    return False
+            else:
+                log.debug(
+                    "connection %d: request %d aborted by the web server",
+                    conn.fd,
+                    event.request_id,  # type: ignore[union-attr]
+                )
+        return True
+
+    def _dispatch_rest(self, conn: Connection, events: list[Event]) -> None:
+        if self.conns.get(conn.fd) is not conn:
+            return  # closed meanwhile: its requests have no one to answer
+        if self._dispatch(conn, events, self._local.still_owner) and (conn.out or conn.done):
+            self._attend(conn)
+
+    def _run_calls(self) -> bool:
+        """Run what other threads asked for; False if a call took the loop's thread."""
         calls = self._calls
         while calls:
             func, args = calls.popleft()
             func(*args)
+            if not self._local.still_owner():
+                if calls:
+                    self.wake()
+                return False
+        return True
 
     def _attend(self, conn: Connection) -> None:
         if self.conns.get(conn.fd) is not conn:
@@ -175,6 +210,8 @@ class IOLoop:
             self._modify(conn, _OUT if conn.paused else _IN_OUT)
 
     def _modify(self, conn: Connection, mask: int) -> None:
+        if conn.parked:
+            mask &= ~select.EPOLLIN  # a parked connection is written, never read
         with contextlib.suppress(OSError, ValueError):
             self.epoll.modify(conn.fd, mask)
 
@@ -255,7 +292,9 @@ class IOLoop:
             if self.on_accept is not None:
                 self.on_accept()
             opts = self.options
-            proto = FCGIConnection(self.fcgi_values, opts.max_params, opts.spool_threshold)
+            proto = FCGIConnection(
+                self.fcgi_values, opts.max_params, opts.spool_threshold, multiplex=True
+            )
             conn = Connection(client, proto, self, opts.write_timeout)
             log.debug("connection %d: opened", conn.fd)
             self.conns[conn.fd] = conn
@@ -323,6 +362,66 @@ class IOLoop:
             elif conn.proto.receiving:
                 arriving = True
         return arriving
+
+    def close_after_responses(self) -> None:
+        """While stopping: each connection closes right after its last response (after
+        END_REQUEST, never in the middle of the web server's next request)."""
+        for conn in self.conns.values():
+            if not conn.proto.close_when_done:
+                with conn.lock:
+                    conn.proto.close_when_done = True
+
+    def park_idle(self) -> bool:
+        """While draining for a reload: stop reading each connection on which no request
+        is arriving (what the web server sends next waits in the kernel for the next
+        interpreter; requests running on it still send their output); True while some
+        request is still arriving on another. On a multiplexed connection this keeps
+        new requests from holding the reload up."""
+        arriving = False
+        for conn in self.conns.values():
+            if conn.parked:
+                continue
+            if conn.proto.arriving:
+                arriving = True
+            else:
+                conn.parked = True
+                self._modify(conn, _IN_OUT if conn.watching_writes else _IN)
+        return arriving
+
+    def hand_over(self, listener: Listener) -> Handover:
+        """At the end of a reload's drain: the listening socket and every connection with
+        no request on it, detached from their socket objects so they stay open for the
+        next interpreter (``reload.exec_in_place``); the others are closed."""
+        kept = []
+        for conn in list(self.conns.values()):
+            if conn.proto.state is ConnState.IDLE and not conn.out and not conn.closed:
+                del self.conns[conn.fd]
+                with contextlib.suppress(OSError, ValueError):
+                    self.epoll.unregister(conn.fd)
+                proto = conn.proto
+                kept.append(
+                    KeptConnection(
+                        conn.sock.detach(), proto.pending_bytes(), proto.fresh, proto.ended_ids()
+                    )
+                )
+        return Handover(listener.sock.detach(), listener.path, kept)
+
+    def adopt(self, kept: KeptConnection) -> None:
+        """Take a connection the previous interpreter of this process kept open."""
+        sock = socket.socket(fileno=kept.fd)
+        sock.setblocking(False)
+        opts = self.options
+        proto = FCGIConnection(
+            self.fcgi_values, opts.max_params, opts.spool_threshold, multiplex=True
+        )
+        proto.fresh = kept.fresh
+        proto.ignore_ids(kept.ended)
+        conn = Connection(sock, proto, self, opts.write_timeout)
+        self.conns[conn.fd] = conn
+        self.epoll.register(conn.fd, _IN)
+        if kept.buffered:  # part of a record: the rest is in the kernel's buffer
+            proto.receive_data(kept.buffered)
+            conn.receiving_since = time.monotonic()
 
     def has_output(self) -> bool:
         return any(conn.out for conn in self.conns.values())

@@ -220,7 +220,8 @@ OPTIONS: tuple[Option, ...] = (
         "graceful_timeout",
         seconds,
         30.0,
-        "on SIGTERM, seconds to finish running requests and accepted deferred work before exiting",
+        "on SIGTERM or a reload, seconds to finish running requests and accepted deferred "
+        "work before exiting (or exec'ing)",
         "SECONDS",
     ),
     Option(
@@ -242,10 +243,9 @@ OPTIONS: tuple[Option, ...] = (
         "max_requests",
         non_negative_int,
         0,
-        "recycle: after this many requests stop accepting, finish, drain, then start a fresh "
-        "interpreter in the same process (exec), keeping the inherited socket on fd 0 so "
-        "supervisor sees no exit; with --bind it exits 0 for its supervisor to restart it "
-        "(0: never)",
+        "recycle: after this many requests reload in place as on SIGHUP (check the code "
+        "imports, drain, exec a fresh interpreter in the same process keeping the listening "
+        "socket and the kept-alive connections), so the supervisor sees no exit (0: never)",
     ),
     Option(
         "max_requests_jitter",
@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
         "to end the response early (PHP's fastcgi_finish_request).",
         epilog="Every option can also be set with the environment variable shown with it, e.g. "
         "FCGI_THREADS=4; the command line wins. Signals: TERM/INT stop gracefully, QUIT at "
-        "once, USR1 reopens the access log.",
+        "once, HUP/USR2 reload in place (same pid, socket and connections), USR1 reopens "
+        "the access log.",
     )
     parser.add_argument(
         "app",

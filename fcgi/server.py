@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import os
 import random
-import resource
 import signal
 import socket
 import threading
@@ -34,6 +33,7 @@ from .fcgiconn import IncomingRequest
 from .listener import Listener
 from .loop import IOLoop
 from .options import Options
+from .reload import Handover, check_app, release_signals
 from .request import BAD_REQUEST, Request, log_access
 from .runner import InlineRunner, ThreadRunner
 from .streams import ErrorStream
@@ -77,23 +77,29 @@ class Server:
         self.recycle_after = options.max_requests and options.max_requests + random.randint(
             0, options.max_requests_jitter
         )
-        # Recycling an inherited socket restarts in place (cli.main exec()s): supervisord
-        # closes a pool's socket whenever none of its processes is alive. A socket of our
-        # own (--bind) would not survive the exec: then the worker exits for a restart.
-        self.recycling = False
+        # A reload (SIGHUP, SIGUSR2, --max-requests) drains, then cli.main exec()s a fresh
+        # interpreter in this process with the listening socket and the idle kept-alive
+        # connections (fcgi.reload): supervisord sees no exit, nginx no close.
+        self.reloading = False
+        self._checking = False  # the new code is being imported in a child process
+        self._check_again = False  # a reload was asked for during that check
+        self.handover: Handover | None = None  # what the next interpreter adopts
         # every request handed to the runner -> the id of the thread running it (0: queued)
         self.in_progress: dict[Request, int] = {}
+        self._overdue: threading.Timer | None = None  # bounds a real stop, once begun
         self.watchdog = (
             Watchdog(self.in_progress, options.slow_request) if options.slow_request else None
         )
         # status page, ping, outside --mount
         self.answers = Answers(options, self._counters, listener.sock)
         self.scoreboard = self.answers.scoreboard
-        max_conns = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        # FCGI_GET_VALUES answers: several requests per connection (HAProxy's
+        # mpxs-conns), as many connections as --max-connections, and as many requests as
+        # run at once: --threads, plus those gone on after an early finish.
         self.fcgi_values = {
-            "FCGI_MAX_CONNS": str(max_conns),
-            "FCGI_MAX_REQS": str(options.threads),
-            "FCGI_MPXS_CONNS": "0",
+            "FCGI_MAX_CONNS": str(options.max_connections),
+            "FCGI_MAX_REQS": str(options.threads + options.max_detached),
+            "FCGI_MPXS_CONNS": "1",
         }
         self.loop = IOLoop(
             listener,
@@ -137,24 +143,60 @@ class Server:
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self.handle_term)
         signal.signal(signal.SIGINT, self.handle_term)
-        # kill -HUP (a reload to gunicorn, uWSGI, nginx, or a closed terminal) stopped
-        # the worker at once by default, dropping its requests and deferred work:
-        # it stops gracefully instead, and supervisord starts it afresh
-        signal.signal(signal.SIGHUP, self.handle_term)
         signal.signal(signal.SIGQUIT, self.handle_quit)
         signal.signal(signal.SIGUSR1, self.handle_usr1)
+        signal.signal(signal.SIGHUP, self.handle_reload)
+        signal.signal(signal.SIGUSR2, self.handle_reload)
+        release_signals()  # held across the exec of a reload, if this is one
+
+    def handle_reload(self, signum: int, frame: Any) -> None:
+        self.reload(f"{signal.Signals(signum).name}")
+
+    def reload(self, why: str) -> None:
+        """Reload in place once the new code is known to import; safe from a signal
+        handler or another thread (the check runs in a thread of its own)."""
+        if self.stopping:
+            log.info("%s: a reload or stop is already under way", why)
+            return
+        if self._checking:  # the check may have read the code before this change
+            self._check_again = True
+            log.info("%s: the new code is checked again once the check under way ends", why)
+            return
+        self._checking = True
+        threading.Thread(
+            target=self._check_then_reload, args=(why,), name="fcgi-reload", daemon=True
+        ).start()
+
+    def _check_then_reload(self, why: str) -> None:
+        log.info("%s: reloading; importing %s in a child process first", why, self.options.app)
+        try:
+            failure = check_app(self.options.app, self.options.pythonpath)
+            while self._check_again and failure is None:
+                self._check_again = False
+                failure = check_app(self.options.app, self.options.pythonpath)
+        finally:
+            self._checking = self._check_again = False
+        if failure is not None:
+            log.error(
+                "%s: the new code does not import; the old code keeps serving:\n%s", why, failure
+            )
+            return
+        if not self.stopping:
+            self.reloading = True
+            self.stop()
 
     def handle_usr1(self, signum: int, frame: Any) -> None:
         if self.access_log is not None:
             self.access_log.reopen()
 
     def handle_term(self, signum: int, frame: Any) -> None:
-        if not self.stopping:
+        self.reloading = False  # a real stop wins over a reload under way
+        if self._overdue is None:
             # the graceful stop runs on the loop's thread: a request stuck on that thread
             # (--threads 1) would hold it for ever, so a timer bounds the stop
-            timer = threading.Timer(self.options.graceful_timeout + 2.0, self._stop_overdue)
-            timer.daemon = True
-            timer.start()
+            self._overdue = threading.Timer(self.options.graceful_timeout + 2.0, self._stop_overdue)
+            self._overdue.daemon = True
+            self._overdue.start()
         self.stop()
 
     def _stop_overdue(self) -> None:
@@ -206,7 +248,7 @@ class Server:
         self._owner = token = object()
         self._run_loop(token)
         self._stopped.wait()  # the loop may have moved to another thread meanwhile
-        if self.recycling:
+        if self.handover is not None:
             os.environ[SEQ_ENV] = str(self.seq_base + self.requests)
         return self.exit_code
 
@@ -239,7 +281,9 @@ class Server:
             self.exit_code = 1
         finally:
             if self._owner is token:
-                if not self.recycling:
+                if self.reloading and self.exit_code != 1:
+                    self.handover = self.loop.hand_over(self.listener)
+                else:
                     self.listener.close()
                 if self.watchdog is not None:
                     self.watchdog.stop()
@@ -252,18 +296,26 @@ class Server:
     def _graceful_stop(self, still_owner: Callable[[], bool]) -> int:
         deadline = time.monotonic() + self.options.graceful_timeout
         log.info(
-            "stopping: finishing running requests and deferred work (up to %.0f s)",
+            "%s: finishing running requests and deferred work (up to %.0f s)",
+            "reloading" if self.reloading else "stopping",
             self.options.graceful_timeout,
         )
         loop = self.loop
         loop.stop_accepting()
-        if not self.recycling:  # a recycled worker keeps its socket for its next life
+        if not self.reloading:  # a reloading worker keeps its socket for its next life
             self.listener.close()
+            loop.close_after_responses()
         # Requests still arriving on open connections are read to the end and run; the
-        # loop goes on flushing output until every request has ended.
+        # loop goes on flushing output until every request has ended. Reloading, the
+        # connections with no request are parked (no longer read: what comes waits in the
+        # kernel for the next interpreter); stopping, they are closed.
         loop.poll(0, still_owner)
         while time.monotonic() < deadline:
-            arriving = loop.close_idle(time.monotonic())
+            if self.reloading:
+                arriving = loop.park_idle()
+            else:
+                loop.close_after_responses()  # after a SIGTERM during a reload's drain
+                arriving = loop.close_idle(time.monotonic())
             if not arriving and not self.in_progress and not loop.has_output():
                 break
             loop.poll(0.02, still_owner)
@@ -277,7 +329,10 @@ class Server:
                 abandoned += hook(max(0.0, deadline - time.monotonic()))
             except Exception:
                 log.exception("drain hook %r failed", hook)
-        log.info("stopped after %d request(s)", self.requests)
+        if self.reloading:
+            log.info("drained after %d request(s); reloading", self.requests)
+        else:
+            log.info("stopped after %d request(s)", self.requests)
         return EXIT_ABANDONED if abandoned else EXIT_OK
 
     # -- on the loop's thread ------------------------------------------------------
@@ -288,9 +343,7 @@ class Server:
         request.request_id = f"{self.pid}-{self.seq_base + self.requests}"
         self.in_progress[request] = 0
         if self.requests == self.recycle_after:
-            log.info("recycling after %d requests", self.requests)
-            self.recycling = self.options.bind is None
-            self.stop()
+            self.reload(f"recycling after {self.requests} requests")
         self.runner.submit(request)
 
     # -- hooks offered to apps through the environ -----------------------------------

@@ -318,3 +318,7 @@ def run_fcgi(
         timeout=30,
         **kwargs,
     )
+
+
+# HAProxy's fcgi-app, which multiplexes requests on one connection (tests/test_e2e_haproxy.py).
+WEB_SERVERS["haproxy"] = ("haproxy", "haproxy", "haproxy.cfg", ["-db", "-f", "{conf}"])

@@ -238,13 +238,21 @@ def test_an_app_child_returning_into_the_worker_exits_and_the_parent_answers(tmp
     assert "returned into the worker; the child exits" in _worker_log(tmp_path).read_text()
 
 
-def test_sighup_stops_gracefully_and_runs_the_deferred_work(tmp_path):
+def test_sighup_reloads_in_place_after_running_the_deferred_work(tmp_path):
     log = tmp_path / "work.log"
     env = python_env(TEST_APP_LOG=str(log))
     with worker(tmp_path, "tests.apps:many_deferred", env=env) as (proc, sock):
         client = Client(str(sock))
         assert client.request("/?n=1&seconds=0.5").body == b"queued\n"
-        client.close()
         proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: log.exists() and "job0" in log.read_text(),
+            30,
+            "the deferred work, before the exec",
+        )
+        wait_for(lambda: "fresh interpreter" in _worker_log(tmp_path).read_text(), 30, "the reload")
+        assert client.request("/?n=0").status == 200  # the same connection, the same pid
+        client.close()
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    assert "job0" in log.read_text()

@@ -1,0 +1,146 @@
+"""Reload in place: a fresh interpreter in the same process, with the same sockets.
+
+SIGHUP, SIGUSR2 and ``--max-requests`` recycling end here. The new code is first
+imported in a child process (``check_app``): if that fails, the old code keeps
+serving and the traceback is logged. Otherwise the server drains (no new
+requests; those in flight and their deferred work finish), then ``exec_in_place``
+clears FD_CLOEXEC on the listening socket and on the kept-alive connections and
+``exec``s the same command line, describing those fds in ``HANDOVER_ENV`` (as
+gunicorn hands its listeners over in ``GUNICORN_FD``). The new interpreter
+adopts them (``take_handover``). The pid stays, so supervisord sees no exit,
+and the web server sees no connection close: bytes it sends meanwhile wait in
+the kernel's buffers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger("fcgi")
+
+HANDOVER_ENV = "FCGI_HANDOVER"
+CHECK_TIMEOUT = 60.0  # seconds the new code may take to import in the check
+
+# Blocked across exec (the mask survives it) so none lands before the new interpreter
+# has its handlers: SIGHUP's default action would kill the process.
+HELD_SIGNALS = frozenset(
+    (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+)
+
+_CHECK = """\
+import sys, traceback
+from fcgi.cli import AppLoadError, load_app, setup_path
+try:
+    setup_path("", sys.argv[2:])  # the folder is inherited; --pythonpath is not
+    load_app(sys.argv[1])
+except AppLoadError as exc:
+    traceback.print_exception(exc.__cause__ or exc)
+    sys.exit(1)
+"""
+
+
+@dataclass
+class KeptConnection:
+    """A web server connection with no request on it, kept open across exec."""
+
+    fd: int
+    buffered: bytes = b""  # a record half-read before the exec, parsed first after it
+    fresh: bool = False  # no request was ever begun on it
+    ended: list[int] = field(default_factory=list)  # ids whose late records are dropped
+
+
+@dataclass
+class Handover:
+    """What one interpreter hands the next: its listening socket and connections."""
+
+    listen_fd: int
+    path: str | None = None  # the unix socket file to remove at a real exit
+    conns: list[KeptConnection] = field(default_factory=list)
+
+    def encode(self) -> str:
+        return json.dumps(
+            {
+                "listen": self.listen_fd,
+                "path": self.path,
+                "conns": [
+                    [c.fd, base64.b64encode(c.buffered).decode(), c.fresh, c.ended]
+                    for c in self.conns
+                ],
+            }
+        )
+
+    @classmethod
+    def decode(cls, text: str) -> Handover:
+        data = json.loads(text)
+        conns = [
+            KeptConnection(int(fd), base64.b64decode(buf), bool(fresh), [int(i) for i in ended])
+            for fd, buf, fresh, ended in data["conns"]
+        ]
+        return cls(int(data["listen"]), data["path"], conns)
+
+
+def take_handover(environ: dict[str, str] | os._Environ[str] = os.environ) -> Handover | None:
+    """The sockets the previous interpreter of this process left us, if any (the
+    variable is removed, so a child never takes them for its own)."""
+    text = environ.pop(HANDOVER_ENV, None)
+    if not text:
+        return None
+    try:
+        return Handover.decode(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s is not a valid hand-over (%s); ignored", HANDOVER_ENV, exc)
+        return None
+
+
+def check_app(
+    app: str, pythonpath: Sequence[str] = (), timeout: float = CHECK_TIMEOUT
+) -> str | None:
+    """Import ``app`` (MODULE:CALLABLE) in a child process with this process's
+    environment, folder (``--chdir`` applied), ``--pythonpath`` and interpreter; None
+    if it loads, else what it printed."""
+    env = {k: v for k, v in os.environ.items() if k != HANDOVER_ENV}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _CHECK, app, *pythonpath],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return f"importing {app} took over {timeout:.0f} s"
+    except OSError as exc:
+        return f"cannot start {sys.executable}: {exc}"
+    if result.returncode == 0:
+        return None
+    return (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
+
+
+def exec_in_place(handover: Handover) -> None:
+    """Become a fresh interpreter with the same command line, keeping the fds."""
+    for fd in [handover.listen_fd, *(c.fd for c in handover.conns)]:
+        os.set_inheritable(fd, True)
+    os.environ[HANDOVER_ENV] = handover.encode()
+    log.info(
+        "restarting in place with a fresh interpreter, keeping %d connection(s)",
+        len(handover.conns),
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def release_signals() -> None:
+    """Unblock what ``exec_in_place`` held, once the handlers are installed: a signal
+    sent during the exec is delivered now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)

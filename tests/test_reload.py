@@ -1,0 +1,375 @@
+"""Reload in place (SIGHUP, SIGUSR2, --max-requests): the same pid, the listening socket
+and the kept-alive connections carried across exec; new code checked before; and a
+real stop that closes each connection right after its response."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from flup.server import fcgi_base as flup
+
+from fcgi.reload import HANDOVER_ENV, Handover, KeptConnection, take_handover
+from tests.fcgi_client import Client, record, request_bytes
+from tests.procs import connectable, fcgi_command, python_env, stack, stop, wait_for
+
+APP = """
+import time
+from wsgi_app.deferred import DeferredMiddleware, defer
+
+VERSION = "{version}"
+
+
+def later(path):
+    time.sleep(1)
+    with open(path, "a") as f:
+        f.write("ran\\n")
+
+
+def _app(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/slow":
+        time.sleep(1)
+    if path == "/defer":
+        defer(environ, later, environ["QUERY_STRING"])
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [f"v{{VERSION}} {{environ['fcgi.request_id']}}".encode()]
+
+
+app = DeferredMiddleware(_app)
+"""
+
+
+class Worker:
+    """``python -m fcgi --bind unix:... reloadable:app`` with its app module in ``tmp``."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.tmp = tmp
+        self.sock = str(tmp / "app.sock")
+        self.log_path = tmp / "app.log"
+        self.clients: list[Client] = []
+        self.write_app("1")
+        self.out = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            fcgi_command("--bind", f"unix:{self.sock}", *args, "reloadable:app"),
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+            env=python_env(),  # the app module imports from the folder it runs in
+        )
+        wait_for(lambda: connectable(self.sock), what="the worker's socket")
+
+    def write_app(self, version: str, broken: bool = False) -> None:
+        text = APP.format(version=version) + ("\n1 / 0\n" if broken else "")
+        (self.tmp / "reloadable.py").write_text(text)
+        # A .pyc is checked by the source's mtime (in seconds) and size: both may match.
+        shutil.rmtree(self.tmp / "__pycache__", ignore_errors=True)
+
+    def client(self) -> Client:
+        self.clients.append(Client(self.sock))
+        return self.clients[-1]
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def signal_and_wait(self, sig: int) -> None:
+        """Send ``sig`` and wait until the fresh interpreter serves."""
+        before = self.log.count("serving on")
+        self.proc.send_signal(sig)
+        wait_for(lambda: self.log.count("serving on") > before, 20, "the reload")
+
+    def close(self) -> int:
+        for client in self.clients:
+            client.close()
+        code = stop(self.proc)
+        self.out.close()
+        return code
+
+
+@pytest.fixture
+def reloadable(tmp_path):
+    workers: list[Worker] = []
+
+    def start(*args: str) -> Worker:
+        workers.append(Worker(tmp_path, *args))
+        return workers[-1]
+
+    yield start
+    for w in workers:
+        w.close()
+
+
+def body(client: Client, path: str = "/") -> str:
+    resp = client.request(path)
+    assert resp.status == 200
+    return resp.body.decode()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGUSR2])
+def test_reload_keeps_the_pid_the_socket_and_the_connections(reloadable, sig):
+    worker = reloadable()
+    pid = worker.proc.pid
+    clients = [worker.client() for _ in range(3)]
+    assert [body(c) for c in clients] == [f"v1 {pid}-{n}" for n in (1, 2, 3)]
+    worker.write_app("2")
+    worker.signal_and_wait(sig)
+    # The same connections, new code, the same process, request ids going on.
+    assert [body(c) for c in clients] == [f"v2 {pid}-{n}" for n in (4, 5, 6)]
+    assert body(worker.client()) == f"v2 {pid}-7"  # the listening socket too
+    assert "keeping 3 connection(s)" in worker.log
+    assert worker.close() == 0
+    assert not Path(worker.sock).exists()  # removed at the real exit
+
+
+def test_reload_finishes_requests_in_flight_and_their_deferred_work(reloadable):
+    worker = reloadable("--threads", "2")
+    slow, deferring = worker.client(), worker.client()
+    done = worker.tmp / "deferred.txt"
+    slow.send(request_bytes("/slow"))
+    assert body(deferring, f"/defer?{done}").startswith("v1")
+    worker.write_app("2")
+    worker.proc.send_signal(signal.SIGHUP)
+    assert slow.read_response().body.startswith(b"v1")  # finished by the old code
+    wait_for(lambda: worker.log.count("serving on") == 2, 20, "the reload")
+    assert done.read_text() == "ran\n"  # the deferred work ran before the exec
+    assert body(slow).startswith("v2") and body(deferring).startswith("v2")
+
+
+def test_a_record_half_read_before_the_exec_completes_after_it(reloadable):
+    worker = reloadable()
+    client = worker.client()
+    data = request_bytes("/")
+    client.send(data[:5])  # part of BEGIN_REQUEST's header
+    time.sleep(0.2)  # nothing to wait on: the worker has these bytes or will read them
+    worker.write_app("2")
+    worker.signal_and_wait(signal.SIGHUP)
+    client.send(data[5:])
+    assert client.read_response().body.startswith(b"v2")
+
+
+def test_a_multiplexed_connection_is_parked_with_its_request_running(reloadable):
+    """A request sent on a busy multiplexed connection during the drain waits for the
+    new interpreter instead of holding the reload up; a late ABORT for a request that
+    ended before the exec is dropped there, as the spec says, not taken as an error."""
+    worker = reloadable("--threads", "2")
+    client = worker.client()
+    client.send(request_bytes("/slow", rid=1))
+    worker.write_app("2")
+    worker.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloading: finishing" in worker.log, 20, "the drain")
+    client.send(request_bytes("/", rid=2))
+    assert client.read_response(1).body.startswith(b"v1")  # ended by the old code
+    wait_for(lambda: worker.log.count("serving on") == 2, 20, "the reload")
+    client.send(record(flup.FCGI_ABORT_REQUEST, 1))
+    assert client.read_response(2).body.startswith(b"v2")  # read by the new interpreter
+    assert body(client).startswith("v2")
+    assert "keeping 1 connection(s)" in worker.log
+
+
+def test_signals_during_the_exec_are_held_not_fatal(reloadable):
+    worker = reloadable()
+    client = worker.client()
+    for _ in range(6):  # some land while the process execs: SIGHUP's default would kill it
+        worker.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.03)
+    wait_for(lambda: worker.log.count("serving on") >= 2, 20, "a reload")
+    time.sleep(0.5)
+    assert worker.proc.poll() is None
+    assert body(client).startswith("v1")
+
+
+def test_a_reload_into_code_that_fails_to_import_keeps_the_old_code(reloadable):
+    worker = reloadable()
+    client = worker.client()
+    assert body(client).startswith("v1")
+    worker.write_app("2", broken=True)
+    worker.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "does not import" in worker.log, 20, "the import check")
+    assert "ZeroDivisionError" in worker.log and "Traceback" in worker.log
+    assert worker.log.count("serving on") == 1  # no exec into the broken code
+    assert body(client).startswith("v1") and body(worker.client()).startswith("v1")
+    worker.write_app("3")
+    worker.signal_and_wait(signal.SIGHUP)
+    assert body(client).startswith("v3")
+
+
+def test_recycling_reloads_in_place_keeping_connections(reloadable):
+    worker = reloadable("--max-requests", "3")
+    client = worker.client()  # one connection throughout
+    answers = []
+    deadline = time.monotonic() + 20
+    while worker.log.count("serving on") < 3 and time.monotonic() < deadline:
+        answers.append(body(client))
+    assert worker.log.count("serving on") >= 3  # two recycles, in place
+    assert {a.split()[1].split("-")[0] for a in answers} == {str(worker.proc.pid)}
+    assert len(set(answers)) == len(answers)  # request ids never repeat
+
+
+def test_stop_closes_each_connection_right_after_its_response(reloadable):
+    worker = reloadable()
+    busy, idle = worker.client(), worker.client()
+    assert body(idle).startswith("v1")
+    busy.send(request_bytes("/slow"))
+    time.sleep(0.3)  # nothing observable to wait on: the app sleeps 1 s
+    worker.proc.send_signal(signal.SIGTERM)
+    assert idle.read_record() is None  # idle, nothing in flight: closed at once
+    resp = busy.read_response()  # the running request ends with END_REQUEST...
+    assert resp.status == 200 and resp.end[1] == flup.FCGI_REQUEST_COMPLETE
+    assert busy.read_record() is None  # ...then its connection closes
+    assert worker.proc.wait(20) == 0
+
+
+def post_load(port: int, clients: int, seconds: float, during: Callable[[], None]) -> Counter:
+    """``clients`` keep-alive connections POSTing 2 KB through nginx for ``seconds``,
+    while ``during()`` runs; the count of each outcome (status, or the error's name)."""
+    outcomes: Counter = Counter()
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    payload = b"p" * 2048
+
+    def one() -> None:
+        seen: Counter = Counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while time.monotonic() < deadline:
+            try:
+                conn.request("POST", "/ping", body=payload)
+                resp = conn.getresponse()
+                resp.read()
+                seen[resp.status] += 1
+            except (OSError, http.client.HTTPException) as exc:
+                seen[type(exc).__name__] += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.close()
+        with lock:
+            outcomes.update(seen)
+
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    during()
+    for t in threads:
+        t.join(seconds + 60)
+    return outcomes
+
+
+@pytest.mark.e2e
+def test_reloads_and_recycles_under_post_load_fail_no_request(tmp_path):
+    """Two workers under supervisord behind nginx, 16 connections POSTing 2 KB for 12 s;
+    each worker gets SIGHUP twice (supervisorctl signal, as `make reload`) and recycles
+    every 2000 requests: no request fails, the pids stay, supervisord sees no exit."""
+    with stack(tmp_path, numprocs=2, FCGI_MAX_REQUESTS="2000") as (port, ctl):
+        pids = set(re.findall(r"pid (\d+)", ctl("status", "app:*")))
+        logs = tmp_path / "var" / "log"
+
+        def reloads() -> int:
+            return sum(p.read_text().count("restarting in place") for p in logs.glob("app_*.log"))
+
+        def during() -> None:
+            for pause in (3.0, 4.0):  # under load for 3 s, then each SIGHUP
+                time.sleep(pause)
+                before = reloads()
+                ctl("signal", "HUP", "app:*")
+                wait_for(lambda b=before: reloads() >= b + 2, 20, "both workers to reload")
+
+        outcomes = post_load(port, 16, 12.0, during)
+        assert set(re.findall(r"pid (\d+)", ctl("status", "app:*"))) == pids
+    total = sum(outcomes.values())
+    assert outcomes[200] == total, f"{total - outcomes[200]} of {total} failed: {outcomes}"
+    text = "".join(p.read_text() for p in logs.glob("app_*.log"))
+    # Each SIGHUP reloads, or (landing during a recycle's check) has the code checked
+    # again before that recycle's exec.
+    assert text.count("SIGHUP: ") == 4
+    assert text.count("restarting in place") >= 4 + total // 4000 - 2  # and the recycles
+    assert "does not import" not in text
+    supervisord = (logs / "supervisord.log").read_text()
+    assert "exited: app_" not in supervisord, supervisord
+
+
+def test_the_hand_over_round_trips_and_a_bad_one_is_ignored(caplog):
+    handover = Handover(
+        3, "/run/app.sock", [KeptConnection(7, b"\x01\x01", False, [1]), KeptConnection(9)]
+    )
+    environ = {HANDOVER_ENV: handover.encode()}
+    assert take_handover(environ) == handover
+    assert HANDOVER_ENV not in environ  # a child never takes the fds for its own
+    assert take_handover({HANDOVER_ENV: "{not json"}) is None
+    assert "not a valid hand-over" in caplog.text
+
+
+def test_sigterm_during_a_reload_drain_stops_for_real(reloadable):
+    worker = reloadable("--threads", "2")  # the loop drains while the request runs
+    client = worker.client()
+    client.send(request_bytes("/slow"))
+    worker.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloading: finishing" in worker.log, 20, "the drain")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert client.read_response().status == 200  # the request in flight still ends
+    assert client.read_record() is None  # then its connection closes
+    assert worker.proc.wait(20) == 0
+    assert "restarting in place" not in worker.log
+    assert not Path(worker.sock).exists()
+
+
+def test_a_reload_checks_the_new_code_with_chdir_and_pythonpath(tmp_path):
+    src = tmp_path / "proj" / "src"
+    src.mkdir(parents=True)
+    (src / "reloadable.py").write_text(APP.format(version="1"))
+    log_path = tmp_path / "app.log"
+    sock = str(tmp_path / "app.sock")
+    args = ("--bind", f"unix:{sock}", "--chdir", "proj", "--pythonpath", "src", "reloadable:app")
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            fcgi_command(*args),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=python_env(),
+        )
+        try:
+            wait_for(lambda: connectable(sock), what="the worker's socket")
+            client = Client(sock)
+            assert body(client).startswith("v1")
+            (src / "reloadable.py").write_text(APP.format(version="2"))
+            shutil.rmtree(src / "__pycache__", ignore_errors=True)
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: log_path.read_text().count("serving on") == 2, 20, "the reload")
+            assert "does not import" not in log_path.read_text()
+            assert body(client).startswith("v2")  # the same connection, the new code
+            client.close()
+        finally:
+            assert stop(proc) == 0
+
+
+def test_sighup_while_the_app_loads_reloads_once_serving(tmp_path):
+    (tmp_path / "slowstart.py").write_text(
+        "import time\ntime.sleep(1)\n" + APP.format(version="1") + "\n"
+    )
+    log_path, sock = tmp_path / "app.log", str(tmp_path / "app.sock")
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            fcgi_command("--bind", f"unix:{sock}", "slowstart:app"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=python_env(),
+        )
+        try:
+            wait_for(lambda: connectable(sock), what="the socket, bound before the app loads")
+            assert "serving on" not in log_path.read_text()
+            proc.send_signal(signal.SIGHUP)  # its default action would kill the worker
+            wait_for(lambda: log_path.read_text().count("serving on") == 2, 30, "the reload")
+            assert "SIGHUP while starting" in log_path.read_text()
+            assert proc.poll() is None
+        finally:
+            assert stop(proc) == 0
