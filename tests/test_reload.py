@@ -4,6 +4,7 @@ real stop that closes each connection right after its response."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import shutil
@@ -12,7 +13,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -321,13 +322,10 @@ def test_sigterm_during_a_reload_drain_stops_for_real(reloadable):
     assert not Path(worker.sock).exists()
 
 
-def test_a_reload_checks_the_new_code_with_chdir_and_pythonpath(tmp_path):
-    src = tmp_path / "proj" / "src"
-    src.mkdir(parents=True)
-    (src / "reloadable.py").write_text(APP.format(version="1"))
+@contextlib.contextmanager
+def logged_worker(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A worker run from ``tmp_path`` with ``args``, its output in app.log; stopped after."""
     log_path = tmp_path / "app.log"
-    sock = str(tmp_path / "app.sock")
-    args = ("--bind", f"unix:{sock}", "--chdir", "proj", "--pythonpath", "src", "reloadable:app")
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
             fcgi_command(*args),
@@ -337,39 +335,39 @@ def test_a_reload_checks_the_new_code_with_chdir_and_pythonpath(tmp_path):
             env=python_env(),
         )
         try:
-            wait_for(lambda: connectable(sock), what="the worker's socket")
-            client = Client(sock)
-            assert body(client).startswith("v1")
-            (src / "reloadable.py").write_text(APP.format(version="2"))
-            shutil.rmtree(src / "__pycache__", ignore_errors=True)
-            proc.send_signal(signal.SIGHUP)
-            wait_for(lambda: log_path.read_text().count("serving on") == 2, 20, "the reload")
-            assert "does not import" not in log_path.read_text()
-            assert body(client).startswith("v2")  # the same connection, the new code
-            client.close()
+            yield proc, log_path
         finally:
             assert stop(proc) == 0
+
+
+def test_a_reload_checks_the_new_code_with_chdir_and_pythonpath(tmp_path):
+    src = tmp_path / "proj" / "src"
+    src.mkdir(parents=True)
+    (src / "reloadable.py").write_text(APP.format(version="1"))
+    sock = str(tmp_path / "app.sock")
+    args = ("--bind", f"unix:{sock}", "--chdir", "proj", "--pythonpath", "src", "reloadable:app")
+    with logged_worker(tmp_path, *args) as (proc, log_path):
+        wait_for(lambda: connectable(sock), what="the worker's socket")
+        client = Client(sock)
+        assert body(client).startswith("v1")
+        (src / "reloadable.py").write_text(APP.format(version="2"))
+        shutil.rmtree(src / "__pycache__", ignore_errors=True)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log_path.read_text().count("serving on") == 2, 20, "the reload")
+        assert "does not import" not in log_path.read_text()
+        assert body(client).startswith("v2")  # the same connection, the new code
+        client.close()
 
 
 def test_sighup_while_the_app_loads_reloads_once_serving(tmp_path):
     (tmp_path / "slowstart.py").write_text(
         "import time\ntime.sleep(1)\n" + APP.format(version="1") + "\n"
     )
-    log_path, sock = tmp_path / "app.log", str(tmp_path / "app.sock")
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            fcgi_command("--bind", f"unix:{sock}", "slowstart:app"),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-            env=python_env(),
-        )
-        try:
-            wait_for(lambda: connectable(sock), what="the socket, bound before the app loads")
-            assert "serving on" not in log_path.read_text()
-            proc.send_signal(signal.SIGHUP)  # its default action would kill the worker
-            wait_for(lambda: log_path.read_text().count("serving on") == 2, 30, "the reload")
-            assert "SIGHUP while starting" in log_path.read_text()
-            assert proc.poll() is None
-        finally:
-            assert stop(proc) == 0
+    sock = str(tmp_path / "app.sock")
+    with logged_worker(tmp_path, "--bind", f"unix:{sock}", "slowstart:app") as (proc, log_path):
+        wait_for(lambda: connectable(sock), what="the socket, bound before the app loads")
+        assert "serving on" not in log_path.read_text()
+        proc.send_signal(signal.SIGHUP)  # its default action would kill the worker
+        wait_for(lambda: log_path.read_text().count("serving on") == 2, 30, "the reload")
+        assert "SIGHUP while starting" in log_path.read_text()
+        assert proc.poll() is None
