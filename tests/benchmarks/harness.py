@@ -44,12 +44,18 @@ def wrk(
     script: str | None = None,
     env: dict[str, str] | None = None,
 ) -> Run:
-    """Run wrk against ``url``; non-2xx responses and socket errors count as errors."""
+    """Run wrk against ``url`` (``env``: variables its Lua script reads); non-2xx
+    responses and socket errors count as errors."""
     cmd = [require("wrk", "wrk"), "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
     if script:
         cmd += ["-s", script]
     out = subprocess.run(
-        [*cmd, url], capture_output=True, text=True, timeout=seconds + 60, check=True
+        [*cmd, url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+        env={**os.environ, **(env or {})},
     ).stdout
     try:
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))

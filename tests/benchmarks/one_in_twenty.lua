@@ -1,11 +1,12 @@
 -- wrk: every twentieth request goes to /defer?0.1, which defers 0.1 s of work;
--- the rest to /. one_in_twenty_plain.lua makes the same Lua calls for / only,
--- so both sides of the capacity comparison cost wrk the same.
+-- the rest to /. DEFER_PATH=/ (the plain side of the capacity comparison) sends
+-- every request to / with the same Lua calls, so both sides cost wrk the same.
+local defer_path = os.getenv("DEFER_PATH") or "/defer?0.1"
 local n = 0
 request = function()
   n = n + 1
   if n % 20 == 0 then
-    return wrk.format("GET", "/defer?0.1")
+    return wrk.format("GET", defer_path)
   end
   return wrk.format("GET", "/")
 end

@@ -212,17 +212,18 @@ def capacity_run(tmp: Path, app: str, script: str) -> tuple[dict[str, list[Run]]
     to end and return the rounds and the app's /count. Each run also carries the
     worker's CPU microseconds per request (``Run.cpu_us``): on a shared machine the
     throughput swings with the neighbours' load, the CPU a request costs much less."""
-    plain_script = script.replace(".lua", "_plain.lua")  # the same Lua calls, no /defer
     with contextlib.ExitStack() as es:
         port, pid = ours(es, tmp, f"tests.benchmarks.apps_capacity:{app}")
 
-        def measured(lua: str) -> Run:
+        def measured(env: dict[str, str]) -> Run:
             before = cpu_seconds(pid)
-            run = wrk(url(port), SECONDS, 8, lua)
+            run = wrk(url(port), SECONDS, 8, script, env)
             run.cpu_us = (cpu_seconds(pid) - before) / (run.rps * SECONDS) * 1e6
             return run
 
-        res = alternate({"plain": lambda: measured(plain_script), "mix": lambda: measured(script)})
+        # the same script with every request to /: the same Lua calls, no deferred work
+        plain, mix = {"DEFER_PATH": "/"}, {}
+        res = alternate({"plain": lambda: measured(plain), "mix": lambda: measured(mix)})
 
         def drained() -> dict:
             counts = get_json(port, "/count")
