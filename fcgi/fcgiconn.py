@@ -27,6 +27,10 @@ log = logging.getLogger("fcgi")
 MAX_CONTENT_LENGTH_DIGITS = 18  # below 2**63: fits every signed 64-bit field downstream
 _IGNORED_MAX = 64  # ids of ended or refused requests whose late records are dropped
 
+_HEADER_FROM = protocol.HEADER.unpack_from
+_BEGIN = protocol.BEGIN_REQUEST
+_PARAMS = protocol.PARAMS
+_STDIN = protocol.STDIN
 _ACCEPTED_TYPES = frozenset(
     (
         protocol.BEGIN_REQUEST,
@@ -149,17 +153,51 @@ class FCGIConnection:
         the state CLOSED) when they are not valid FastCGI."""
         if self.state is ConnState.CLOSED:
             return []
-        buf = self._buf
-        buf += data
+        if self._buf:
+            self._buf += data
+            data = bytes(self._buf)
         events: list[Event] = []
+        pos, end = 0, len(data)
+        unpack = _HEADER_FROM
+        requests = self.requests
         try:
-            records, used = protocol.parse_records(buf)
-            for rtype, rid, content in records:
-                self._record(rtype, rid, content, events)
+            # The records of a request (BEGIN_REQUEST, PARAMS, the empty PARAMS and
+            # STDIN) are handled inline; the rest in _record.
+            while end - pos >= 8:
+                version, rtype, rid, clen, plen = unpack(data, pos)
+                if version != 1:
+                    raise protocol.ProtocolError(f"bad record version {version}")
+                start = pos + 8
+                stop = start + clen
+                if stop + plen > end:
+                    break
+                pos = stop + plen
+                request = requests.get(rid)
+                if request is None or request.state is RequestState.READY:
+                    if rtype == _BEGIN and rid:
+                        self._begin(rid, data[start:stop])
+                    else:
+                        self._record(rtype, rid, data[start:stop], events)
+                elif rtype == _PARAMS and request.state is RequestState.PARAMS:
+                    if clen:
+                        request._params += data[start:stop]
+                        if len(request._params) > self.max_params:
+                            raise protocol.ProtocolError(f"params exceed {self.max_params} bytes")
+                    else:
+                        self._params_ended(request, events)
+                elif rtype == _STDIN and not clen and request.state is RequestState.STDIN:
+                    request.state = RequestState.READY
+                    self._arriving -= 1
+                    events.append(RequestReady(request))
+                else:
+                    self._record(rtype, rid, data[start:stop], events)
         except protocol.ProtocolError:
             self.state = ConnState.CLOSED
             raise
-        del buf[:used]
+        if pos < end:
+            self._buf = bytearray(data[pos:])
+        elif self._buf:
+            self._buf = bytearray()
         return events
 
     @property
@@ -194,17 +232,7 @@ class FCGIConnection:
                 if len(request._params) > self.max_params:
                     raise protocol.ProtocolError(f"params exceed {self.max_params} bytes")
                 return
-            request.params = params = protocol.decode_pairs(request._params)
-            request._params = bytearray()
-            length = params.get("CONTENT_LENGTH")
-            if length:
-                try:
-                    request.content_length = parse_content_length(length)
-                except ValueError as exc:
-                    request.error = str(exc)
-                    self._ready(request, events)
-                    return
-            request.state = RequestState.STDIN
+            self._params_ended(request, events)
         elif rtype == protocol.STDIN:
             if state is not RequestState.STDIN:
                 raise protocol.ProtocolError("STDIN before the params stream ended")
@@ -223,6 +251,19 @@ class FCGIConnection:
         elif rtype not in _ACCEPTED_TYPES:
             self._out.append(protocol.unknown_type(rtype))
         # DATA belongs to the FILTER role, which is refused: nothing to do.
+
+    def _params_ended(self, request: IncomingRequest, events: list[Event]) -> None:
+        request.params = params = protocol.decode_pairs(request._params)
+        request._params = bytearray()
+        length = params.get("CONTENT_LENGTH")
+        if length:
+            try:
+                request.content_length = parse_content_length(length)
+            except ValueError as exc:
+                request.error = str(exc)
+                self._ready(request, events)
+                return
+        request.state = RequestState.STDIN
 
     def _ready(self, request: IncomingRequest, events: list[Event]) -> None:
         request.state = RequestState.READY
@@ -341,8 +382,11 @@ class FCGIConnection:
         request = self._current(rid, incoming)
         if request is None:
             return None
-        parts = protocol.stdout_records(rid, chunks) if chunks else []
-        parts.append(protocol.end_request(rid, app_status))
+        if app_status:
+            parts = protocol.stdout_records(rid, chunks) if chunks else []
+            parts.append(protocol.end_request(rid, app_status))
+        else:
+            parts = protocol.last_records(rid, chunks or [])
         self._forget(request)
         return parts
 

@@ -100,6 +100,20 @@ def stdout_records(request_id: int, chunks: list[bytes]) -> list[bytes]:
     return parts
 
 
+def last_records(request_id: int, chunks: list[bytes]) -> list[bytes]:
+    """The last STDOUT records for ``chunks``, the end of the stream and END_REQUEST;
+    a small response is one bytes object, ready for one send."""
+    end = end_request(request_id)
+    size = sum(map(len, chunks))
+    if not size:
+        return [end]
+    if size <= MAX_CONTENT:
+        return [b"".join((HEADER.pack(VERSION_1, STDOUT, request_id, size, 0), *chunks, end))]
+    parts = stdout_records(request_id, chunks)
+    parts.append(end)
+    return parts
+
+
 _END_CACHE: dict[int, bytes] = {}
 
 
@@ -145,34 +159,39 @@ def decode_pairs(data: bytes | bytearray) -> dict[str, str]:
     """Parse name-value pairs; names and values become latin-1 str as PEP 3333 wants.
 
     The buffer is decoded once: latin-1 maps byte offsets to the same str offsets,
-    so each name and value is a str slice rather than a decode of its own.
+    so each name and value is a str slice rather than a decode of its own. This loop
+    runs for every param of every request, so it is written out for speed: both
+    lengths are read at once for the usual pair (both under 128 bytes), and a pair
+    that overruns the buffer is caught once, at the end.
     """
     pairs: dict[str, str] = {}
     text = data.decode("latin-1")
-    # The 1-or-4-byte length decoding is written out twice (name, then value) rather
-    # than called as a function: this loop runs for every param of every request.
     pos, end = 0, len(data)
     try:
         while pos < end:
             nlen = data[pos]
-            if nlen & 0x80:
-                nlen = _LEN4.unpack_from(data, pos)[0] & 0x7FFFFFFF
-                pos += 4
+            vlen = data[pos + 1]
+            if (nlen | vlen) & 0x80:
+                if nlen & 0x80:
+                    nlen = _LEN4.unpack_from(data, pos)[0] & 0x7FFFFFFF
+                    pos += 4
+                else:
+                    pos += 1
+                vlen = data[pos]
+                if vlen & 0x80:
+                    vlen = _LEN4.unpack_from(data, pos)[0] & 0x7FFFFFFF
+                    pos += 4
+                else:
+                    pos += 1
             else:
-                pos += 1
-            vlen = data[pos]
-            if vlen & 0x80:
-                vlen = _LEN4.unpack_from(data, pos)[0] & 0x7FFFFFFF
-                pos += 4
-            else:
-                pos += 1
-            stop = pos + nlen + vlen
-            if stop > end:
-                raise ProtocolError("name-value pair longer than its record")
-            pairs[text[pos : pos + nlen]] = text[pos + nlen : stop]
-            pos = stop
+                pos += 2
+            mid = pos + nlen
+            pos = mid + vlen
+            pairs[text[mid - nlen : mid]] = text[mid:pos]
     except (IndexError, struct.error) as exc:
         raise ProtocolError("truncated name-value pair length") from exc
+    if pos > end:
+        raise ProtocolError("name-value pair longer than its record")
     return pairs
 
 

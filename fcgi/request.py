@@ -12,6 +12,7 @@ cut without END_REQUEST so the web server cannot take the body as complete.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -27,13 +28,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fcgi")
 
-# PEP 3333 keeps these as CONTENT_TYPE/CONTENT_LENGTH only.
-_NOT_IN_WSGI = ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH")
+# What PEP 3333 requires, for a web server that does not send it.
+_REQUIRED = {
+    "SERVER_NAME": "localhost",
+    "SERVER_PORT": "80",
+    "SERVER_PROTOCOL": "HTTP/1.1",
+    "REQUEST_METHOD": "GET",
+    "QUERY_STRING": "",
+}
 _STATUS = re.compile(r"[0-9]{3} [^\x00\r\n]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(r"[^\x00\r\n]*")
 _CHECKED_MAX = 512
-_PID = os.getpid()  # an app's child that returns into the worker must not answer
+_forked = False  # in a child the app forked: it must not answer, and it exits
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 # Status lines and header lines already checked and encoded: apps send the same few
 # again and again, so most responses skip the checks.
 _checked_status: dict[str, bytes] = {}
@@ -107,6 +122,7 @@ class Request:
         "_pending",
         "body_bytes",
         "conn",
+        "detached",
         "dropped",
         "environ",
         "error",
@@ -122,6 +138,7 @@ class Request:
         "request_id",
         "started",
         "status",
+        "thread",
     )
 
     def __init__(self, conn: Connection, incoming: IncomingRequest) -> None:
@@ -141,7 +158,9 @@ class Request:
         self.body_bytes = 0
         self.started = 0.0
         self.dropped = 0
-        self.on_early_finish: Callable[[], None] | None = None
+        self.on_early_finish: Callable[[Request], None] | None = None
+        self.thread = 0  # the thread serving it (its runner's)
+        self.detached = False  # finished early and counted as detached by its runner
         self.on_finish: Callable[[Request], None] | None = None
         self.outside_mount = False
 
@@ -160,8 +179,10 @@ class Request:
     def build_environ(self, base: dict[str, Any], mount: str) -> dict[str, Any]:
         """The WSGI environ: the params, the per-worker ``base`` keys, this request's own."""
         env = self.environ
-        for key in _NOT_IN_WSGI:
-            env.pop(key, None)
+        if "HTTP_CONTENT_TYPE" in env:
+            del env["HTTP_CONTENT_TYPE"]
+        if "HTTP_CONTENT_LENGTH" in env:
+            del env["HTTP_CONTENT_LENGTH"]
         # The path as the web server decoded it, whatever it put in which variable,
         # cut at the mount point (REQUEST_URI, raw and undecoded, is never used).
         path = env.get("SCRIPT_NAME", "") + env.get("PATH_INFO", "")
@@ -173,15 +194,16 @@ class Request:
         else:
             env["PATH_INFO"] = path
             self.outside_mount = True
-        env.setdefault("SERVER_NAME", "localhost")
-        env.setdefault("SERVER_PORT", "80")
-        env.setdefault("SERVER_PROTOCOL", "HTTP/1.1")
-        env.setdefault("REQUEST_METHOD", "GET")
-        env.setdefault("QUERY_STRING", "")
-        https = env.get("HTTPS", "").lower() in ("on", "1") or env.get("REQUEST_SCHEME") == "https"
+        if not _REQUIRED.keys() <= env.keys():
+            for key, value in _REQUIRED.items():
+                env.setdefault(key, value)
+        https = ("HTTPS" in env and env["HTTPS"].lower() in ("on", "1")) or env.get(
+            "REQUEST_SCHEME"
+        ) == "https"
         env.update(base)
         env["wsgi.url_scheme"] = "https" if https else "http"
-        env["wsgi.input"] = self.incoming.stream()
+        body = self.incoming.body
+        env["wsgi.input"] = io.BytesIO() if body is None else body.stream()
         env["fcgi.finish_request"] = self.finish
         env["fcgi.request_id"] = self.request_id
         return env
@@ -281,16 +303,24 @@ class Request:
         try:
             self.in_app = True
             result = app(self.environ, self.start_response)
-            if os.getpid() != _PID:
+            if _forked:
                 _leave_forked_child(self)
-            if isinstance(result, (list, tuple)):
+            if type(result) is list:  # the usual result: held to go out with END_REQUEST
+                pending = self._pending
+                for chunk in result:
+                    if type(chunk) is bytes and not self.finished:
+                        if chunk:
+                            pending.append(chunk)
+                    else:
+                        self.buffer(chunk)
+            elif isinstance(result, (list, tuple)):
                 for chunk in result:
                     self.buffer(chunk)
             else:
                 for chunk in result:
                     self.write(chunk)
         except BaseException:
-            if os.getpid() != _PID:
+            if _forked:
                 _leave_forked_child(self)
             self.in_app = False
             self.fail(sys.exc_info())
@@ -339,7 +369,7 @@ class Request:
         if self.on_finish is not None:
             self.on_finish(self)
         if self.in_app and self.on_early_finish is not None:
-            self.on_early_finish()
+            self.on_early_finish(self)
 
 
 def _leave_forked_child(request: Request) -> None:

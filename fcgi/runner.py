@@ -38,27 +38,24 @@ class _Detaching:
         self.max_detached = max_detached
         self.detached = 0
         self._cond = threading.Condition()
-        self._local = threading.local()
 
-    def _claim(self) -> bool:
-        """Count the current request as detached, if the limit allows. Only the thread
-        serving the request detaches it: a finish from a thread of the app's own would
-        count a thread that never releases (and a stop would wait for it in vain)."""
-        local = self._local
-        if not getattr(local, "serving", False) or getattr(local, "detached", False):
+    def _claim(self, request: Request) -> bool:
+        """Count ``request`` as detached, if the limit allows. Only the thread serving
+        the request detaches it: a finish from a thread of the app's own would count a
+        thread that never releases (and a stop would wait for it in vain)."""
+        if request.detached or request.thread != threading.get_ident():
             return False
         with self._cond:
             if self.detached >= self.max_detached:
                 return False
             self.detached += 1
-        self._local.detached = True
+        request.detached = True
         return True
 
-    def _release(self) -> bool:
+    def _release(self, request: Request) -> bool:
         """After a request: True if it had detached (and is no longer counted)."""
-        if not getattr(self._local, "detached", False):
+        if not request.detached:
             return False
-        self._local.detached = False
         with self._cond:
             self.detached -= 1
             self._cond.notify_all()
@@ -87,16 +84,16 @@ class InlineRunner(_Detaching):
 
     def submit(self, request: Request) -> None:
         request.on_early_finish = self.detach
-        self._local.serving = True
         try:
             self.handle(request)
         finally:
-            self._local.serving = False
-            self._release()
+            if request.detached:
+                self._release(request)
 
-    def detach(self) -> None:
-        if self._claim() and not self.hand_over_loop():
-            self._release()
+    def detach(self, request: Request) -> None:
+        if self._claim(request) and not self.hand_over_loop():
+            self._release(request)
+            request.detached = False
 
     def stop(self, deadline: float) -> bool:
         return self._wait_detached(deadline)
@@ -119,8 +116,8 @@ class ThreadRunner(_Detaching):
     def submit(self, request: Request) -> None:
         self._queue.put(request)
 
-    def detach(self) -> None:
-        if self._claim():
+    def detach(self, request: Request) -> None:
+        if self._claim(request):
             self._spawn()
 
     def stop(self, deadline: float) -> bool:
@@ -147,12 +144,8 @@ class ThreadRunner(_Detaching):
                 if request is None:
                     return
                 request.on_early_finish = self.detach
-                self._local.serving = True
-                try:
-                    self.handle(request)
-                finally:
-                    self._local.serving = False
-                if self._release():
+                self.handle(request)
+                if self._release(request):
                     return  # a fresh thread has taken this one's place
         finally:
             with self._cond:

@@ -372,7 +372,7 @@ class Server:
 
     def handle(self, request: Request) -> None:
         request.started = time.monotonic()
-        self.in_progress[request] = threading.get_ident()
+        self.in_progress[request] = request.thread = threading.get_ident()
         environ = request.build_environ(self.base_environ, self.options.mount)
         if self.access_log is not None:
             environ["fcgi.log_fields"] = {}
