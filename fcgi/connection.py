@@ -28,7 +28,8 @@ HIGH_WATER = 1 << 20  # bytes queued on one connection before its writer waits
 LOW_WATER = 1 << 18  # and when it may go on
 _JOIN_LIMIT = 64 * 1024  # below this, one copy costs less than scatter-gather
 _IOV_MAX = 1024  # buffers one sendmsg() may take on Linux
-_RECV_SIZE = 262144
+# Not more: a larger bytes object would be mmap()ed and unmapped by glibc at each recv()
+_RECV_SIZE = 65536
 
 
 class LoopHandle(Protocol):

@@ -35,6 +35,7 @@ FIRST_REQUEST_GRACE = 2.0  # seconds a new connection is given for its first req
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _IN_OUT = select.EPOLLIN | select.EPOLLOUT
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 
 OnRequest = Callable[[Connection, IncomingRequest], None]
 
@@ -118,20 +119,18 @@ class IOLoop:
             timeout = SWEEP_INTERVAL
         conns = self.conns
         for fd, mask in self.epoll.poll(timeout):
-            if fd == self._listen_fd:
-                self._accept()
-                continue
-            if fd == self._wake_r:
-                self._wake_pending = False
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
-                if not self._run_calls():
-                    return False
-                continue
             conn = conns.get(fd)
             if conn is None:
+                if fd == self._listen_fd:
+                    self._accept()
+                elif fd == self._wake_r:
+                    self._wake_pending = False
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    if not self._run_calls():
+                        return False
                 continue
-            if mask & select.EPOLLOUT:
+            if mask & _OUT:
                 more = conn.on_writable()
                 if conn.paused and conn.out_size <= LOW_WATER:
                     conn.paused = False  # it reads what we sent: take its records again
@@ -141,8 +140,8 @@ class IOLoop:
                 if conn.done:
                     self.close(conn)
                     continue
-            if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                continue
+                if not mask & _READABLE:
+                    continue
             if conn.parked:  # hung up or broken while a reload drains: the peer is gone
                 self.close(conn)
                 continue
@@ -153,7 +152,7 @@ class IOLoop:
             conns.move_to_end(fd)
             if events and not self._dispatch(conn, events, still_owner):
                 return False
-            if conn.out or conn.done:
+            if conn.out or conn.proto.state is not ConnState.IDLE and conn.done:
                 self._attend(conn)
                 if conn.out_size > HIGH_WATER and not conn.paused and conns.get(fd) is conn:
                     # a peer that sends and never reads (a flood of records we answer)
@@ -168,9 +167,10 @@ class IOLoop:
         """Hand ``conn``'s events on; False if a request took the loop's thread with it,
         in which case the events after it (several requests multiplexed in one read) go to
         the new owner."""
+        on_request = self.on_request
         for i, event in enumerate(events):
             if type(event) is RequestReady:
-                self.on_request(conn, event.request)
+                on_request(conn, event.request)
                 if not still_owner():
                     rest = events[i + 1 :]
                     self.call_soon(self._dispatch_rest, conn, rest)
