@@ -42,6 +42,13 @@ def echo(environ, start_response):
     return [body]
 
 
+def echo_read(environ, start_response):
+    """Echo the body as ``wsgi.input.read(N)`` returns it, N from the query (``?-5``)."""
+    body = environ["wsgi.input"].read(int(environ["QUERY_STRING"]))
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [body]
+
+
 def download(environ, start_response):
     size = int(environ.get("QUERY_STRING") or 3_000_000)
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
