@@ -130,6 +130,7 @@ class Server:
             },
         }
         self.exit_code = EXIT_OK
+        self._alarm_told = False  # a stray SIGALRM was logged (handle_alarm)
         self._owner: object = None  # the token of the thread running the loop
         self._stopped = threading.Event()
 
@@ -147,7 +148,20 @@ class Server:
         signal.signal(signal.SIGUSR1, self.handle_usr1)
         signal.signal(signal.SIGHUP, self.handle_reload)
         signal.signal(signal.SIGUSR2, self.handle_reload)
+        # An app may time itself with signal.alarm(); a SIGALRM it did not set a handler
+        # for would end the worker (the default action) with every request on it.
+        if signal.getsignal(signal.SIGALRM) is signal.SIG_DFL:
+            signal.signal(signal.SIGALRM, self.handle_alarm)
         release_signals()  # held across the exec of a reload, if this is one
+
+    def handle_alarm(self, signum: int, frame: Any) -> None:
+        if not self._alarm_told:
+            self._alarm_told = True
+            log.warning(
+                "SIGALRM ignored: the app set no handler for it (signal.alarm() without "
+                "signal.signal()?), and its default would end the worker; later ones are "
+                "ignored without a word"
+            )
 
     def handle_reload(self, signum: int, frame: Any) -> None:
         self.reload(f"{signal.Signals(signum).name}")

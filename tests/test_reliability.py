@@ -51,6 +51,36 @@ def test_sigterm_past_the_deadline_names_what_it_abandons(tmp_path):
     assert "slow_sleep(3.0, 'job5') abandoned at stop, never started (request GET /?n=6" in text
 
 
+def test_stray_sigalrm_is_logged_once_and_the_worker_serves_on(tmp_path):
+    log = tmp_path / "app.log"
+    with worker(tmp_path, "tests.apps:hello") as (proc, sock):
+        wait_for(lambda: "serving on" in log.read_text(), what="the handlers installed")
+        proc.send_signal(signal.SIGALRM)
+        wait_for(
+            lambda: proc.poll() is not None or "SIGALRM ignored" in log.read_text(),
+            what="the SIGALRM warning",
+        )
+        assert proc.poll() is None, f"SIGALRM ended the worker ({proc.returncode})"
+        proc.send_signal(signal.SIGALRM)
+        client = Client(str(sock))
+        assert client.request("/").body == b"Hello world\n"
+        client.close()
+        proc.send_signal(signal.SIGTERM)  # handled after the SIGALRM sent before it
+        assert proc.wait(30) == 0
+    assert log.read_text().count("SIGALRM ignored") == 1
+
+
+def test_the_apps_own_sigalrm_handler_is_kept(tmp_path):
+    notes = tmp_path / "notes.log"
+    env = python_env(TEST_APP_LOG=str(notes))
+    with worker(tmp_path, "tests.apps_alarm:app", env=env) as (proc, _sock):
+        wait_for(lambda: "serving on" in (tmp_path / "app.log").read_text(), what="serving")
+        proc.send_signal(signal.SIGALRM)
+        wait_for(lambda: notes.exists() and "alarm " in notes.read_text(), what="the app's handler")
+        assert stop(proc) == 0
+    assert "SIGALRM" not in (tmp_path / "app.log").read_text()
+
+
 def test_sigquit_stops_at_once(tmp_path):
     with worker(tmp_path, "tests.apps:many_deferred") as (proc, sock):
         client = Client(str(sock))
