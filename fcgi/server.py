@@ -324,12 +324,15 @@ class Server:
         # connections with no request are parked (no longer read: what comes waits in the
         # kernel for the next interpreter); stopping, they are closed.
         loop.poll(0, still_owner)
+        told: set[Connection] = set()  # those named in the log as half-sent
         while time.monotonic() < deadline:
             if self.reloading:
                 arriving = loop.park_idle()
             else:
                 loop.close_after_responses()  # after a SIGTERM during a reload's drain
                 arriving = loop.close_idle(time.monotonic())
+            if arriving:
+                self._tell_half_sent(told, deadline)
             if not arriving and not self.in_progress and not loop.has_output():
                 break
             loop.poll(0.02, still_owner)
@@ -348,6 +351,30 @@ class Server:
         else:
             log.info("stopped after %d request(s)", self.requests)
         return EXIT_ABANDONED if abandoned else EXIT_OK
+
+    def _tell_half_sent(self, told: set[Connection], deadline: float) -> None:
+        """Name each connection whose request is half-sent, once: the stop waits for the
+        rest of it until --read-timeout closes it or the deadline, whichever comes first."""
+        now = time.monotonic()
+        for conn in self.conns.values():
+            since = conn.receiving_since
+            if since is None or conn in told:
+                continue
+            told.add(conn)
+            timed_out = since + self.options.read_timeout
+            until, limit = (
+                (timed_out, "--read-timeout")
+                if timed_out < deadline
+                else (deadline, "the deadline")
+            )
+            log.warning(
+                "connection %d: a request is half-sent; the %s waits for the rest of it up "
+                "to %.1f s more (%s)",
+                conn.fd,
+                "reload" if self.reloading else "stop",
+                max(0.0, until - now),
+                limit,
+            )
 
     # -- on the loop's thread ------------------------------------------------------
 
