@@ -130,6 +130,7 @@ class Server:
             },
         }
         self.exit_code = EXIT_OK
+        self._alarm_told = False  # a stray SIGALRM was logged (handle_alarm)
         self._owner: object = None  # the token of the thread running the loop
         self._stopped = threading.Event()
 
@@ -147,7 +148,20 @@ class Server:
         signal.signal(signal.SIGUSR1, self.handle_usr1)
         signal.signal(signal.SIGHUP, self.handle_reload)
         signal.signal(signal.SIGUSR2, self.handle_reload)
+        # An app may time itself with signal.alarm(); a SIGALRM it did not set a handler
+        # for would end the worker (the default action) with every request on it.
+        if signal.getsignal(signal.SIGALRM) is signal.SIG_DFL:
+            signal.signal(signal.SIGALRM, self.handle_alarm)
         release_signals()  # held across the exec of a reload, if this is one
+
+    def handle_alarm(self, signum: int, frame: Any) -> None:
+        if not self._alarm_told:
+            self._alarm_told = True
+            log.warning(
+                "SIGALRM ignored: the app set no handler for it (signal.alarm() without "
+                "signal.signal()?), and its default would end the worker; later ones are "
+                "ignored without a word"
+            )
 
     def handle_reload(self, signum: int, frame: Any) -> None:
         self.reload(f"{signal.Signals(signum).name}")
@@ -310,12 +324,15 @@ class Server:
         # connections with no request are parked (no longer read: what comes waits in the
         # kernel for the next interpreter); stopping, they are closed.
         loop.poll(0, still_owner)
+        told: set[Connection] = set()  # those named in the log as half-sent
         while time.monotonic() < deadline:
             if self.reloading:
                 arriving = loop.park_idle()
             else:
                 loop.close_after_responses()  # after a SIGTERM during a reload's drain
                 arriving = loop.close_idle(time.monotonic())
+            if arriving:
+                self._tell_half_sent(told, deadline)
             if not arriving and not self.in_progress and not loop.has_output():
                 break
             loop.poll(0.02, still_owner)
@@ -334,6 +351,30 @@ class Server:
         else:
             log.info("stopped after %d request(s)", self.requests)
         return EXIT_ABANDONED if abandoned else EXIT_OK
+
+    def _tell_half_sent(self, told: set[Connection], deadline: float) -> None:
+        """Name each connection whose request is half-sent, once: the stop waits for the
+        rest of it until --read-timeout closes it or the deadline, whichever comes first."""
+        now = time.monotonic()
+        for conn in self.conns.values():
+            since = conn.receiving_since
+            if since is None or conn in told:
+                continue
+            told.add(conn)
+            timed_out = since + self.options.read_timeout
+            until, limit = (
+                (timed_out, "--read-timeout")
+                if timed_out < deadline
+                else (deadline, "the deadline")
+            )
+            log.warning(
+                "connection %d: a request is half-sent; the %s waits for the rest of it up "
+                "to %.1f s more (%s)",
+                conn.fd,
+                "reload" if self.reloading else "stop",
+                max(0.0, until - now),
+                limit,
+            )
 
     # -- on the loop's thread ------------------------------------------------------
 

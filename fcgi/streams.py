@@ -8,6 +8,14 @@ import tempfile
 from typing import Any
 
 
+class SpooledFile(io.BufferedRandom):
+    """A spooled body: a temporary file whose ``read`` takes any negative size as "all
+    the rest", as ``io.BytesIO`` (a body kept in memory) does; the C class takes only -1."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        return super().read(-1 if size is None or size < 0 else size)
+
+
 class RequestBody:
     """STDIN as it arrives: in memory, or spooled to a temporary file past a threshold."""
 
@@ -26,7 +34,7 @@ class RequestBody:
             return
         self._chunks.append(data)
         if self.size > self.threshold:
-            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+            self._file = SpooledFile(tempfile.TemporaryFile(buffering=0))  # noqa: SIM115 - close()
             self._file.writelines(self._chunks)
             self._chunks = []
 

@@ -18,6 +18,11 @@ def note(event: str) -> None:
         f.write(f"{event} {time.time():.6f}\n")
 
 
+def query_args(environ) -> dict[str, str]:
+    """``a=1&b=2`` as ``{"a": "1", "b": "2"}`` (no unquoting: the tests send plain words)."""
+    return dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+
+
 def hello(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "12")])
     return [b"Hello world\n"]
@@ -42,6 +47,13 @@ def echo(environ, start_response):
     return [body]
 
 
+def echo_read(environ, start_response):
+    """Echo the body as ``wsgi.input.read(N)`` returns it, N from the query (``?-5``)."""
+    body = environ["wsgi.input"].read(int(environ["QUERY_STRING"]))
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [body]
+
+
 def download(environ, start_response):
     size = int(environ.get("QUERY_STRING") or 3_000_000)
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
@@ -63,7 +75,7 @@ async def slow_sleep_async(seconds: float, tag: str) -> None:
 
 
 def _deferring(environ, start_response):
-    query = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+    query = query_args(environ)
     seconds = float(query.get("seconds", "2"))
     tag = query.get("tag", "x")
     func = slow_sleep_async if query.get("async") else slow_sleep
@@ -77,7 +89,7 @@ deferring = DeferredMiddleware(_deferring)
 
 def _php_style(environ, start_response):
     """PHP's way: write, finish the request, go on working in the same call."""
-    query = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+    query = query_args(environ)
     write = start_response("200 OK", [("Content-Type", "text/plain")])
     write(b"program start...\n")
     finish_request(environ)
@@ -115,7 +127,7 @@ def fail_after(environ, start_response):
 
 def _many_deferred(environ, start_response):
     """Defers ``n`` calls of ``seconds`` each (query n=..&seconds=..)."""
-    query = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+    query = query_args(environ)
     for i in range(int(query.get("n", "12"))):
         defer(environ, slow_sleep, float(query.get("seconds", "1.5")), f"job{i}")
     start_response("200 OK", [("Content-Type", "text/plain")])

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +16,19 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from tests import apps
 from tests.fcgi_client import Client, request_bytes
-from tests.procs import HTTP, ROOT, free_port, python_env, running, stack, stop, wait_for, worker
+from tests.procs import (
+    HTTP,
+    ROOT,
+    fcgi_command,
+    free_port,
+    python_env,
+    run_fcgi,
+    running,
+    stack,
+    stop,
+    wait_for,
+    worker,
+)
 
 PHP_FPM_FIELDS = [
     "pool",
@@ -114,24 +125,14 @@ def test_access_log_line_at_finish_and_deferred_line_after(serve, tmp_path):
 
 
 def test_bad_access_log_format_is_one_clear_line():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fcgi",
-            "--bind",
-            "127.0.0.1:0",
-            "--access-log",
-            "-",
-            "--access-log-format",
-            "{oops",
-            "tests.apps:hello",
-        ],
-        cwd=ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = run_fcgi(
+        "--bind",
+        "127.0.0.1:0",
+        "--access-log",
+        "-",
+        "--access-log-format",
+        "{oops",
+        "tests.apps:hello",
     )
     assert result.returncode == 2
     assert "--access-log-format cannot be filled" in result.stderr
@@ -180,7 +181,7 @@ def test_tcp_allow_list_refuses_other_addresses(tmp_path):
             return None
         return sock
 
-    cmd = [sys.executable, "-m", "fcgi", "--bind", f"127.0.0.1:{port}", "tests.apps:hello"]
+    cmd = fcgi_command("--bind", f"127.0.0.1:{port}", "tests.apps:hello")
     allowed: socket.socket | None = None
 
     def ready() -> socket.socket | None:
@@ -207,7 +208,7 @@ def test_tcp_allow_list_refuses_other_addresses(tmp_path):
 
 
 def test_public_bind_without_allow_list_warns(tmp_path):
-    cmd = [sys.executable, "-m", "fcgi", "--bind", f"0.0.0.0:{free_port()}", "tests.apps:hello"]
+    cmd = fcgi_command("--bind", f"0.0.0.0:{free_port()}", "tests.apps:hello")
     log = tmp_path / "public.log"
     with running(
         cmd,
@@ -226,21 +227,12 @@ def test_socket_group(tmp_path):
     group = grp.getgrgid(os.getgid()).gr_name
     with worker(tmp_path, "tests.apps:hello", "--socket-group", group) as (_proc, sock):
         assert sock.stat().st_gid == os.getgid()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fcgi",
-            "--bind",
-            f"unix:{tmp_path}/x.sock",
-            "--socket-group",
-            "no-such-group-here",
-            "tests.apps:hello",
-        ],
-        cwd=ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
+    result = run_fcgi(
+        "--bind",
+        f"unix:{tmp_path}/x.sock",
+        "--socket-group",
+        "no-such-group-here",
+        "tests.apps:hello",
     )
     assert result.returncode == 2 and "--socket-group" in result.stderr
 
@@ -300,7 +292,7 @@ def test_workers_sharing_a_socket_share_the_status_without_a_flag(tmp_path):
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen()
-    cmd = [sys.executable, "-m", "fcgi", "--status-path", "/status", "tests.apps:hello"]
+    cmd = fcgi_command("--status-path", "/status", "tests.apps:hello")
     procs = [
         subprocess.Popen(cmd, cwd=ROOT, env=python_env(), stdin=listener.fileno()) for _ in range(2)
     ]

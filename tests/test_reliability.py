@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import re
 import signal
@@ -49,6 +50,73 @@ def test_sigterm_past_the_deadline_names_what_it_abandons(tmp_path):
     text = (tmp_path / "app.log").read_text()
     assert text.count("abandoned at stop") == 6
     assert "slow_sleep(3.0, 'job5') abandoned at stop, never started (request GET /?n=6" in text
+
+
+def logged_at(text: str, words: str) -> float:
+    """The time on the worker's log line holding ``words``, in seconds."""
+    line = next(ln for ln in text.splitlines() if words in ln)
+    return datetime.datetime.fromisoformat(line.split(" ", 1)[0]).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("graceful", "read", "limit"),
+    [(2.0, 60.0, "the deadline"), (10.0, 2.0, "--read-timeout")],
+    ids=["deadline-first", "read-timeout-first"],
+)
+def test_sigterm_with_a_request_half_sent_names_it_once_and_ends_by_the_deadline(
+    tmp_path, graceful, read, limit
+):
+    log = tmp_path / "app.log"
+    args = ("--graceful-timeout", str(graceful), "--read-timeout", str(read))
+    with worker(tmp_path, "tests.apps:echo", *args) as (proc, sock):
+        client = Client(str(sock))
+        assert client.request("/").status == 200  # accepted and read: the stop sees it
+        # BEGIN_REQUEST and part of PARAMS (not the empty record that ends them), then nothing
+        client.send(begin(1) + params(1, {"REQUEST_METHOD": "POST"})[:-8])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        client.close()
+    text = log.read_text()
+    told = re.findall(
+        r"WARNING fcgi: connection \d+: a request is half-sent; the stop waits for the rest "
+        r"of it up to ([\d.]+) s more \((.+?)\)",
+        text,
+    )
+    assert len(told) == 1, text
+    assert told[0][1] == limit and float(told[0][0]) <= min(graceful, read), text
+    took = logged_at(text, "stopped after") - logged_at(text, "stopping: finishing")
+    # the read timeout is checked once a second (fcgi.loop.SWEEP_INTERVAL)
+    assert took <= min(graceful, read + 1.0) + 0.25, text
+
+
+def test_stray_sigalrm_is_logged_once_and_the_worker_serves_on(tmp_path):
+    log = tmp_path / "app.log"
+    with worker(tmp_path, "tests.apps:hello") as (proc, sock):
+        wait_for(lambda: "serving on" in log.read_text(), what="the handlers installed")
+        proc.send_signal(signal.SIGALRM)
+        wait_for(
+            lambda: proc.poll() is not None or "SIGALRM ignored" in log.read_text(),
+            what="the SIGALRM warning",
+        )
+        assert proc.poll() is None, f"SIGALRM ended the worker ({proc.returncode})"
+        proc.send_signal(signal.SIGALRM)
+        client = Client(str(sock))
+        assert client.request("/").body == b"Hello world\n"
+        client.close()
+        proc.send_signal(signal.SIGTERM)  # handled after the SIGALRM sent before it
+        assert proc.wait(30) == 0
+    assert log.read_text().count("SIGALRM ignored") == 1
+
+
+def test_the_apps_own_sigalrm_handler_is_kept(tmp_path):
+    notes = tmp_path / "notes.log"
+    env = python_env(TEST_APP_LOG=str(notes))
+    with worker(tmp_path, "tests.apps_alarm:app", env=env) as (proc, _sock):
+        wait_for(lambda: "serving on" in (tmp_path / "app.log").read_text(), what="serving")
+        proc.send_signal(signal.SIGALRM)
+        wait_for(lambda: notes.exists() and "alarm " in notes.read_text(), what="the app's handler")
+        assert stop(proc) == 0
+    assert "SIGALRM" not in (tmp_path / "app.log").read_text()
 
 
 def test_sigquit_stops_at_once(tmp_path):

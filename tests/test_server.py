@@ -7,6 +7,7 @@ import struct
 import threading
 import time
 
+import pytest
 from flup.server import fcgi_base as flup
 
 from fcgi import protocol
@@ -171,6 +172,16 @@ def test_large_upload_is_spooled_and_echoed(serve):
     running = serve(apps.echo, spool_threshold=64 * 1024)
     body = bytes(range(256)) * 8000  # 2 MB
     resp = running.client().request("/", method="POST", body=body)
+    assert resp.body == body
+
+
+@pytest.mark.parametrize("size", [-1, -5])
+@pytest.mark.parametrize("length", [1000, 5000], ids=["in-memory", "spooled"])
+def test_negative_read_size_reads_the_whole_body_in_memory_or_spooled(serve, size, length):
+    running = serve(apps.echo_read, spool_threshold=2048)
+    body = bytes(range(256)) * (length // 256) + b"end"
+    resp = running.client().request(f"/?{size}", method="POST", body=body)
+    assert resp.status == 200, resp.stdout[:300]
     assert resp.body == body
 
 
