@@ -132,11 +132,18 @@ test: install test-packages
 # Speed and memory goals, as ratios against baselines measured in the same run.
 # uWSGI and PHP-FPM run beside gunicorn as baselines; BENCH_SECONDS, BENCH_ROUNDS;
 # `make bench ARGS=hello` runs one scenario.
-bench: install
-	@# uWSGI, a baseline, is built from source against this Python.
-	@./conf/install-packages.sh wrk:wrk php-fpm8.2:php8.2-fpm gcc:gcc python3-config:python3-dev
-	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+bench: install $(VENV)/.bench
+	@./conf/install-packages.sh wrk:wrk php-fpm8.2:php8.2-fpm
 	$(PY) -m tests.benchmarks.run $(ARGS)
+
+# uWSGI, a baseline, embeds the Python it is compiled against: it is built here for
+# this virtualenv's interpreter, never taken from pip's cache, where a wheel built for
+# another python3.11 (pyenv's) has the same name.
+$(VENV)/.bench: $(VENV)/.installed
+	@./conf/install-packages.sh gcc:gcc python3-config:python3-dev
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	$(VENV)/bin/pip install --quiet --no-cache-dir --force-reinstall --no-deps uwsgi
+	touch $@
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -111,6 +112,13 @@ def hello_world(tmp: Path) -> None:
                 "flup WSGIServer": lambda: wrk(url(fport), SECONDS),
             }
         )
+    for name, runs in res.items():
+        errors = sum(r.errors for r in runs)
+        if errors > len(runs) * 10:  # a server failing its requests answers fast: no baseline
+            raise RuntimeError(
+                f"{name} answered {errors:,} hello-world requests with errors, so its req/s "
+                f"mean nothing; its log is under {tmp}"
+            )
     table("1. Hello world, one process, nginx keep-conn (req/s)", res, "rps", "req/s")
     chart["hello world req/s"] = {
         name: summary([r.rps for r in runs]) for name, runs in res.items()
@@ -345,7 +353,9 @@ def write_report(started: float) -> None:
         "",
         f"`make bench` ({ROUNDS} alternating rounds of {SECONDS:g} s, {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
-        f"took {time.time() - started:.0f} s). Ratios compare medians from the same run.",
+        f"took {time.time() - started:.0f} s). Ratios compare medians from the same run. "
+        f"Python {platform.python_version()} ({os.path.realpath(sys.executable)}), which "
+        "uWSGI is built against.",
         "",
         "| goal | measured | target | result |",
         "|---|---|---|---|",
