@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import logs
+from . import affinity, logs
 from .listener import Listener, ListenError, open_listener
 from .options import Options
 from .reload import exec_in_place, take_handover
@@ -132,6 +132,9 @@ def drop_privileges(user: str, socket_path: str | None = None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     options = Options.parse(sys.argv[1:] if argv is None else argv)
     logs.setup(options.log_level, options.log_format)
+    cpu = affinity.bind(options.cpu_affinity)  # before any thread starts: they inherit it
+    if cpu is not None:
+        logging.getLogger("fcgi").debug("bound to CPU %d (--cpu-affinity)", cpu)
     # Until the server installs its handlers, TERM/INT while the app loads end the
     # worker cleanly: the socket is already there for the web server to see.
     signal.signal(signal.SIGTERM, _stop_while_starting)

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .affinity import cpu_choice
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -375,6 +377,17 @@ OPTIONS: tuple[Option, ...] = (
         "USER",
     ),
     Option(
+        "cpu_affinity",
+        cpu_choice,
+        "auto",
+        "bind the worker to one CPU, so its threads hand the GIL over on one core (a "
+        "deferred call's thread on another core costs the serving thread several times the "
+        "call's work): auto picks one by pid, N the Nth allowed (modulo their number; give "
+        "a pool's workers their index), off leaves the process free to move (for an app "
+        "whose threads run C code in parallel, e.g. numpy)",
+        "CPU",
+    ),
+    Option(
         "pythonpath",
         path_list,
         (),
@@ -421,6 +434,7 @@ class Options:
     chdir: str
     user: str
     pythonpath: tuple[str, ...]
+    cpu_affinity: str | int
 
     def __init__(self, **values: Any) -> None:
         for opt in OPTIONS:

@@ -183,3 +183,19 @@ def _router(environ, start_response):
 
 
 router = DeferredMiddleware(_router)
+
+
+def _affinity_probe(environ, start_response):
+    """/command writes the CPUs a command started after the response may use to the file
+    in the query; every other path answers the worker's own."""
+    from wsgi_app.background import run_after
+
+    if environ["PATH_INFO"] == "/command":
+        out = query_args(environ)["out"]
+        run_after(environ, ["sh", "-c", f"grep Cpus_allowed_list /proc/self/status > {out}"])
+    body = b"ok"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [body]
+
+
+affinity_probe = DeferredMiddleware(_affinity_probe)

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .deferred import defer
+from .helper import use_every_cpu
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -71,6 +72,7 @@ def run_command(
             env=env,
             start_new_session=True,  # its own group: the timeout kills its children too
         )
+        use_every_cpu(proc.pid)
         killed = False
         try:
             status = proc.wait(timeout)

@@ -176,6 +176,7 @@ def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
 
     code = 0
     try:
+        use_every_cpu()  # its own GIL: no reason to share the worker's CPU
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # the worker decides when the helper stops
         _close_sockets(keep=sock.fileno())
@@ -240,6 +241,16 @@ def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
             logging.shutdown()
             sys.stderr.flush()
         os._exit(code)
+
+
+def use_every_cpu(pid: int = 0) -> None:
+    """Let process ``pid`` (0: this one) use every CPU the worker was allowed before
+    ``--cpu-affinity`` bound it to one (``FCGI_CPUS``): a command or the deferred
+    helper has a GIL of its own, or none, and is not to share the worker's core."""
+    cpus = os.environ.get("FCGI_CPUS", "")
+    if cpus:
+        with contextlib.suppress(OSError, ValueError):
+            os.sched_setaffinity(pid, [int(cpu) for cpu in cpus.split(",")])
 
 
 def _close_sockets(keep: int) -> None:
