@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .deferred import defer
-from .helper import use_every_cpu
+from .helper import every_cpu
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -63,16 +63,16 @@ def run_command(
     """Run ``args`` to its end (or ``timeout``), reap it, log how it ended; its status."""
     started = time.monotonic()
     with tempfile.TemporaryFile() as out:  # a file, not a pipe: output can never block it
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,  # its own group: the timeout kills its children too
-        )
-        use_every_cpu(proc.pid)
+        with every_cpu():  # the worker's own CPU is not the command's
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,  # its own group: the timeout kills its children too
+            )
         killed = False
         try:
             status = proc.wait(timeout)

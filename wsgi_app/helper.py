@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .calls import Batch, Call, State
@@ -243,14 +243,35 @@ def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
         os._exit(code)
 
 
-def use_every_cpu(pid: int = 0) -> None:
-    """Let process ``pid`` (0: this one) use every CPU the worker was allowed before
-    ``--cpu-affinity`` bound it to one (``FCGI_CPUS``): a command or the deferred
-    helper has a GIL of its own, or none, and is not to share the worker's core."""
-    cpus = os.environ.get("FCGI_CPUS", "")
+def _cpus_allowed() -> list[int]:
+    """The CPUs the worker was allowed before ``--cpu-affinity`` bound it to one
+    (``FCGI_CPUS``); empty when it is not bound."""
+    with contextlib.suppress(ValueError):
+        return [int(cpu) for cpu in os.environ.get("FCGI_CPUS", "").split(",") if cpu]
+    return []
+
+
+def use_every_cpu() -> None:
+    """Let this thread (and what it starts) use every CPU the worker was allowed: a
+    command or the deferred helper has a GIL of its own, or none, and is not to share
+    the worker's core."""
+    cpus = _cpus_allowed()
     if cpus:
-        with contextlib.suppress(OSError, ValueError):
-            os.sched_setaffinity(pid, [int(cpu) for cpu in cpus.split(",")])
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cpus)
+
+
+@contextlib.contextmanager
+def every_cpu() -> Iterator[None]:
+    """``use_every_cpu`` while a process is started (it inherits this thread's CPUs), then
+    this thread goes back to the worker's."""
+    before = os.sched_getaffinity(0)
+    use_every_cpu()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, before)
 
 
 def _close_sockets(keep: int) -> None:
