@@ -15,6 +15,7 @@ Signals only set a flag and wake the loop; nothing stops by an exception.
 from __future__ import annotations
 
 import functools
+import gc
 import ipaddress
 import logging
 import os
@@ -240,6 +241,11 @@ class Server:
 
     def serve(self) -> int:
         """Serve until ``stop()``, then stop gracefully; returns the exit code."""
+        # The app is loaded: what it made at import lives as long as the worker, so the
+        # collector stops scanning it (a full collection over a Django app's objects
+        # takes milliseconds, a request's own garbage is young).
+        gc.collect()
+        gc.freeze()
         self.runner.start()
         if self.watchdog is not None:
             self.watchdog.start()
