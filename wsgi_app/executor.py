@@ -42,7 +42,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from types import FrameType
+from types import FrameType, FunctionType
 from typing import Any
 
 from .calls import Batch, Call, State
@@ -154,6 +154,7 @@ class DeferredExecutor:
         self.on_end: list[Hook] = []  # hook(batch, call): call.state is its outcome
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a batch ended
+        self._draining = 0  # drains waiting on _changed (notified only when there are some)
         self._batches: set[Batch] = set()
         self._running: dict[Call, tuple[Batch, Any]] = {}  # call: (batch, its asyncio task)
         self._engine: _Engine | None = None
@@ -439,7 +440,8 @@ class DeferredExecutor:
             if batch not in self._batches:
                 return  # a stop abandoned it and reported it
             self._batches.discard(batch)
-            self._changed.notify_all()
+            if self._draining:
+                self._changed.notify_all()
         self._hook(batch.finished)
 
     def _hook(self, hook: Hook, *args: Any) -> None:
@@ -519,7 +521,11 @@ class DeferredExecutor:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._changed.wait(left)
+                self._draining += 1
+                try:
+                    self._changed.wait(left)
+                finally:
+                    self._draining -= 1
         if helper is not None:  # its last reports end or abandon its calls
             helper.finish(max(0.0, deadline - time.monotonic()) + 0.2)
         with self._lock:
@@ -581,6 +587,8 @@ class DeferredExecutor:
 
 
 def _is_async(func: Any) -> bool:
+    if type(func) is FunctionType and not hasattr(func, "_is_coroutine_marker"):
+        return bool(func.__code__.co_flags & inspect.CO_COROUTINE)  # most calls: quick
     try:
         return inspect.iscoroutinefunction(func)
     except Exception:  # a proxy whose attributes raise (an unbound LocalProxy): run it plain
