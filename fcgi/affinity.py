@@ -41,11 +41,20 @@ def bind(choice: str | int) -> int | None:
     """Bind this process (and every thread it starts later) to one CPU: ``auto`` picks
     one by pid, a number picks ``allowed()[n % len]`` (a pool's workers spread by
     their index). Returns the CPU, or None when not bound (``off``, or one CPU only)."""
-    cpus = allowed()
-    if choice == "off" or len(cpus) < 2:
+    if choice == "off":
         return None
     index = os.getpid() if choice == "auto" else int(choice)
-    cpu = cpus[index % len(cpus)]
-    os.environ[ENV] = ",".join(map(str, cpus))
-    os.sched_setaffinity(0, {cpu})
-    return cpu
+    cpus = allowed()
+    for _ in range(2):
+        if len(cpus) < 2:
+            return None
+        cpu = cpus[index % len(cpus)]
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError:  # FCGI_CPUS names a CPU no longer ours (a narrowed cpuset)
+            os.environ.pop(ENV, None)
+            cpus = sorted(os.sched_getaffinity(0))
+            continue
+        os.environ[ENV] = ",".join(map(str, cpus))
+        return cpu
+    return None

@@ -40,15 +40,7 @@ _STATUS = re.compile(r"[0-9]{3} [^\x00\r\n]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(r"[^\x00\r\n]*")
 _CHECKED_MAX = 512
-_forked = False  # in a child the app forked: it must not answer, and it exits
-
-
-def _after_fork_in_child() -> None:
-    global _forked
-    _forked = True
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_PID = os.getpid()  # an app's child that returns into the worker must not answer
 # Status lines and header lines already checked and encoded: apps send the same few
 # again and again, so most responses skip the checks.
 _checked_status: dict[str, bytes] = {}
@@ -303,7 +295,7 @@ class Request:
         try:
             self.in_app = True
             result = app(self.environ, self.start_response)
-            if _forked:
+            if os.getpid() != _PID:  # a fork in C runs no at-fork hook: compare pids
                 _leave_forked_child(self)
             if type(result) is list:  # the usual result: held to go out with END_REQUEST
                 pending = self._pending
@@ -320,7 +312,7 @@ class Request:
                 for chunk in result:
                     self.write(chunk)
         except BaseException:
-            if _forked:
+            if os.getpid() != _PID:
                 _leave_forked_child(self)
             self.in_app = False
             self.fail(sys.exc_info())

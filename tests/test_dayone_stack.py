@@ -75,6 +75,12 @@ def traversable(*paths: Path) -> Iterator[None]:
             folder.chmod(stat.S_IMODE(mode))
 
 
+def pythons(checkout: Path) -> list[Path]:
+    """The pythons of every virtualenv the checkout has (``make PYTHON=python3.13 test``
+    uses .venv-python3.13, whose interpreter may live under /root)."""
+    return [venv / "bin" / "python" for venv in sorted(checkout.glob(".venv*"))]
+
+
 def get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -154,7 +160,7 @@ def test_make_start_as_root_runs_unprivileged_with_static_files_and_json_logs(ch
         "FCGI_LOG_FORMAT": "json",
         "FCGI_ACCESS_LOG_FORMAT": "json",
     }
-    with traversable(checkout / ".venv" / "bin" / "python", ROOT / "tests" / "apps_dayone.py"):
+    with traversable(*pythons(checkout), ROOT / "tests" / "apps_dayone.py"):
         result = make(checkout, "start", *settings, **env)
         assert result.returncode == 0, result.stderr
         assert f"fcgi-finish on http://127.0.0.1:{port}/ with 2 worker(s)" in result.stdout
@@ -246,7 +252,7 @@ def _proc_uid(pid: int) -> int:
 
 def test_the_systemd_unit_is_rendered_for_this_checkout_and_verifies(checkout):
     analyze = require("systemd-analyze", "systemd")
-    with traversable(checkout / ".venv" / "bin" / "python"):
+    with traversable(*pythons(checkout)):
         result = make(checkout, "service", "RUN_USER=www-data", "APP=mysite.wsgi:application")
     assert result.returncode == 0, result.stderr
     unit = checkout / "var/run/fcgi-finish.service"
