@@ -32,7 +32,15 @@ CHECK_TIMEOUT = 60.0  # seconds the new code may take to import in the check
 # Blocked across exec (the mask survives it) so none lands before the new interpreter
 # has its handlers: SIGHUP's default action would kill the process.
 HELD_SIGNALS = frozenset(
-    (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+    (
+        signal.SIGHUP,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGALRM,  # an alarm the app set survives exec: due before the handlers
+    )
 )
 
 _CHECK = """\

@@ -371,3 +371,45 @@ def test_sighup_while_the_app_loads_reloads_once_serving(tmp_path):
         wait_for(lambda: log_path.read_text().count("serving on") == 2, 30, "the reload")
         assert "SIGHUP while starting" in log_path.read_text()
         assert proc.poll() is None
+
+
+SLOW_IMPORT_APP = """
+import os
+import signal
+import time
+
+if os.path.exists("slow-import"):
+    time.sleep(2)  # the reload's import: the alarm below fires during it
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/alarm":
+        signal.alarm(3)  # a timer of the app's that outlives the exec of a reload
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+"""
+
+
+def test_an_alarm_due_while_a_reload_imports_the_app_does_not_kill_the_worker(tmp_path):
+    """An alarm timer survives exec(): due while the new interpreter imports the app,
+    before it has handlers, SIGALRM's default action would end the worker. It is held
+    across the exec with the other signals and handled once the worker serves."""
+    (tmp_path / "alarming.py").write_text(SLOW_IMPORT_APP)
+    sock = str(tmp_path / "app.sock")
+    with logged_worker(tmp_path, "--bind", f"unix:{sock}", "alarming:app") as (proc, log_path):
+        wait_for(lambda: connectable(sock), what="the worker's socket")
+        client = Client(sock)
+        assert body(client, "/alarm") == str(proc.pid)
+        client.close()
+        (tmp_path / "slow-import").touch()
+        proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: proc.poll() is not None or "SIGALRM ignored" in log_path.read_text(),
+            20,
+            "the alarm, handled after the reload",
+        )
+        assert proc.poll() is None, f"the worker ended: {proc.returncode}"
+        assert log_path.read_text().count("serving on") == 2
+        client = Client(sock)
+        assert body(client) == str(proc.pid)
+        client.close()
