@@ -13,6 +13,7 @@ the worker's memory only, whatever the engine.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import pickle
@@ -40,8 +41,27 @@ class volatile(Generic[P, R]):  # a class used like a function: volatile(func)
         return self.func(*args, **kwargs)
 
 
+_PATHS: dict[Any, str] = {}  # callables already found by their path (module-level: they live on)
+_PATHS_MAX = 1024
+
+
 def path_of(func: Callable[..., Any]) -> str:
     """``"module:qualname"`` for ``func``, or ``Unrecordable`` saying why there is none."""
+    try:
+        known = _PATHS.get(func)
+    except TypeError:  # not hashable: checked below
+        known = None
+    if known is not None:
+        return known
+    path = _path_of(func)
+    if len(_PATHS) >= _PATHS_MAX:
+        _PATHS.clear()
+    with contextlib.suppress(TypeError):
+        _PATHS[func] = path
+    return path
+
+
+def _path_of(func: Callable[..., Any]) -> str:
     name = getattr(func, "__qualname__", None) or repr(func)
     owner = getattr(func, "__self__", None)
     if owner is not None and not inspect.isclass(owner) and not inspect.ismodule(owner):

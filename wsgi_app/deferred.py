@@ -249,6 +249,7 @@ class DeferredMiddleware:
         self.executor = DeferredExecutor(**values)
         _executors.add(self.executor)
         self.engine = None
+        self._hooked: list[Any] = [None, None]  # the add_drain_hook, add_stats_hook served
         if durable["journal"] or durable["celery"]:
             from .engines import engine_for  # only then: SQLite and Celery stay unimported
 
@@ -263,18 +264,21 @@ class DeferredMiddleware:
         if engine is not None:
             environ[DURABLE_KEY] = (engine, [])
             engine.start()  # once per process (again in a forked child)
+        # The hooks go to each server once: ours offers the same callables to every request.
         add_drain_hook = environ.get("fcgi.add_drain_hook")
-        if add_drain_hook is not None:  # the server keeps each hook once
+        if add_drain_hook is not None and add_drain_hook is not self._hooked[0]:
             if engine is not None:
                 add_drain_hook(engine.stop)  # stop taking over others' calls first
             add_drain_hook(self.executor.drain)
             if engine is not None:
                 add_drain_hook(engine.flush)  # the ends of the calls the drain finished
+            self._hooked[0] = add_drain_hook
         add_stats_hook = environ.get("fcgi.add_stats_hook")
-        if add_stats_hook is not None:
+        if add_stats_hook is not None and add_stats_hook is not self._hooked[1]:
             add_stats_hook(self.executor.snapshot)
             if engine is not None:
                 add_stats_hook(engine.stats)
+            self._hooked[1] = add_stats_hook
         batch.on_done = environ.get("fcgi.log_deferred")  # the access log's second line
         limits = environ.get("fcgi.deferred_limits")
         if limits is not None and limits is not self._server_limits:
