@@ -186,9 +186,7 @@ class FCGIConnection:
                     else:
                         self._params_ended(request, events)
                 elif rtype == _STDIN and not clen and request.state is RequestState.STDIN:
-                    request.state = RequestState.READY
-                    self._arriving -= 1
-                    events.append(RequestReady(request))
+                    self._ready(request, events)
                 else:
                     self._record(rtype, rid, data[start:stop], events)
         except protocol.ProtocolError:
@@ -216,31 +214,20 @@ class FCGIConnection:
         return out
 
     def _record(self, rtype: int, rid: int, content: bytes, events: list[Event]) -> None:
+        """The records ``receive_data`` does not handle inline: those of no request on
+        the connection, records out of order, a body's content, other types."""
         request = self.requests.get(rid)
         if request is None or rtype == protocol.BEGIN_REQUEST or rtype == protocol.ABORT_REQUEST:
             self._other_record(request, rtype, rid, content, events)
             return
-        # The common case first: PARAMS or STDIN of a request being received.
         state = request.state
         if state is RequestState.READY:
             return  # the rest of a body nobody will read (a request answered 400)
-        if rtype == protocol.PARAMS:
-            if state is not RequestState.PARAMS:
-                raise protocol.ProtocolError("PARAMS after the params stream ended")
-            if content:
-                request._params += content
-                if len(request._params) > self.max_params:
-                    raise protocol.ProtocolError(f"params exceed {self.max_params} bytes")
-                return
-            self._params_ended(request, events)
-        elif rtype == protocol.STDIN:
+        if rtype == protocol.PARAMS:  # (while the params stream is open: inline)
+            raise protocol.ProtocolError("PARAMS after the params stream ended")
+        if rtype == protocol.STDIN:  # (its empty end record: inline)
             if state is not RequestState.STDIN:
                 raise protocol.ProtocolError("STDIN before the params stream ended")
-            if not content:
-                request.state = RequestState.READY
-                self._arriving -= 1
-                events.append(RequestReady(request))
-                return
             body = request.body
             if body is None:
                 body = request.body = RequestBody(request.spool_threshold)
