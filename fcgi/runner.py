@@ -56,6 +56,7 @@ class _Detaching:
         """After a request: True if it had detached (and is no longer counted)."""
         if not request.detached:
             return False
+        request.detached = False
         with self._cond:
             self.detached -= 1
             self._cond.notify_all()
@@ -87,13 +88,11 @@ class InlineRunner(_Detaching):
         try:
             self.handle(request)
         finally:
-            if request.detached:
-                self._release(request)
+            self._release(request)
 
     def detach(self, request: Request) -> None:
         if self._claim(request) and not self.hand_over_loop():
             self._release(request)
-            request.detached = False
 
     def stop(self, deadline: float) -> bool:
         return self._wait_detached(deadline)
