@@ -152,7 +152,7 @@ class IOLoop:
             conns.move_to_end(fd)
             if events and not self._dispatch(conn, events, still_owner):
                 return False
-            if conn.out or (conn.proto.state is not ConnState.IDLE and conn.done):
+            if conn.out or conn.done:
                 self._attend(conn)
                 if conn.out_size > HIGH_WATER and not conn.paused and conns.get(fd) is conn:
                     # a peer that sends and never reads (a flood of records we answer)

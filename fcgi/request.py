@@ -297,15 +297,7 @@ class Request:
             result = app(self.environ, self.start_response)
             if os.getpid() != _PID:  # a fork in C runs no at-fork hook: compare pids
                 _leave_forked_child(self)
-            if type(result) is list:  # the usual result: held to go out with END_REQUEST
-                pending = self._pending
-                for chunk in result:
-                    if type(chunk) is bytes and not self.finished:
-                        if chunk:
-                            pending.append(chunk)
-                    else:
-                        self.buffer(chunk)
-            elif isinstance(result, (list, tuple)):
+            if isinstance(result, (list, tuple)):
                 for chunk in result:
                     self.buffer(chunk)
             else:
