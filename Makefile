@@ -3,8 +3,8 @@
 # on a fresh clone.
 
 # Debian's python3 by default, even with pyenv's shims first on PATH: it is built with
-# PGO and LTO, and a worker runs about 30% faster on it than on a plain pyenv build
-# (see README, Performance). PYTHON=python3.13 builds its own virtualenv
+# PGO and LTO, and a worker spends about a quarter more CPU per request on a default
+# pyenv build (see README, Performance). PYTHON=python3.13 builds its own virtualenv
 # (.venv-python3.13), so switching back and forth reuses both; a pyenv-installed
 # version works without `pyenv global`.
 PYTHON ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,python3)
