@@ -48,6 +48,14 @@ _checked_headers: dict[tuple[str, str], bytes] = {}
 _checked_heads: dict[tuple[Any, ...], bytes] = {}  # (status, *headers): the whole head
 
 
+def _remember(cache: dict[Any, bytes], key: Any, line: bytes) -> None:
+    """Keep ``line`` as checked; a cache that fills (an app sending ever new values,
+    a date in a header) starts again rather than grow."""
+    if len(cache) >= _CHECKED_MAX:
+        cache.clear()
+    cache[key] = line
+
+
 def _status_line(status: str) -> bytes:
     line = _checked_status.get(status) if type(status) is str else None
     if line is None:
@@ -57,9 +65,7 @@ def _status_line(status: str) -> bytes:
             line = f"Status: {status}\r\n".encode("latin-1")
         except UnicodeEncodeError:
             raise ValueError(f"response status is not latin-1: {status!r}") from None
-        if len(_checked_status) >= _CHECKED_MAX:
-            _checked_status.clear()
-        _checked_status[status] = line
+        _remember(_checked_status, status, line)
     return line
 
 
@@ -84,9 +90,7 @@ def _header_line(header: tuple[str, str]) -> bytes:
             line = f"{name}: {value}\r\n".encode("latin-1")
         except UnicodeEncodeError:
             raise ValueError(f"response header is not latin-1: {name!r}: {value!r}") from None
-        if len(_checked_headers) >= _CHECKED_MAX:
-            _checked_headers.clear()
-        _checked_headers[(name, value)] = line
+        _remember(_checked_headers, (name, value), line)
     return line
 
 
@@ -228,9 +232,7 @@ class Request:
             lines.append(b"\r\n")
             head = b"".join(lines)
             if key is not None:
-                if len(_checked_heads) >= _CHECKED_MAX:
-                    _checked_heads.clear()
-                _checked_heads[key] = head
+                _remember(_checked_heads, key, head)
         self.status = status
         self.headers = headers
         self._head = head
