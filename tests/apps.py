@@ -199,3 +199,26 @@ def _affinity_probe(environ, start_response):
 
 
 affinity_probe = DeferredMiddleware(_affinity_probe)
+
+
+def _note_policy(out: str, where: str) -> None:
+    with open(out, "a") as f:
+        f.write(f"{where} {os.sched_getscheduler(0)}\n")
+
+
+async def _note_policy_async(out: str, where: str) -> None:
+    _note_policy(out, where)
+
+
+def _policy_probe(environ, start_response):
+    """Writes the scheduling policy of the thread serving the request, of a plain deferred
+    call and of a coroutine's, one line each, to the file in the query."""
+    out = query_args(environ)["out"]
+    _note_policy(out, "serving")
+    defer(environ, _note_policy, out, "plain")
+    defer(environ, _note_policy_async, out, "coroutine")
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+
+
+policy_probe = DeferredMiddleware(_policy_probe)

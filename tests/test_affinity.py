@@ -1,4 +1,5 @@
-"""--cpu-affinity: a worker and all its threads on one CPU; what it starts on all of them."""
+"""--cpu-affinity: a worker and all its threads on one CPU; what it starts on all of them;
+deferred work as background threads that never preempt the serving one."""
 
 from __future__ import annotations
 
@@ -83,3 +84,22 @@ def test_a_bad_value_is_refused_with_the_option_named() -> None:
     done = run_fcgi("--cpu-affinity", "half", "tests.apps:hello")
     assert done.returncode == 2
     assert "--cpu-affinity" in done.stderr and "auto, off or a CPU index" in done.stderr
+
+
+def test_deferred_work_runs_as_background_threads_and_serving_does_not(tmp_path: Path) -> None:
+    out = tmp_path / "policy.txt"
+    for threads in ("1", "4"):
+        out.unlink(missing_ok=True)
+        with worker(tmp_path, "tests.apps:policy_probe", "--threads", threads) as (_, sock):
+            client = Client(str(sock))
+            assert client.request(f"/?out={out}").status == 200
+            client.close()
+            lines = wait_for(
+                lambda: out.read_text().count("\n") == 3 and out.read_text(), what="three lines"
+            )
+        policies = dict(line.split() for line in lines.splitlines())
+        assert policies == {
+            "serving": str(os.SCHED_OTHER),
+            "plain": str(os.SCHED_BATCH),
+            "coroutine": str(os.SCHED_BATCH),
+        }, f"--threads {threads}"

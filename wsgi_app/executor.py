@@ -47,7 +47,7 @@ from typing import Any
 
 from .calls import Batch, Call, State
 from .helper import Helper
-from .pool import ElasticPool
+from .pool import ElasticPool, background
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -99,11 +99,14 @@ class _Engine:
         self.idle = True  # the loop sleeps until woken (no tick pending)
         self.watching = False  # a slow-call check is scheduled
         self.retired = False
+        self.yield_every = sys.getswitchinterval()  # seconds: see DeferredExecutor.submit
+        self.yielded = 0.0  # time.monotonic() of the serving threads' last sched_yield
         threading.Thread(target=self._serve, name="deferred-loop", daemon=True).start()
 
     def _serve(self) -> None:
         """Run the loop until retired; if something escapes it (a callback raising
         SystemExit), log it and go on with the same loop and its tasks."""
+        background()
         while not self.retired:
             try:
                 self.loop.run_forever()
@@ -204,6 +207,13 @@ class DeferredExecutor:
                 target=self._watch_slow, args=(engine,), name="deferred-slow", daemon=True
             ).start()
         self._dispatch(engine, batch)
+        # The executor's threads are background work (pool.background): they never
+        # preempt this serving thread, which gives them the CPU and the GIL here, at
+        # most once per switch interval. That bounds the start of a call (about 5 ms)
+        # and lets the waiting threads run one after another, not each in a convoy.
+        if batch.accepted - engine.yielded >= engine.yield_every:
+            engine.yielded = batch.accepted
+            os.sched_yield()
 
     def _helper_here(self) -> Helper:
         """This process's helper, forked on first use (before the lock: a fork under a

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .calls import Batch, Call, State
+from .pool import background
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -115,6 +116,7 @@ class Helper:
         self.sock.close()
 
     def _read(self) -> None:
+        background()
         while True:
             try:
                 data = self.sock.recv(MESSAGE_LIMIT)

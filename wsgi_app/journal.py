@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .pool import background
+
 log = logging.getLogger("wsgi_app.deferred")
 
 LEASE = 60.0  # seconds without a heartbeat after which a worker's calls are taken over
@@ -223,6 +225,7 @@ class Journal:
         return 0
 
     def _flush_loop(self) -> None:
+        background()
         while True:
             with self._done_lock:
                 while not self._done:
@@ -444,6 +447,7 @@ class Sweeper:
         return 0
 
     def _loop(self) -> None:
+        background()
         beat = 0.0
         while not self._stop.is_set():
             try:
