@@ -67,3 +67,32 @@ def _bench(environ, start_response):
 
 
 bench = DeferredMiddleware(_bench)
+
+
+def _sleepy(environ, start_response):
+    """/defer?S defers S seconds of sleeping work; every path answers hello world."""
+    if environ["PATH_INFO"] == "/defer":
+        defer(environ, sleeping_work, float(environ["QUERY_STRING"] or 1))
+    return hello(environ, start_response)
+
+
+def _kept():
+    """Where deferred work is kept, side by side in one worker: /memory/... in memory,
+    /journal/... in the journal at $BENCH_JOURNAL, /celery/... handed to Celery at
+    $BENCH_CELERY (each when set). One worker for both sides of a comparison: two
+    workers differ by a few percent on their own (string hashing is seeded per process)."""
+    sides = {"memory": DeferredMiddleware(_sleepy, journal="", celery="")}
+    if os.environ.get("BENCH_JOURNAL"):
+        sides["journal"] = DeferredMiddleware(_sleepy, journal=os.environ["BENCH_JOURNAL"])
+    if os.environ.get("BENCH_CELERY"):
+        sides["celery"] = DeferredMiddleware(_sleepy, celery=os.environ["BENCH_CELERY"])
+
+    def app(environ, start_response):
+        side, _, rest = environ["PATH_INFO"][1:].partition("/")
+        environ["PATH_INFO"] = "/" + rest
+        return sides[side](environ, start_response)
+
+    return app
+
+
+kept = _kept()

@@ -391,29 +391,24 @@ def draw_chart(path: Path) -> None:
 
 
 def journal_cost(tmp: Path) -> None:
-    """7. Where deferred work is kept: one request in twenty deferring 0.1 s, the same
-    bench app in memory, with the SQLite journal, then handed to Celery (real Redis).
-    Celery is measured apart, after the journal: its worker's backlog would load the
-    machine while the journal's goal is measured."""
+    """7. Where deferred work is kept: one request in twenty deferring 0.1 s, in memory
+    and with the SQLite journal on two sides of one worker, then in memory and handed to
+    Celery (real Redis). Celery is measured apart, after the journal: its worker's
+    backlog would load the machine while the journal's goal is measured."""
     from tests.test_celery import celery_worker, redis  # only this scenario needs them
 
     journal = tmp / "journal" / "deferred.sqlite3"
     with contextlib.ExitStack() as es:
-        ports = {
-            "memory": _bench_worker(es, tmp / "memory", {}),
-            "journal": _bench_worker(es, tmp / "journal", {"DEFERRED_JOURNAL": str(journal)}),
-        }
-        res = _paired_rounds(ports)
+        where = _kept_worker(es, tmp / "journal", {"BENCH_JOURNAL": str(journal)})
+        res = _paired_rounds({"memory": (*where, "/memory"), "journal": (*where, "/journal")})
         with contextlib.closing(Journal(journal)) as kept:
             wait_for(lambda: kept.counts()["journal_pending"] == 0, 120, "the journal to empty")
     with contextlib.ExitStack() as es:
         broker = es.enter_context(redis(_made(tmp / "redis")))
         es.enter_context(celery_worker(tmp / "redis", broker))
-        ports = {
-            "memory (again)": _bench_worker(es, tmp / "memory2", {}),
-            "celery": _bench_worker(es, tmp / "celery", {"DEFERRED_CELERY": broker}),
-        }
-        res.update(_paired_rounds(ports))
+        where = _kept_worker(es, tmp / "celery", {"BENCH_CELERY": broker})
+        sides = {"memory (again)": (*where, "/memory"), "celery": (*where, "/celery")}
+        res.update(_paired_rounds(sides))
     table(
         "7. Where deferred work is kept, one request in twenty deferring (req/s)",
         res,
@@ -444,27 +439,29 @@ def journal_cost(tmp: Path) -> None:
     )
 
 
-def _bench_worker(es: contextlib.ExitStack, where: Path, env: dict[str, str]) -> tuple[int, int]:
-    """The bench app in our worker with ``env``, behind nginx: (port, worker pid)."""
+def _kept_worker(es: contextlib.ExitStack, where: Path, env: dict[str, str]) -> tuple[int, int]:
+    """The ``kept`` app (memory and durable sides) in our worker with ``env``, behind
+    nginx: (port, worker pid)."""
     args = ("--log-level", "warning")
     proc, sock = es.enter_context(
-        worker(_made(where), f"{APPS}:bench", *args, env=python_env(**env))
+        worker(_made(where), f"{APPS}:kept", *args, env=python_env(**env))
     )
     return es.enter_context(nginx(where, sock)), proc.pid
 
 
-def _paired_rounds(ports: dict[str, tuple[int, int]]) -> dict[str, list[Run]]:
-    """More, shorter alternating rounds than the other scenarios (after a warm-up): the
-    goal is the median of each round's own ratio, which drift on a shared machine spares."""
+def _paired_rounds(sides: dict[str, tuple[int, int, str]]) -> dict[str, list[Run]]:
+    """Alternating rounds of each side (port, worker pid, path prefix), more and shorter
+    than the other scenarios, after a warm-up: the goal is the median of each round's
+    own ratio, which drift on a shared machine spares."""
     script = str(SCRIPTS / "one_in_twenty.lua")
     seconds = max(2, round(SECONDS / 2))  # wrk takes whole seconds
-    res: dict[str, list[Run]] = {name: [] for name in ports}
-    order = list(ports)
+    res: dict[str, list[Run]] = {name: [] for name in sides}
+    order = list(sides)
     for round_ in range(max(2 * ROUNDS, 12) + 1):
         for name in order if round_ % 2 else reversed(order):  # A B, B A: no side always first
-            port, pid = ports[name]
+            port, pid, prefix = sides[name]
             before = cpu_seconds(pid)
-            run = wrk(url(port), seconds, script=script)
+            run = wrk(url(port), seconds, script=script, env={"PREFIX": prefix})
             run.cpu_us = (cpu_seconds(pid) - before) / (run.rps * seconds) * 1e6
             if round_:
                 res[name].append(run)
