@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 
 ENVIRON_KEY = "wsgi_app.deferred"
-DURABLE_KEY = "wsgi_app.deferred.durable"  # (engine, records) when a journal or Celery is on
+DURABLE_KEY = "wsgi_app.deferred.durable"  # the engine, when a journal or Celery is on
+RECORDS_KEY = "wsgi_app.deferred.records"  # what the engine made of each call, once one defers
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -262,8 +263,7 @@ class DeferredMiddleware:
         environ[ENVIRON_KEY] = batch
         engine = self.engine
         if engine is not None:
-            environ[DURABLE_KEY] = (engine, [])
-            engine.start()  # once per process (again in a forked child)
+            environ[DURABLE_KEY] = engine
         # The hooks go to each server once: ours offers the same callables to every request.
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None and add_drain_hook is not self._hooked[0]:
@@ -319,12 +319,13 @@ class DeferredMiddleware:
         fields = environ.get("fcgi.log_fields")
         if fields is not None:
             fields["deferred"] = len(batch.calls)
-        durable = environ.get(DURABLE_KEY)
-        if durable is not None and durable[1]:  # recorded before the visitor has the page
+        records = environ.get(RECORDS_KEY)
+        if records:  # recorded before the visitor has the page
             if failure is not None:
                 self._failed_request(batch, failure)
                 failure = None
-            batch = durable[0].accept(batch, durable[1])
+            self.engine.start()  # once per process: again in a forked child
+            batch = self.engine.accept(batch, records)
         finish_request = environ.get("fcgi.finish_request")
         if finish and finish_request is not None:
             finish_request()
@@ -431,9 +432,14 @@ def _add(environ: WSGIEnvironment, func: Callable[..., Any], args: Any, kwargs: 
         call = Call(func.func, args, kwargs, always=always)
     else:
         call = Call(func, args, kwargs, always=always)
-        durable = environ.get(DURABLE_KEY)
-        if durable is not None:
-            durable[1].append((call, durable[0].encode(func, args, kwargs)))
+        engine = environ.get(DURABLE_KEY)
+        if engine is not None:
+            record = (call, engine.encode(func, args, kwargs))
+            records = environ.get(RECORDS_KEY)
+            if records is None:
+                environ[RECORDS_KEY] = [record]
+            else:
+                records.append(record)
     batch.calls.append(call)
 
 

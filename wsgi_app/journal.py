@@ -1,13 +1,15 @@
 """The deferred-work journal: calls written to SQLite before the visitor has the response.
 
 One database file per machine (``DEFERRED_JOURNAL=var/lib/deferred.sqlite3``),
-shared by every worker of the pool. A request's calls are inserted in one
-transaction before the response is finished, deleted once they end, and
-claimed by another worker when theirs is gone: its pid no longer alive, or its
-heartbeat older than ``LEASE`` seconds. So once the visitor has the page, the
-calls run at least once even if the worker is SIGKILLed, OOM-killed or crashes;
-only a call running at that moment (or ended in the ``DONE_DELAY`` before) may run
-twice.
+shared by every worker of the pool. A request's calls are appended to the
+worker's log file before the response is finished (``wsgi_app.journal_log``: one
+``write``), moved into SQLite by the worker's sweeper if they are still pending a
+``MOVE_EVERY`` later, deleted once they end, and claimed by another worker when
+theirs is gone: its pid no longer alive, or its heartbeat older than ``LEASE``
+seconds (its log files are read into SQLite first). So once the visitor has the
+page, the calls run at least once even if the worker is SIGKILLed, OOM-killed or
+crashes; only a call running at that moment (or ended in the half second before)
+may run twice.
 
 A failing call is retried (after ``retry`` seconds, doubling) until it has been
 tried ``attempts`` times; then it stays in the journal as dead, for
@@ -21,6 +23,7 @@ bytes) but not of the machine (power loss may drop the last commits).
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import socket
@@ -32,6 +35,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import journal_log
+from .journal_log import CallLog
 from .pool import background
 
 log = logging.getLogger("wsgi_app.deferred")
@@ -57,6 +62,9 @@ CREATE TABLE IF NOT EXISTS calls (
     created REAL NOT NULL,
     error TEXT                       -- the last failure, one line
 );
+
+-- log files whose calls are in calls already (between that commit and the file's removal)
+CREATE TABLE IF NOT EXISTS moved_logs (name TEXT PRIMARY KEY);
 
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,             -- host:pid:random, new at each start (exec keeps the pid)
@@ -112,6 +120,17 @@ class Journal:
         self._done: list[int] = []  # ended calls not yet deleted (see done())
         self._done_lock = threading.Condition()
         self._flusher_pid = 0
+        # calls recorded in this process's log (keys below 0, rows' ids above): not yet
+        # in SQLite, being moved there, moved (their row ids); a call ending while it
+        # moves is deleted once the move is committed
+        self.logs = self.path.with_name(self.path.name + ".logs")
+        self._log: CallLog | None = None
+        self._keys = itertools.count(1)
+        self._state = threading.Condition()
+        self._unmoved: dict[int, tuple] = {}  # key: the row it becomes
+        self._moving: set[int] = set()
+        self._ended_moving: set[int] = set()
+        self._rows: dict[int, int] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._db()
         db.execute("PRAGMA page_size=1024")  # a new file only: rows are small, so are commits
@@ -146,6 +165,12 @@ class Journal:
         with _ids_lock:
             if self._pid == pid:
                 return
+            if self._log is None or self._log.pid != pid:  # a fork: the parent's are not ours
+                with self._state:
+                    self._unmoved.clear()
+                    self._moving.clear()
+                    self._rows.clear()
+                self._log = None
             key = str(self.path.resolve())
             known = _ids.get(key)
             if known is not None and known[0] == pid:
@@ -157,52 +182,119 @@ class Journal:
                 "INSERT OR REPLACE INTO workers (id, host, pid, heartbeat) VALUES (?, ?, ?, ?)",
                 (self.worker, socket.gethostname(), pid, time.time()),
             )
+            if self._log is None:
+                self._log = CallLog(self.logs, self.worker)
             self._pid = pid
 
     # -- the serving side ------------------------------------------------------------------
 
     def record(self, origin: str, calls: Sequence[tuple[str, bytes]]) -> list[int]:
-        """Write one request's calls in one transaction, owned by this worker; their ids."""
+        """Append one request's calls to this worker's log, owned by it; returns their
+        keys for ``done`` and ``failed`` (below 0: not row ids)."""
         self._register()
         with self._lock:
             self._requests += 1
             request = f"{self.worker}:{self._requests}"
         now = time.time()
-        with self._writing:
-            return self._insert(self._db(), request, origin, calls, now)
+        keys = [-next(self._keys) for _ in calls]
+        with self._state:
+            for key, (path, payload) in zip(keys, calls, strict=True):
+                self._unmoved[key] = (request, origin, path, payload, self.worker, now)
+        assert self._log is not None  # _register made it
+        self._log.append(journal_log.encode(request, origin, now, calls), keys)
+        return keys
 
-    def _insert(
-        self, db: sqlite3.Connection, request: str, origin: str, calls: Sequence, now: float
-    ) -> list[int]:
-        chunks = [calls[i : i + INSERT_ROWS] for i in range(0, len(calls), INSERT_ROWS)]
-        if len(chunks) > 1:
-            db.execute("BEGIN IMMEDIATE")
+    def _insert(self, db: sqlite3.Connection, rows: Sequence[tuple]) -> list[int]:
+        """Insert ``rows`` (request, origin, path, payload, owner, created); their ids.
+        More than ``INSERT_ROWS`` take several statements: the caller's transaction."""
         ids: list[int] = []
-        try:
-            for chunk in chunks:  # usually one statement: one transaction, all rows or none
-                values: list[object] = []
-                for path, payload in chunk:
-                    values += (request, origin, path, payload, self.worker, now)
-                cur = db.execute(
-                    "INSERT INTO calls (request, origin, path, payload, owner, created) VALUES "
-                    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
-                    values,
-                )
-                # one statement holding the write lock numbers its rows one after another
-                last = cur.lastrowid
-                ids += range(last - len(chunk) + 1, last + 1)
-            if len(chunks) > 1:
-                db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        for i in range(0, len(rows), INSERT_ROWS):
+            chunk = rows[i : i + INSERT_ROWS]
+            cur = db.execute(
+                "INSERT INTO calls (request, origin, path, payload, owner, created) VALUES "
+                + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                [value for row in chunk for value in row],
+            )
+            # one statement holding the write lock numbers its rows one after another
+            last = cur.lastrowid
+            ids += range(last - len(chunk) + 1, last + 1)
         return ids
 
-    def done(self, call_id: int) -> None:
-        """The call ended: forget it within ``DONE_DELAY`` s, in one statement with the
-        others that ended meanwhile (a write per call would contend with the serving
-        threads' writes; a call that ended that recently may run again after a kill)."""
+    def move(self, everything: bool = False) -> int:
+        """Move the calls still pending in this worker's log files that are due (started
+        a turn ago; ``everything``: all, at a drain) into SQLite, then remove the files.
+        The sweeper's, every ``MOVE_EVERY``; returns how many calls moved."""
+        log_ = self._log
+        if log_ is None or log_.pid != os.getpid():
+            return 0
+        due = log_.turn(everything)
+        if not due:
+            return 0
+        with self._state:
+            keys = [key for _, keys in due for key in keys if key in self._unmoved]
+            rows = [self._unmoved.pop(key) for key in keys]
+            self._moving.update(keys)
+        names = [(path.name,) for path, _ in due]
+        ids: list[int] = []
+        try:
+            if rows:
+                db = self._db()
+                with self._writing:
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        ids = self._insert(db, rows)
+                        db.executemany("INSERT OR IGNORE INTO moved_logs VALUES (?)", names)
+                        db.execute("COMMIT")
+                    except BaseException:
+                        db.execute("ROLLBACK")
+                        raise
+        finally:
+            ended = []
+            with self._state:
+                for key, row in zip(keys, ids or rows, strict=True):
+                    self._moving.discard(key)
+                    if not ids:  # not moved: the files stay, the next turn tries again
+                        if key not in self._ended_moving:
+                            self._unmoved[key] = row
+                    elif key in self._ended_moving:
+                        ended.append(row)
+                    else:
+                        self._rows[key] = row
+                    self._ended_moving.discard(key)
+                self._state.notify_all()
+            if rows and not ids:
+                log_.keep(due)
+        for path, _ in due:
+            path.unlink(missing_ok=True)
+        if rows:
+            self._unmark(names)
+        for row_id in ended:
+            self._forget(row_id)
+        return len(rows)
+
+    def _unmark(self, names: list[tuple[str]]) -> None:
+        with self._writing:
+            self._db().executemany("DELETE FROM moved_logs WHERE name = ?", names)
+
+    def done(self, key: int) -> None:
+        """The call (a key from ``record``, or a claimed row's id) ended: a call still in
+        the log is forgotten at once; a row is deleted within ``DONE_DELAY`` s."""
+        if key < 0:
+            with self._state:
+                if self._unmoved.pop(key, None) is not None:
+                    return  # never left the log
+                if key in self._moving:
+                    self._ended_moving.add(key)
+                    return
+                key = self._rows.pop(key, 0)
+            if not key:
+                return
+        self._forget(key)
+
+    def _forget(self, call_id: int) -> None:
+        """Delete the row within ``DONE_DELAY`` s, in one statement with the others that
+        ended meanwhile (a write per call would contend with the other writers; a call
+        that ended that recently may run again after a kill)."""
         with self._done_lock:
             if self._flusher_pid != os.getpid():
                 self._flusher_pid = os.getpid()
@@ -214,7 +306,13 @@ class Journal:
                 self._done_lock.notify()
 
     def flush(self, _seconds_left: float = 0.0) -> int:
-        """Forget the calls that ended (a drain hook too, after the executor's drain)."""
+        """A drain hook, after the executor's drain (and at exit): move what is left in
+        the log into SQLite for the next worker, and delete the rows of calls that ended."""
+        self.move(everything=True)
+        self._delete_ended()
+        return 0
+
+    def _delete_ended(self) -> None:
         with self._done_lock:
             ids, self._done = self._done, []
         for i in range(0, len(ids), INSERT_ROWS):
@@ -222,7 +320,6 @@ class Journal:
             marks = ", ".join("?" * len(chunk))
             with self._writing:
                 self._db().execute(f"DELETE FROM calls WHERE id IN ({marks})", chunk)
-        return 0
 
     def _flush_loop(self) -> None:
         background()
@@ -232,15 +329,31 @@ class Journal:
                     self._done_lock.wait()
             time.sleep(DONE_DELAY)  # let the calls ending meanwhile join this statement
             try:
-                self.flush()
+                self._delete_ended()
             except Exception:
                 log.exception("deferred journal %s: recording ended calls failed", self.path)
 
-    def failed(self, call_id: int, error: str) -> float | None:
-        """The call raised: free it for a retry later, or mark it dead. Returns the
-        retry delay in seconds, or None when it is now dead."""
+    def failed(self, key: int, error: str) -> float | None:
+        """The call (a key from ``record``, or a claimed row's id) raised: free it for a
+        retry later, or mark it dead. Returns the retry delay in seconds, or None when
+        it is now dead."""
+        call_id = self._row_id(key) if key < 0 else key
+        if call_id is None:
+            return None
         with self._writing:
             return self._failed(self._db(), call_id, error)
+
+    def _row_id(self, key: int) -> int | None:
+        """The row of a recorded call, inserted now if it is still only in the log."""
+        with self._state:
+            while key in self._moving:
+                self._state.wait()
+            row_id = self._rows.pop(key, None)
+            row = self._unmoved.pop(key, None)
+        if row_id is None and row is not None:
+            with self._writing:
+                [row_id] = self._insert(self._db(), [row])
+        return row_id
 
     def _failed(self, db: sqlite3.Connection, call_id: int, error: str) -> float | None:
         row = db.execute("SELECT attempts FROM calls WHERE id = ?", (call_id,)).fetchone()
@@ -289,7 +402,11 @@ class Journal:
         if not self._claimable(self._db(), time.time()):
             return []  # the usual case: no write lock taken, serving threads never wait
         with self._writing:
-            claimed, worn = self._take(self._db(), time.time(), limit)
+            claimed, worn, read = self._take(self._db(), time.time(), limit)
+        for path in read:
+            path.unlink(missing_ok=True)
+        if read:
+            self._unmark([(path.name,) for path in read])
         for row in worn:
             log.error(
                 "deferred %s dead after %d attempts (request %s): %s",
@@ -305,15 +422,14 @@ class Journal:
         return list(groups.values())
 
     def _claimable(self, db: sqlite3.Connection, now: float) -> bool:
-        """Whether a claim would find anything: calls, or gone workers to forget (a read:
-        no lock)."""
-        gone = [
-            wid
-            for wid, host, pid, beat in db.execute("SELECT * FROM workers")
-            if wid != self.worker and _gone(host, pid, beat, now)
-        ]
-        if gone:
+        """Whether a claim would find anything: calls, gone workers to forget, log files
+        of workers unknown (a read: no lock)."""
+        workers = {wid: row for wid, *row in db.execute("SELECT * FROM workers")}
+        if any(wid != self.worker and _gone(*row, now) for wid, row in workers.items()):
             return True
+        for path in journal_log.files(self.logs):
+            if journal_log.owner(path) not in (*workers, self.worker):
+                return True
         found = db.execute(
             "SELECT 1 FROM calls WHERE state = 'pending' AND ready_at <= ? AND (owner IS NULL"
             " OR owner NOT IN (SELECT id FROM workers)) LIMIT 1",
@@ -321,16 +437,17 @@ class Journal:
         ).fetchone()
         return found is not None
 
-    def _take(self, db: sqlite3.Connection, now: float, limit: int) -> tuple[list[Row], list[Row]]:
-        """In one transaction: forget gone workers, own their calls and the calls due;
-        mark dead those past their attempts. Returns (claimed, worn out)."""
+    def _take(
+        self, db: sqlite3.Connection, now: float, limit: int
+    ) -> tuple[list[Row], list[Row], list[Path]]:
+        """In one transaction: read the log files of gone workers, forget them, own their
+        calls and the calls due; mark dead those past their attempts. Returns (claimed,
+        worn out, log files read or already moved, to remove)."""
         db.execute("BEGIN IMMEDIATE")
         try:
-            gone = [
-                wid
-                for wid, host, pid, beat in db.execute("SELECT * FROM workers")
-                if wid != self.worker and _gone(host, pid, beat, now)
-            ]
+            workers = {wid: row for wid, *row in db.execute("SELECT * FROM workers")}
+            gone = [w for w, row in workers.items() if w != self.worker and _gone(*row, now)]
+            read = self._read_logs(db, {w for w in workers if w not in gone} | {self.worker})
             db.executemany("DELETE FROM workers WHERE id = ?", [(w,) for w in gone])
             free = (
                 "state = 'pending' AND ready_at <= :now AND (owner IS NULL"
@@ -353,14 +470,46 @@ class Journal:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return claimed, worn
+        return claimed, worn, read
+
+    def _read_logs(self, db: sqlite3.Connection, alive: set[str]) -> list[Path]:
+        """(In ``_take``'s transaction.) Insert the calls of the log files of workers not
+        ``alive``, owned by their writer (gone: the claim takes them). Returns those
+        files and the ones already moved, to remove once committed."""
+        moved = {name for (name,) in db.execute("SELECT name FROM moved_logs")}
+        done: list[Path] = []
+        for path in journal_log.files(self.logs):
+            writer = journal_log.owner(path)
+            if path.name not in moved:
+                if writer in alive:
+                    continue
+                rows = [
+                    (request, origin, call, payload, writer, created)
+                    for request, origin, created, calls in journal_log.read(path)
+                    for call, payload in calls
+                ]
+                self._insert(db, rows)
+                db.execute("INSERT OR IGNORE INTO moved_logs VALUES (?)", (path.name,))
+            done.append(path)
+        return done
 
     # -- looking and tidying (status page, CLI) --------------------------------------------
 
     def counts(self) -> dict[str, int]:
         """Calls pending (in any worker, or waiting for a retry) and dead, journal-wide."""
-        found = dict(self._db().execute("SELECT state, count(*) FROM calls GROUP BY state"))
-        return {"journal_pending": found.get("pending", 0), "journal_dead": found.get("dead", 0)}
+        db = self._db()
+        found = dict(db.execute("SELECT state, count(*) FROM calls GROUP BY state"))
+        moved = {name for (name,) in db.execute("SELECT name FROM moved_logs")}
+        with self._state:  # this process's calls still only in its log
+            logged = len(self._unmoved) + len(self._moving)
+        logged += sum(  # other workers', recorded in the last half second (some may have ended)
+            len(calls)
+            for path in journal_log.files(self.logs)
+            if path.name not in moved and journal_log.owner(path) != self.worker
+            for *_, calls in journal_log.read(path, warn=False)
+        )
+        pending = found.get("pending", 0) + logged
+        return {"journal_pending": pending, "journal_dead": found.get("dead", 0)}
 
     def rows(self, state: str | None = None) -> list[Row]:
         where, params = ("WHERE state = ?", (state,)) if state else ("", ())
@@ -418,8 +567,9 @@ def _alive(pid: int) -> bool:
 
 
 class Sweeper:
-    """A worker's background thread: heartbeats, and hands claimed calls to ``run``
-    (one list of rows per request) while ``room()`` says the executor has space."""
+    """A worker's background thread: moves its log into SQLite, heartbeats, and hands
+    claimed calls to ``run`` (one list of rows per request) while ``room()`` says the
+    executor has space."""
 
     def __init__(
         self,
@@ -448,13 +598,18 @@ class Sweeper:
 
     def _loop(self) -> None:
         background()
-        beat = 0.0
+        beat = looked = 0.0
         while not self._stop.is_set():
             try:
-                if time.monotonic() - beat >= HEARTBEAT:
+                self.journal.move()
+                now = time.monotonic()
+                if now - beat >= HEARTBEAT:
                     self.journal.heartbeat()
                     self.journal.checkpoint()
-                    beat = time.monotonic()
+                    beat = now
+                if now - looked < POLL:
+                    continue
+                looked = now
                 while self.room() and not self._stop.is_set():
                     groups = self.journal.claim()
                     for rows in groups:
@@ -463,7 +618,8 @@ class Sweeper:
                         break
             except Exception:
                 log.exception("deferred journal %s: claiming failed", self.journal.path)
-            self._stop.wait(POLL)
+            finally:
+                self._stop.wait(journal_log.MOVE_EVERY)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""The journal's append log: where a serving thread records a request's calls.
+
+An SQLite ``INSERT`` on the serving thread cost the worker more than the calls' own
+bookkeeping: a dozen system calls (file locks, WAL writes) and a large part of
+SQLite's code through the CPU's caches, for every request that defers. A serving
+thread appends one frame to its worker's log file instead: one ``write``, which
+survives the process's death as a commit does (the page cache keeps it; a power
+loss may drop it, as ``synchronous=NORMAL`` may drop a commit).
+
+Each worker writes its own files, ``<worker id>.<n>.log`` in ``<journal>.logs/``.
+Its sweeper starts a new file every ``MOVE_EVERY`` seconds and moves the calls of
+the file before, those still waiting or running, into SQLite (``Journal.move``);
+a call that ended by then never touches SQLite. A worker taking over the calls of
+a dead one reads its files into SQLite first.
+
+A frame is a header (length, CRC-32) and a pickle of ``(request, origin, created,
+[(path, payload), ...])``; reading stops at a frame cut short or damaged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import struct
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+log = logging.getLogger("wsgi_app.deferred")
+
+MOVE_EVERY = 0.25  # seconds between new files; a call still running past one is moved
+HEADER = struct.Struct("<II")  # length of the pickle, its CRC-32
+SUFFIX = ".log"
+
+Frame = tuple[str, str, float, list[tuple[str, bytes]]]  # request, origin, created, calls
+
+# the files' numbers, one sequence per process: two journals' logs (two middlewares on
+# one file) share the worker id, never a file
+_numbers = itertools.count(1)
+
+
+def encode(request: str, origin: str, created: float, calls: Sequence[tuple[str, bytes]]) -> bytes:
+    body = pickle.dumps((request, origin, created, list(calls)), pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(body), zlib.crc32(body)) + body
+
+
+def read(path: Path, warn: bool = True) -> Iterator[Frame]:
+    """The frames of a log file, up to the first one cut short or damaged (``warn``:
+    say so; a file still written to may end in a frame half written)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    pos = 0
+    while pos < len(data):
+        if pos + HEADER.size > len(data):
+            break
+        length, crc = HEADER.unpack_from(data, pos)
+        body = data[pos + HEADER.size : pos + HEADER.size + length]
+        if len(body) < length or zlib.crc32(body) != crc:
+            break
+        yield pickle.loads(body)
+        pos += HEADER.size + length
+    if pos < len(data) and warn:
+        log.warning(
+            "deferred journal log %s: %d byte(s) at its end cut short or damaged, ignored",
+            path,
+            len(data) - pos,
+        )
+
+
+def owner(path: Path) -> str:
+    """The worker id a log file belongs to (``<worker id>.<n>.log``)."""
+    return path.name[: -len(SUFFIX)].rsplit(".", 1)[0]
+
+
+def files(directory: Path) -> list[Path]:
+    """The log files in ``directory``, each worker's in the order it wrote them."""
+
+    def order(path: Path) -> tuple[str, int]:
+        number = path.name[: -len(SUFFIX)].rsplit(".", 1)[-1]
+        return owner(path), int(number) if number.isdigit() else 0
+
+    return sorted(directory.glob(f"*{SUFFIX}"), key=order)
+
+
+class CallLog:
+    """One worker process's log: the file appended to now, and the files it started
+    before, each with the keys of the calls appended to it."""
+
+    def __init__(self, directory: Path, worker: str) -> None:
+        self.directory = directory
+        self.worker = worker
+        self.pid = os.getpid()
+        self._lock = threading.Lock()  # orders appends and the switch to a new file
+        self._fd = -1  # opened at the first append
+        self._path: Path | None = None
+        self._keys: list[int] = []  # of the calls in the current file
+        self._older: list[tuple[Path, list[int]]] = []  # files started before, oldest first
+
+    def append(self, frame: bytes, keys: Sequence[int]) -> None:
+        """Write ``frame`` (the calls ``keys``) in one ``write``."""
+        with self._lock:
+            if self._fd < 0:
+                self._fd, self._path = self._open()
+            os.write(self._fd, frame)
+            self._keys.extend(keys)
+
+    def turn(self, everything: bool = False) -> list[tuple[Path, list[int]]]:
+        """Start a new file; return the files whose calls are due to move (those started
+        before the previous turn), or with ``everything`` all of them."""
+        with self._lock:
+            fd, path, keys = self._fd, self._path, self._keys
+            self._fd, self._path, self._keys = -1, None, []  # the next append opens one
+        closed = fd >= 0 and path is not None
+        if closed:
+            os.close(fd)
+            self._older.append((path, keys))
+        if everything or not closed:  # what is older has aged a whole turn at least
+            due, self._older = self._older, []
+        else:
+            due, self._older = self._older[:-1], self._older[-1:]
+        return due
+
+    def keep(self, due: list[tuple[Path, list[int]]]) -> None:
+        """Files ``turn`` gave whose calls could not move: due again at the next turn."""
+        self._older[:0] = due
+
+    def _open(self) -> tuple[int, Path]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{self.worker}.{next(_numbers)}{SUFFIX}"
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), path
