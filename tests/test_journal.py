@@ -122,6 +122,32 @@ def test_calls_that_end_within_a_turn_never_reach_sqlite_and_others_move(tmp_pat
         assert journal.counts() == {"journal_pending": 0, "journal_dead": 0}
 
 
+def test_calls_that_ended_before_a_kill_do_not_run_again(tmp_path: Path) -> None:
+    """Ends are written to the log too (every DONE_DELAY): a taken-over log runs
+    again only the call that had not ended."""
+    path = tmp_path / "j.sqlite3"
+    script = textwrap.dedent(
+        f"""
+        import os, time
+        from wsgi_app import journal_log
+        from wsgi_app.journal import Journal
+        journal = Journal({str(path)!r})
+        first, second, third = journal.record("GET /", [("m:a", b""), ("m:b", b""), ("m:c", b"")])
+        journal.done(first)
+        journal.done(third)
+        [log] = journal.logs.iterdir()
+        while not any(f[0] == "ended" for f in journal_log.read(log, warn=False)):
+            time.sleep(0.001)  # the flusher writes them within DONE_DELAY
+        os.kill(os.getpid(), 9)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=python_env())
+    assert proc.returncode == -signal.SIGKILL
+    with contextlib.closing(Journal(path)) as journal:
+        assert journal.counts()["journal_pending"] == 1
+        assert [[r.path for r in g] for g in journal.claim()] == [["m:b"]]
+
+
 def test_a_log_cut_short_at_a_kill_gives_every_whole_frame(tmp_path: Path, caplog) -> None:
     path = tmp_path / "j.sqlite3"
     record_and_die(path, ["a1"], ["b1", "b2"])

@@ -3,8 +3,8 @@
 The middleware asks an engine twice per request that deferred work: ``encode``
 at each ``defer()`` (so a call that cannot travel is refused there, naming it),
 and ``accept`` once the app is done, before the response is finished. The
-journal engine writes the batch to SQLite there and lets the worker's own
-executor run it; the Celery engine swaps the batch's calls for one call that
+journal engine appends the batch to the worker's journal log there and lets the
+worker's own executor run it; the Celery engine swaps the batch's calls for one call that
 publishes them as a single task, which the executor runs after the response.
 """
 
@@ -73,7 +73,7 @@ class JournalEngine:
         return path, dumps_args(path, args, kwargs)
 
     def accept(self, batch: Batch, records: Records) -> Batch:
-        """On the serving thread, before the finish: one transaction for the batch."""
+        """On the serving thread, before the finish: one write to the log for the batch."""
         records = _kept(batch, records)
         if records:
             ids = self.journal.record(_origin(batch), [record for _, record in records])

@@ -8,7 +8,7 @@ worker's log file before the response is finished (``wsgi_app.journal_log``: one
 theirs is gone: its pid no longer alive, or its heartbeat older than ``LEASE``
 seconds (its log files are read into SQLite first). So once the visitor has the
 page, the calls run at least once even if the worker is SIGKILLed, OOM-killed or
-crashes; only a call running at that moment (or ended in the half second before)
+crashes; only a call running at that moment (or ended in the ``DONE_DELAY`` before)
 may run twice.
 
 A failing call is retried (after ``retry`` seconds, doubling) until it has been
@@ -118,6 +118,7 @@ class Journal:
         self._lock = threading.Lock()
         self._writing = _write_lock(self.path)
         self._done: list[int] = []  # ended calls not yet deleted (see done())
+        self._ended: list[int] = []  # keys of ended calls still in the log, not yet said so
         self._done_lock = threading.Condition()
         self._flusher_pid = 0
         # calls recorded in this process's log (keys below 0, rows' ids above): not yet
@@ -201,7 +202,7 @@ class Journal:
             for key, (path, payload) in zip(keys, calls, strict=True):
                 self._unmoved[key] = (request, origin, path, payload, self.worker, now)
         assert self._log is not None  # _register made it
-        self._log.append(journal_log.encode(request, origin, now, calls), keys)
+        self._log.append(journal_log.encode(request, origin, now, calls, keys), keys)
         return keys
 
     def _insert(self, db: sqlite3.Connection, rows: Sequence[tuple]) -> list[int]:
@@ -269,7 +270,7 @@ class Journal:
         if rows:
             self._unmark(names)
         for row_id in ended:
-            self._forget(row_id)
+            self._later(self._done, row_id)
         return len(rows)
 
     def _unmark(self, names: list[tuple[str]]) -> None:
@@ -277,44 +278,52 @@ class Journal:
             self._db().executemany("DELETE FROM moved_logs WHERE name = ?", names)
 
     def done(self, key: int) -> None:
-        """The call (a key from ``record``, or a claimed row's id) ended: a call still in
-        the log is forgotten at once; a row is deleted within ``DONE_DELAY`` s."""
+        """The call (a key from ``record``, or a claimed row's id) ended: said so in the
+        log, or its row deleted, within ``DONE_DELAY`` s (with the others that ended
+        meanwhile: a write per call would contend with the serving threads; a call
+        that ended that recently may run again after a kill)."""
         if key < 0:
             with self._state:
                 if self._unmoved.pop(key, None) is not None:
-                    return  # never left the log
+                    self._later(self._ended, key)  # still only in the log
+                    return
                 if key in self._moving:
                     self._ended_moving.add(key)
                     return
                 key = self._rows.pop(key, 0)
             if not key:
                 return
-        self._forget(key)
+        self._later(self._done, key)
 
-    def _forget(self, call_id: int) -> None:
-        """Delete the row within ``DONE_DELAY`` s, in one statement with the others that
-        ended meanwhile (a write per call would contend with the other writers; a call
-        that ended that recently may run again after a kill)."""
+    def _later(self, pending: list[int], value: int) -> None:
+        """Queue an end for the flusher thread (started in each process that needs one)."""
         with self._done_lock:
             if self._flusher_pid != os.getpid():
                 self._flusher_pid = os.getpid()
                 self._done.clear()  # a forked child: the parent forgets its own
+                self._ended.clear()
                 threading.Thread(target=self._flush_loop, name="journal-done", daemon=True).start()
                 atexit.register(self.flush)
-            self._done.append(call_id)
-            if len(self._done) == 1:
+            pending.append(value)
+            if len(self._done) + len(self._ended) == 1:
                 self._done_lock.notify()
 
     def flush(self, _seconds_left: float = 0.0) -> int:
         """A drain hook, after the executor's drain (and at exit): move what is left in
         the log into SQLite for the next worker, and delete the rows of calls that ended."""
         self.move(everything=True)
+        with self._done_lock:
+            self._ended.clear()  # their log files are gone
         self._delete_ended()
         return 0
 
     def _delete_ended(self) -> None:
         with self._done_lock:
             ids, self._done = self._done, []
+            keys, self._ended = self._ended, []
+        log_ = self._log
+        if keys and log_ is not None and log_.pid == os.getpid():
+            log_.append(journal_log.encode_ended(keys), ())
         for i in range(0, len(ids), INSERT_ROWS):
             chunk = ids[i : i + INSERT_ROWS]
             marks = ", ".join("?" * len(chunk))
@@ -325,7 +334,7 @@ class Journal:
         background()
         while True:
             with self._done_lock:
-                while not self._done:
+                while not self._done and not self._ended:
                     self._done_lock.wait()
             time.sleep(DONE_DELAY)  # let the calls ending meanwhile join this statement
             try:
@@ -473,24 +482,27 @@ class Journal:
         return claimed, worn, read
 
     def _read_logs(self, db: sqlite3.Connection, alive: set[str]) -> list[Path]:
-        """(In ``_take``'s transaction.) Insert the calls of the log files of workers not
-        ``alive``, owned by their writer (gone: the claim takes them). Returns those
-        files and the ones already moved, to remove once committed."""
+        """(In ``_take``'s transaction.) Insert the calls not said to have ended in the
+        log files of workers not ``alive``, owned by their writer (gone: the claim takes
+        them). Returns those files and the ones already moved, to remove once committed."""
         moved = {name for (name,) in db.execute("SELECT name FROM moved_logs")}
         done: list[Path] = []
+        unread: dict[str, list[Path]] = {}
         for path in journal_log.files(self.logs):
             writer = journal_log.owner(path)
-            if path.name not in moved:
-                if writer in alive:
-                    continue
-                rows = [
-                    (request, origin, call, payload, writer, created)
-                    for request, origin, created, calls in journal_log.read(path)
-                    for call, payload in calls
-                ]
-                self._insert(db, rows)
-                db.execute("INSERT OR IGNORE INTO moved_logs VALUES (?)", (path.name,))
-            done.append(path)
+            if path.name in moved:
+                done.append(path)
+            elif writer not in alive:
+                unread.setdefault(writer, []).append(path)
+        for writer, paths in unread.items():
+            rows = [
+                (request, origin, call, payload, writer, created)
+                for request, origin, created, call, payload in journal_log.pending(paths)
+            ]
+            self._insert(db, rows)
+            marks = [(path.name,) for path in paths]
+            db.executemany("INSERT OR IGNORE INTO moved_logs VALUES (?)", marks)
+            done += paths
         return done
 
     # -- looking and tidying (status page, CLI) --------------------------------------------
@@ -502,12 +514,12 @@ class Journal:
         moved = {name for (name,) in db.execute("SELECT name FROM moved_logs")}
         with self._state:  # this process's calls still only in its log
             logged = len(self._unmoved) + len(self._moving)
-        logged += sum(  # other workers', recorded in the last half second (some may have ended)
-            len(calls)
-            for path in journal_log.files(self.logs)
-            if path.name not in moved and journal_log.owner(path) != self.worker
-            for *_, calls in journal_log.read(path, warn=False)
-        )
+        others: dict[str, list[Path]] = {}
+        for path in journal_log.files(self.logs):
+            if path.name not in moved and journal_log.owner(path) != self.worker:
+                others.setdefault(journal_log.owner(path), []).append(path)
+        for paths in others.values():  # in the last half second, or a gone worker's
+            logged += sum(1 for _ in journal_log.pending(paths, warn=False))
         pending = found.get("pending", 0) + logged
         return {"journal_pending": pending, "journal_dead": found.get("dead", 0)}
 

@@ -13,8 +13,11 @@ the file before, those still waiting or running, into SQLite (``Journal.move``);
 a call that ended by then never touches SQLite. A worker taking over the calls of
 a dead one reads its files into SQLite first.
 
-A frame is a header (length, CRC-32) and a pickle of ``(request, origin, created,
-[(path, payload), ...])``; reading stops at a frame cut short or damaged.
+A frame is a header (length, CRC-32) and a pickle: ``("calls", request, origin,
+created, [(path, payload), ...], keys)`` for a request's calls, ``("ended", keys)``
+for calls that ended since (written every ``DONE_DELAY`` by the journal's flusher,
+so a taken-over log runs again only what ended in the last moments). Reading stops
+at a frame cut short or damaged.
 """
 
 from __future__ import annotations
@@ -35,19 +38,45 @@ MOVE_EVERY = 0.25  # seconds between new files; a call still running past one is
 HEADER = struct.Struct("<II")  # length of the pickle, its CRC-32
 SUFFIX = ".log"
 
-Frame = tuple[str, str, float, list[tuple[str, bytes]]]  # request, origin, created, calls
+Pending = tuple[str, str, float, str, bytes]  # request, origin, created, path, payload
 
 # the files' numbers, one sequence per process: two journals' logs (two middlewares on
 # one file) share the worker id, never a file
 _numbers = itertools.count(1)
 
 
-def encode(request: str, origin: str, created: float, calls: Sequence[tuple[str, bytes]]) -> bytes:
-    body = pickle.dumps((request, origin, created, list(calls)), pickle.HIGHEST_PROTOCOL)
+def encode(
+    request: str,
+    origin: str,
+    created: float,
+    calls: Sequence[tuple[str, bytes]],
+    keys: Sequence[int],
+) -> bytes:
+    return _frame(("calls", request, origin, created, list(calls), list(keys)))
+
+
+def encode_ended(keys: Sequence[int]) -> bytes:
+    return _frame(("ended", list(keys)))
+
+
+def _frame(value: tuple) -> bytes:
+    body = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     return HEADER.pack(len(body), zlib.crc32(body)) + body
 
 
-def read(path: Path, warn: bool = True) -> Iterator[Frame]:
+def pending(paths: Sequence[Path], warn: bool = True) -> Iterator[Pending]:
+    """The calls in one worker's log files (in the order written) not said to have ended."""
+    frames = [frame for path in paths for frame in read(path, warn)]
+    ended = {key for frame in frames if frame[0] == "ended" for key in frame[1]}
+    for frame in frames:
+        if frame[0] == "calls":
+            _, request, origin, created, calls, keys = frame
+            for key, (path, payload) in zip(keys, calls, strict=True):
+                if key not in ended:
+                    yield request, origin, created, path, payload
+
+
+def read(path: Path, warn: bool = True) -> Iterator[tuple]:
     """The frames of a log file, up to the first one cut short or damaged (``warn``:
     say so; a file still written to may end in a frame half written)."""
     try:
