@@ -159,3 +159,24 @@ def test_bad_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv("DEFERRED_BACKLOG", "lots")
     with pytest.raises(ValueError, match="DEFERRED_BACKLOG"):
         DeferredMiddleware(lambda e, s: [])
+
+
+def test_nested_middlewares_with_list_results_each_run_their_calls():
+    ran = []
+
+    def inner_app(environ, start_response):
+        defer(environ, ran.append, "inner")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    inner = DeferredMiddleware(inner_app)
+
+    def outer_app(environ, start_response):
+        defer(environ, ran.append, "outer")
+        return inner(environ, start_response)
+
+    outer = DeferredMiddleware(outer_app)
+    result = outer({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *a: None)
+    assert list(result) == [b"ok"]
+    result.close()
+    wait_for(lambda: sorted(ran) == ["inner", "outer"], what="both middlewares' calls")

@@ -450,3 +450,282 @@ def test_gone_workers_are_forgotten_even_with_nothing_to_take(tmp_path: Path) ->
         db.execute("INSERT INTO workers VALUES ('old:1:x', 'old', 1, 0)")  # lease long out
         assert journal.claim() == []
         assert [w for (w,) in db.execute("SELECT id FROM workers")] == [journal.worker]
+
+
+# -- the log under attack: torn files, failing writes, races, stops ----------------------------
+
+
+def run_and_die(script: str) -> str:
+    """Run ``script`` (``path`` is the journal) in another process that SIGKILLs itself
+    at its end; its output."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return proc.stdout
+
+
+def test_a_log_ending_in_zeros_is_read_up_to_them_and_takeovers_go_on(tmp_path: Path) -> None:
+    """A file whose tail is zeros (a crash of the machine, a preallocated block): an
+    empty frame's CRC matches, its pickle does not load; the takeover must go on."""
+    path = tmp_path / "j.sqlite3"
+    record_and_die(path, ["a1"], ["b1"])
+    [log] = (tmp_path / "j.sqlite3.logs").iterdir()
+    with log.open("ab") as f:
+        f.write(bytes(4096))
+    with contextlib.closing(Journal(path)) as journal:
+        assert journal.counts()["journal_pending"] == 2
+        assert [texts(g) for g in journal.claim()] == [["a1"], ["b1"]]
+        assert list(journal.logs.iterdir()) == []
+
+
+def test_a_call_failing_while_its_log_moves_survives_a_kill(tmp_path: Path) -> None:
+    """failed() takes the call out of the log's pending calls, then waits to insert its
+    row (another process holds SQLite's write lock); a move meanwhile must not remove
+    the file that is the call's only record."""
+    path = tmp_path / "j.sqlite3"
+    run_and_die(
+        f"""
+        import os, sqlite3, threading, time
+        from wsgi_app.callpath import dumps_args
+        from wsgi_app.journal import Journal
+        path = {str(path)!r}
+        journal = Journal(path)
+        call = ("tests.apps_journal:append", dumps_args("", ("out", "f1"), {{}}))
+        [key] = journal.record("GET /", [call])
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another worker's long write
+        threading.Thread(target=journal.failed, args=(key, "RuntimeError: x"), daemon=True).start()
+        while key in journal._unmoved:
+            time.sleep(0.001)
+        journal.move(everything=True)  # the sweeper's turn
+        os.kill(os.getpid(), 9)
+        """
+    )
+    with contextlib.closing(Journal(path)) as journal:
+        assert [texts(g) for g in journal.claim()] == [["f1"]]
+
+
+def test_a_move_failing_at_its_commit_moves_again_and_deletes_no_other_row(
+    tmp_path: Path,
+) -> None:
+    """The rows are inserted, then the commit fails (a full disk): nothing moved, so the
+    calls stay pending in the log, and their row ids (rolled back, given again to the
+    next rows) are not theirs."""
+    path = tmp_path / "j.sqlite3"
+    with contextlib.closing(Journal(path)) as journal:
+        [a] = journal.record("GET /a", [("m:a", b"1")])
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute(
+            "CREATE TRIGGER full BEFORE INSERT ON moved_logs"
+            " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+        with pytest.raises(sqlite3.DatabaseError, match="disk is full"):
+            journal.move(everything=True)
+        db.execute("DROP TRIGGER full")
+        db.close()
+        journal.record("GET /b", [("m:b", b"2")])
+        assert journal.move(everything=True) == 2  # a again, and b
+        journal.done(a)
+        wait_for(lambda: [r.path for r in journal.rows()] == ["m:b"], 2, "only a's row deleted")
+        assert list(journal.logs.iterdir()) == []
+
+
+def test_claimed_calls_are_handed_over_even_if_tidying_the_log_fails(tmp_path: Path) -> None:
+    """After the claim's commit, removing the moved_logs marks fails (the database
+    locked past the timeout, a disk error): the calls are ours now, and must run."""
+    path = tmp_path / "j.sqlite3"
+    record_and_die(path, ["a1"])
+    with contextlib.closing(Journal(path)) as journal:
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute(
+            "CREATE TRIGGER locked BEFORE DELETE ON moved_logs"
+            " BEGIN SELECT RAISE(ABORT, 'database is locked'); END"
+        )
+        assert [texts(g) for g in journal.claim()] == [["a1"]]
+        db.execute("DROP TRIGGER locked")
+        assert journal.claim() == []  # and the mark left behind is tidied
+        assert db.execute("SELECT count(*) FROM moved_logs").fetchone() == (0,)
+        db.close()
+
+
+def test_a_call_ending_during_a_move_whose_tidying_fails_is_still_forgotten(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.sqlite3"
+    with contextlib.closing(Journal(path)) as journal:
+        [a] = journal.record("GET /a", [("m:a", b"1")])
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute(
+            "CREATE TRIGGER locked BEFORE DELETE ON moved_logs"
+            " BEGIN SELECT RAISE(ABORT, 'database is locked'); END"
+        )
+        db.execute("BEGIN IMMEDIATE")  # the move waits for SQLite's write lock
+        mover = threading.Thread(target=journal.move, kwargs={"everything": True})
+        mover.start()
+        wait_for(lambda: a in journal._moving, what="the move under way")
+        journal.done(a)  # ends while it moves
+        db.execute("COMMIT")
+        mover.join()
+        wait_for(lambda: journal.rows() == [], 2, "the ended call's row deleted")
+        assert list(journal.logs.iterdir()) == []
+        db.close()
+
+
+def test_calls_ended_during_a_graceful_drain_do_not_run_again_after_a_kill(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM, then SIGKILL during the drain (a supervisor's stop timeout): the calls
+    that ended seconds before the kill must not run again."""
+    out, path = tmp_path / "out", tmp_path / "j.sqlite3"
+    env = journal_env(path, DEFERRED_THREADS="1")
+    app = "tests.apps_journal:application"
+    with worker(tmp_path, app, "--graceful-timeout", "30", env=env) as (first, sock):
+        send_batches(sock, out, 1, 10, 0.2)  # 2 s of work
+        first.send_signal(signal.SIGTERM)
+        wait_for(lambda: len(lines(out)) >= 6, what="six calls run in the drain")
+        first.kill()
+        first.wait()
+    with worker(tmp_path, app, env=env, name="b"):
+        runs = check_all_ran(out, 10)
+    # ended 0.6 s and more before the kill
+    assert [runs[f"r0-{i}"] for i in range(3)] == [1, 1, 1], runs
+
+
+def test_a_write_cut_short_by_a_full_disk_is_refused_and_hides_no_later_call(
+    tmp_path: Path,
+) -> None:
+    """A write cut short (ENOSPC, the file size limit) must not be taken for a recorded
+    request, nor leave a torn frame that hides the frames written after it."""
+    path = tmp_path / "j.sqlite3"
+    said = run_and_die(
+        f"""
+        import os, resource, signal
+        from wsgi_app.callpath import dumps_args
+        from wsgi_app.journal import Journal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        journal = Journal({str(path)!r})
+        def calls(text):
+            return [("tests.apps_journal:append", dumps_args("", ("out", text), {{}}))]
+        journal.record("GET /0", calls("a1"))
+        [log] = journal.logs.iterdir()
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (log.stat().st_size + 20, hard))  # full
+        try:
+            journal.record("GET /1", calls("b" * 100))
+        except OSError:
+            print("refused", journal.counts()["journal_pending"])
+        else:
+            print("accepted")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+        journal.record("GET /2", calls("c1"))
+        os.kill(os.getpid(), 9)
+        """
+    )
+    assert said.split() == ["refused", "1"]
+    with contextlib.closing(Journal(path)) as journal:
+        assert [texts(g) for g in journal.claim()] == [["a1"], ["c1"]]
+
+
+def test_a_clean_exit_without_a_drain_runs_no_ended_call_again(tmp_path: Path) -> None:
+    """A process that exits normally with no drain hook (under gunicorn, drain() runs the
+    executors only): a call that ended must not run again, one pending must."""
+    path = tmp_path / "j.sqlite3"
+    script = textwrap.dedent(
+        f"""
+        from wsgi_app.journal import Journal
+        journal = Journal({str(path)!r})
+        ended, pending = journal.record("GET /", [("m:ended", b"1"), ("m:pending", b"2")])
+        journal.done(ended)
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=python_env(), check=True)
+    with contextlib.closing(Journal(path)) as journal:
+        assert [[r.path for r in g] for g in journal.claim()] == [["m:pending"]]
+        assert list(journal.logs.iterdir()) == []
+
+
+def test_a_journal_named_through_a_symlink_shares_its_log(tmp_path: Path) -> None:
+    """SQLite follows the symlink to the one database; the log files must be found by
+    every worker of that database too, whatever name it was given."""
+    real, link = tmp_path / "real.sqlite3", tmp_path / "link.sqlite3"
+    Journal(real).close()
+    link.symlink_to(real)
+    record_and_die(link, ["a1"])
+    with contextlib.closing(Journal(real)) as journal:
+        assert journal.counts()["journal_pending"] == 1
+        assert [texts(g) for g in journal.claim()] == [["a1"]]
+
+
+def test_counts_see_the_log_of_another_middleware_in_the_same_process(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    with contextlib.closing(Journal(path)) as one, contextlib.closing(Journal(path)) as two:
+        [key] = one.record("GET /one", [("m:one", b"1")])
+        one.done(key)
+        two.record("GET /two", [("m:two", b"2")])
+        assert one.worker == two.worker
+        assert one.counts()["journal_pending"] == 1
+        assert two.counts()["journal_pending"] == 1
+
+
+def test_an_unreadable_log_file_does_not_stop_every_takeover(tmp_path: Path) -> None:
+    """One file that cannot be read (here a directory; EACCES, EIO alike) must not fail
+    every claim of every worker, nor the status page's counts."""
+    path = tmp_path / "j.sqlite3"
+    record_and_die(path, ["a1"])
+    (tmp_path / "j.sqlite3.logs" / "elsewhere:1:x.1.log").mkdir()
+    with contextlib.closing(Journal(path)) as journal:
+        assert journal.counts()["journal_pending"] == 1
+        assert [texts(g) for g in journal.claim()] == [["a1"]]
+
+
+def test_a_move_failing_again_and_again_does_not_stop_the_heartbeat(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Without heartbeats other workers take this live worker for gone after LEASE."""
+    monkeypatch.setattr(journal_module, "HEARTBEAT", 0.05)
+    path = tmp_path / "j.sqlite3"
+    with contextlib.closing(Journal(path)) as journal:
+        journal.record("GET /", [("m:a", b"1")])
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute(
+            "CREATE TRIGGER full BEFORE INSERT ON moved_logs"
+            " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+        sweeper = journal_module.Sweeper(journal, lambda rows: None)
+        start = time.time()
+        sweeper.start()
+        try:
+
+            def beat() -> float:
+                return db.execute("SELECT heartbeat FROM workers").fetchone()[0]
+
+            wait_for(lambda: beat() > start + 1.0, 5, "heartbeats while moves fail")
+        finally:
+            sweeper.end()
+            db.execute("DROP TRIGGER full")
+            db.close()
+
+
+def test_a_memory_middleware_inside_a_journaled_one_runs_its_calls(tmp_path: Path) -> None:
+    """The inner middleware has no engine: its batch is its own, in memory."""
+    from wsgi_app.deferred import DeferredMiddleware, defer
+
+    out = tmp_path / "out"
+
+    def app(environ, start_response):
+        defer(environ, apps_journal.append, str(out), "inner")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"ok\n"  # a streamed body: the outer's close() closes the inner's
+
+    outer = DeferredMiddleware(DeferredMiddleware(app), journal=tmp_path / "j.sqlite3")
+    result = outer({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *a: None)
+    assert b"".join(result) == b"ok\n"
+    result.close()
+    wait_for(lambda: lines(out) == [f"inner {os.getpid()}"], what="the inner call")
+    outer.engine.flush()
+    outer.engine.sweeper.end()

@@ -262,8 +262,8 @@ class DeferredMiddleware:
         batch = Batch(origin=_origin(environ), request_id=environ.get("fcgi.request_id", ""))
         environ[ENVIRON_KEY] = batch
         engine = self.engine
-        if engine is not None:
-            environ[DURABLE_KEY] = engine
+        # None too: a memory middleware inside a journaled one runs its batch in memory
+        environ[DURABLE_KEY] = engine
         # The hooks go to each server once: ours offers the same callables to every request.
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None and add_drain_hook is not self._hooked[0]:
@@ -319,7 +319,7 @@ class DeferredMiddleware:
         fields = environ.get("fcgi.log_fields")
         if fields is not None:
             fields["deferred"] = len(batch.calls)
-        records = environ.get(RECORDS_KEY)
+        records = environ.get(RECORDS_KEY) if self.engine is not None else None
         if records:  # recorded before the visitor has the page
             if failure is not None:
                 self._failed_request(batch, failure)
@@ -363,14 +363,20 @@ class DeferredMiddleware:
 
 
 class _ClosingList(list):
-    """A list result (so servers may send it in one go) whose ``close()`` runs a hook."""
+    """A list result (so servers may send it in one go) whose ``close()`` runs a hook,
+    after the list's own ``close()`` if it has one (an inner middleware's)."""
 
     def __init__(self, items: list[bytes], hook: Callable[[str | None], None]) -> None:
         super().__init__(items)
         self._hook = hook
+        self._close = getattr(items, "close", None)
 
     def close(self) -> None:
-        self._hook(None)
+        try:
+            if self._close is not None:
+                self._close()
+        finally:
+            self._hook(None)
 
 
 class _ClosingIterable:

@@ -23,6 +23,7 @@ bytes) but not of the machine (power loss may drop the last commits).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -31,6 +32,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +84,8 @@ _ids_lock = threading.Lock()
 # journal file -> the lock its writers in this process take: threads queue on it and
 # wake at once, instead of meeting SQLite's busy handler, which sleeps 1 ms and more
 _write_locks: dict[str, threading.Lock] = {}
+# this process's Journal objects: counts() adds the calls only in the logs of them all
+_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
 
 
 def _write_lock(path: Path) -> threading.Lock:
@@ -124,14 +128,17 @@ class Journal:
         # calls recorded in this process's log (keys below 0, rows' ids above): not yet
         # in SQLite, being moved there, moved (their row ids); a call ending while it
         # moves is deleted once the move is committed
-        self.logs = self.path.with_name(self.path.name + ".logs")
+        real = self.path.resolve()  # every name of the file (SQLite follows symlinks): one log
+        self.logs = real.with_name(real.name + ".logs")
         self._log: CallLog | None = None
         self._keys = itertools.count(1)
         self._state = threading.Condition()
         self._unmoved: dict[int, tuple] = {}  # key: the row it becomes
         self._moving: set[int] = set()
         self._ended_moving: set[int] = set()
+        self._inserting: set[int] = set()  # failing calls whose row failed() is inserting
         self._rows: dict[int, int] = {}
+        _journals.add(self)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._db()
         db.execute("PRAGMA page_size=1024")  # a new file only: rows are small, so are commits
@@ -185,6 +192,9 @@ class Journal:
             )
             if self._log is None:
                 self._log = CallLog(self.logs, self.worker)
+                # an exit with no drain hook (gunicorn's drain() runs the executors only):
+                # the ended calls leave the log, the pending ones go to SQLite
+                atexit.register(self.flush)
             self._pid = pid
 
     # -- the serving side ------------------------------------------------------------------
@@ -202,7 +212,13 @@ class Journal:
             for key, (path, payload) in zip(keys, calls, strict=True):
                 self._unmoved[key] = (request, origin, path, payload, self.worker, now)
         assert self._log is not None  # _register made it
-        self._log.append(journal_log.encode(request, origin, now, calls, keys), keys)
+        try:
+            self._log.append(journal_log.encode(request, origin, now, calls, keys), keys)
+        except BaseException:  # not recorded (a full disk): not pending either
+            with self._state:
+                for key in keys:
+                    self._unmoved.pop(key, None)
+            raise
         return keys
 
     def _insert(self, db: sqlite3.Connection, rows: Sequence[tuple]) -> list[int]:
@@ -232,6 +248,11 @@ class Journal:
         if not due:
             return 0
         with self._state:
+            # a file holding a call whose row failed() is inserting stays until it is in
+            busy = [i for i, (_, keys) in enumerate(due) if not self._inserting.isdisjoint(keys)]
+            if busy:
+                log_.keep([due[i] for i in busy])
+                due = [f for i, f in enumerate(due) if i not in busy]
             keys = [key for _, keys in due for key in keys if key in self._unmoved]
             rows = [self._unmoved.pop(key) for key in keys]
             self._moving.update(keys)
@@ -243,12 +264,14 @@ class Journal:
                 with self._writing:
                     db.execute("BEGIN IMMEDIATE")
                     try:
-                        ids = self._insert(db, rows)
+                        inserted = self._insert(db, rows)
                         db.executemany("INSERT OR IGNORE INTO moved_logs VALUES (?)", names)
                         db.execute("COMMIT")
                     except BaseException:
-                        db.execute("ROLLBACK")
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
                         raise
+                    ids = inserted  # only once committed: rolled back, these ids are not theirs
         finally:
             ended = []
             with self._state:
@@ -265,13 +288,28 @@ class Journal:
                 self._state.notify_all()
             if rows and not ids:
                 log_.keep(due)
-        for path, _ in due:
-            path.unlink(missing_ok=True)
-        if rows:
-            self._unmark(names)
+        self._remove([path for path, _ in due], marked=bool(rows))
         for row_id in ended:
             self._later(self._done, row_id)
         return len(rows)
+
+    def _remove(self, paths: list[Path], marked: bool = True) -> None:
+        """Remove log files whose calls are in SQLite (committed), then their marks. A
+        failure is logged, never raised: the calls are safe, and a mark left behind
+        keeps its file from being read again until a claim tidies it."""
+        gone: list[tuple[str]] = []
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                log.exception("deferred journal %s: removing %s failed", self.path, path)
+            else:
+                gone.append((path.name,))
+        if marked and gone:
+            try:
+                self._unmark(gone)
+            except Exception:
+                log.exception("deferred journal %s: removing moved log marks failed", self.path)
 
     def _unmark(self, names: list[tuple[str]]) -> None:
         with self._writing:
@@ -311,10 +349,12 @@ class Journal:
     def flush(self, _seconds_left: float = 0.0) -> int:
         """A drain hook, after the executor's drain (and at exit): move what is left in
         the log into SQLite for the next worker, and delete the rows of calls that ended."""
-        self.move(everything=True)
-        with self._done_lock:
-            self._ended.clear()  # their log files are gone
-        self._delete_ended()
+        try:
+            self.move(everything=True)
+            with self._done_lock:
+                self._ended.clear()  # their log files are gone
+        finally:
+            self._delete_ended()
         return 0
 
     def _delete_ended(self) -> None:
@@ -353,15 +393,26 @@ class Journal:
             return self._failed(self._db(), call_id, error)
 
     def _row_id(self, key: int) -> int | None:
-        """The row of a recorded call, inserted now if it is still only in the log."""
+        """The row of a recorded call, inserted now if it is still only in the log (whose
+        file stays until the row is committed: ``move`` skips it meanwhile)."""
         with self._state:
             while key in self._moving:
                 self._state.wait()
             row_id = self._rows.pop(key, None)
             row = self._unmoved.pop(key, None)
+            if row is not None:
+                self._inserting.add(key)
         if row_id is None and row is not None:
-            with self._writing:
-                [row_id] = self._insert(self._db(), [row])
+            try:
+                with self._writing:
+                    [row_id] = self._insert(self._db(), [row])
+            except BaseException:  # still only in the log: a move takes it
+                with self._state:
+                    self._unmoved[key] = row
+                raise
+            finally:
+                with self._state:
+                    self._inserting.discard(key)
         return row_id
 
     def _failed(self, db: sqlite3.Connection, call_id: int, error: str) -> float | None:
@@ -412,10 +463,7 @@ class Journal:
             return []  # the usual case: no write lock taken, serving threads never wait
         with self._writing:
             claimed, worn, read = self._take(self._db(), time.time(), limit)
-        for path in read:
-            path.unlink(missing_ok=True)
-        if read:
-            self._unmark([(path.name,) for path in read])
+        self._remove(read)  # committed: what fails here must not keep the calls from running
         for row in worn:
             log.error(
                 "deferred %s dead after %d attempts (request %s): %s",
@@ -436,9 +484,13 @@ class Journal:
         workers = {wid: row for wid, *row in db.execute("SELECT * FROM workers")}
         if any(wid != self.worker and _gone(*row, now) for wid, row in workers.items()):
             return True
+        names = set()
         for path in journal_log.files(self.logs):
             if journal_log.owner(path) not in (*workers, self.worker):
                 return True
+            names.add(path.name)
+        if any(name not in names for (name,) in db.execute("SELECT name FROM moved_logs")):
+            return True  # a mark whose file is gone (its removal failed): to tidy
         found = db.execute(
             "SELECT 1 FROM calls WHERE state = 'pending' AND ready_at <= ? AND (owner IS NULL"
             " OR owner NOT IN (SELECT id FROM workers)) LIMIT 1",
@@ -477,7 +529,8 @@ class Journal:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         return claimed, worn, read
 
@@ -487,17 +540,25 @@ class Journal:
         them). Returns those files and the ones already moved, to remove once committed."""
         moved = {name for (name,) in db.execute("SELECT name FROM moved_logs")}
         done: list[Path] = []
+        present = journal_log.files(self.logs)
+        stale = moved - {path.name for path in present}  # files removed, not their marks
+        db.executemany("DELETE FROM moved_logs WHERE name = ?", [(name,) for name in stale])
         unread: dict[str, list[Path]] = {}
-        for path in journal_log.files(self.logs):
+        for path in present:
             writer = journal_log.owner(path)
             if path.name in moved:
                 done.append(path)
             elif writer not in alive:
                 unread.setdefault(writer, []).append(path)
         for writer, paths in unread.items():
+            try:
+                calls = list(journal_log.pending(paths))
+            except OSError:  # left for a later claim: the others are taken meanwhile
+                log.exception("deferred journal %s: reading %s failed", self.path, paths)
+                continue
             rows = [
                 (request, origin, call, payload, writer, created)
-                for request, origin, created, call, payload in journal_log.pending(paths)
+                for request, origin, created, call, payload in calls
             ]
             self._insert(db, rows)
             marks = [(path.name,) for path in paths]
@@ -512,14 +573,19 @@ class Journal:
         db = self._db()
         found = dict(db.execute("SELECT state, count(*) FROM calls GROUP BY state"))
         moved = {name for (name,) in db.execute("SELECT name FROM moved_logs")}
-        with self._state:  # this process's calls still only in its log
-            logged = len(self._unmoved) + len(self._moving)
+        logged = 0
+        mine = {self.worker} if self.worker else set()
+        for journal in list(_journals):  # this process's calls still only in its logs (two
+            if journal.logs == self.logs and journal.worker in mine:  # middlewares: two)
+                with journal._state:
+                    logged += len(journal._unmoved) + len(journal._moving)
         others: dict[str, list[Path]] = {}
         for path in journal_log.files(self.logs):
-            if path.name not in moved and journal_log.owner(path) != self.worker:
+            if path.name not in moved and journal_log.owner(path) not in mine:
                 others.setdefault(journal_log.owner(path), []).append(path)
-        for paths in others.values():  # in the last half second, or a gone worker's
-            logged += sum(1 for _ in journal_log.pending(paths, warn=False))
+        for paths in others.values():  # recorded in the last half second, or a gone worker's
+            with contextlib.suppress(OSError):  # unreadable: the claims' log says so
+                logged += sum(1 for _ in journal_log.pending(paths, warn=False))
         pending = found.get("pending", 0) + logged
         return {"journal_pending": pending, "journal_dead": found.get("dead", 0)}
 
@@ -593,7 +659,8 @@ class Sweeper:
         self.run = run
         self.room = room
         self._pid = 0
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # no more claims
+        self._end = threading.Event()  # no more moves either: the thread ends
 
     def start(self) -> None:
         """Start (once per process: again in a forked child)."""
@@ -601,25 +668,38 @@ class Sweeper:
             return
         self._pid = os.getpid()
         self._stop = threading.Event()
+        self._end = threading.Event()
         threading.Thread(target=self._loop, name="deferred-journal", daemon=True).start()
 
     def stop(self, _seconds_left: float = 0.0) -> int:
-        """Stop claiming (a drain hook: abandons nothing, the journal keeps it all)."""
+        """Stop claiming (a drain hook: abandons nothing, the journal keeps it all). The
+        thread goes on moving the log and beating while the process lives: a call that
+        ends during the drain must leave the log, or a kill then would run it again."""
         self._stop.set()
         return 0
 
+    def end(self) -> None:
+        """End the thread (a test, or an app done with this journal)."""
+        self._stop.set()
+        self._end.set()
+
     def _loop(self) -> None:
         background()
-        beat = looked = 0.0
-        while not self._stop.is_set():
+        beat = looked = failed = 0.0
+        while not self._end.is_set():
             try:
                 self.journal.move()
+            except Exception:  # the heartbeat goes on: others must not take this worker's
+                if time.monotonic() - failed >= HEARTBEAT:  # once a beat: a full disk
+                    failed = time.monotonic()  # is no place for 4 tracebacks a second
+                    log.exception("deferred journal %s: moving the log failed", self.journal.path)
+            try:
                 now = time.monotonic()
                 if now - beat >= HEARTBEAT:
                     self.journal.heartbeat()
                     self.journal.checkpoint()
                     beat = now
-                if now - looked < POLL:
+                if self._stop.is_set() or now - looked < POLL:
                     continue
                 looked = now
                 while self.room() and not self._stop.is_set():
@@ -631,7 +711,7 @@ class Sweeper:
             except Exception:
                 log.exception("deferred journal %s: claiming failed", self.journal.path)
             finally:
-                self._stop.wait(journal_log.MOVE_EVERY)
+                self._end.wait(journal_log.MOVE_EVERY)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ at a frame cut short or damaged.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -89,9 +91,12 @@ def read(path: Path, warn: bool = True) -> Iterator[tuple]:
             break
         length, crc = HEADER.unpack_from(data, pos)
         body = data[pos + HEADER.size : pos + HEADER.size + length]
-        if len(body) < length or zlib.crc32(body) != crc:
+        if not length or len(body) < length or zlib.crc32(body) != crc:
+            break  # zeros (an empty body's CRC is 0) are a tail never written too
+        frame = _decoded(body)
+        if frame is None:
             break
-        yield pickle.loads(body)
+        yield frame
         pos += HEADER.size + length
     if pos < len(data) and warn:
         log.warning(
@@ -99,6 +104,25 @@ def read(path: Path, warn: bool = True) -> Iterator[tuple]:
             path,
             len(data) - pos,
         )
+
+
+def _decoded(body: bytes) -> tuple | None:
+    """The frame in ``body``, or None if it is not one (whatever its CRC says)."""
+    try:
+        frame = pickle.loads(body)
+        if frame[0] == "ended" and len(frame) == 2:
+            return frame if all(isinstance(key, int) for key in frame[1]) else None
+        kind, request, origin, created, calls, keys = frame
+        if kind != "calls" or not (isinstance(request, str) and isinstance(origin, str)):
+            return None
+        if not isinstance(created, float) or len(calls) != len(keys):
+            return None
+        for path, payload in calls:
+            if not (isinstance(path, str) and isinstance(payload, bytes)):
+                return None
+    except Exception:
+        return None
+    return frame
 
 
 def owner(path: Path) -> str:
@@ -127,36 +151,55 @@ class CallLog:
         self._lock = threading.Lock()  # orders appends and the switch to a new file
         self._fd = -1  # opened at the first append
         self._path: Path | None = None
+        self._size = 0  # of the current file: what a write cut short is cut back to
         self._keys: list[int] = []  # of the calls in the current file
         self._older: list[tuple[Path, list[int]]] = []  # files started before, oldest first
 
     def append(self, frame: bytes, keys: Sequence[int]) -> None:
-        """Write ``frame`` (the calls ``keys``) in one ``write``."""
+        """Write ``frame`` (the calls ``keys``) in one ``write``; OSError if it is not
+        written whole (a full disk): then nothing of it is left to hide later frames."""
         with self._lock:
             if self._fd < 0:
                 self._fd, self._path = self._open()
-            os.write(self._fd, frame)
+                self._size = 0
+            try:
+                written = os.write(self._fd, frame)
+                if written != len(frame):
+                    raise OSError(
+                        errno.ENOSPC, f"log write cut short ({written} of {len(frame)} bytes)"
+                    )
+            except OSError:
+                # cut it back, and start a new file: a torn frame would end the reading
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+                self._close()
+                raise
+            self._size += written
             self._keys.extend(keys)
+
+    def _close(self) -> None:
+        """(Under ``_lock``.) Close the current file: the next append opens another."""
+        if self._fd >= 0 and self._path is not None:
+            os.close(self._fd)
+            self._older.append((self._path, self._keys))
+        self._fd, self._path, self._keys = -1, None, []
 
     def turn(self, everything: bool = False) -> list[tuple[Path, list[int]]]:
         """Start a new file; return the files whose calls are due to move (those started
         before the previous turn), or with ``everything`` all of them."""
         with self._lock:
-            fd, path, keys = self._fd, self._path, self._keys
-            self._fd, self._path, self._keys = -1, None, []  # the next append opens one
-        closed = fd >= 0 and path is not None
-        if closed:
-            os.close(fd)
-            self._older.append((path, keys))
-        if everything or not closed:  # what is older has aged a whole turn at least
-            due, self._older = self._older, []
-        else:
-            due, self._older = self._older[:-1], self._older[-1:]
+            closed = self._fd >= 0
+            self._close()
+            if everything or not closed:  # what is older has aged a whole turn at least
+                due, self._older = self._older, []
+            else:
+                due, self._older = self._older[:-1], self._older[-1:]
         return due
 
     def keep(self, due: list[tuple[Path, list[int]]]) -> None:
         """Files ``turn`` gave whose calls could not move: due again at the next turn."""
-        self._older[:0] = due
+        with self._lock:
+            self._older[:0] = due
 
     def _open(self) -> tuple[int, Path]:
         self.directory.mkdir(parents=True, exist_ok=True)
