@@ -8,7 +8,8 @@ of CPU each with the worker free to move, 112 µs with it bound to one CPU (see
 the README, Performance). Bound, the turns are cheap, and no core is lost: one
 thread runs Python at a time anyway. Processes the worker starts for work of
 their own (the deferred helper, commands after the response) use every CPU
-the worker was allowed, which ``FCGI_CPUS`` keeps for them and for a reload.
+the worker was allowed, which ``FCGI_CPUS`` keeps for them and for a reload
+(the reload's import check too: ``unbind_thread``).
 """
 
 from __future__ import annotations
@@ -58,3 +59,10 @@ def bind(choice: str | int) -> int | None:
         os.environ[ENV] = ",".join(map(str, cpus))
         return cpu
     return None
+
+
+def unbind_thread() -> None:
+    """Let the calling thread (and the processes it starts) use every CPU the worker was
+    allowed: for a thread that only waits on a process of its own."""
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, allowed())

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import affinity
 from .accesslog import AccessLog
 from .answers import Answers
 from .connection import Connection
@@ -184,6 +185,7 @@ class Server:
 
     def _check_then_reload(self, why: str) -> None:
         log.info("%s: reloading; importing %s in a child process first", why, self.options.app)
+        affinity.unbind_thread()  # the import check has a GIL of its own: every CPU
         try:
             failure = check_app(self.options.app, self.options.pythonpath)
             while self._check_again and failure is None:

@@ -4,10 +4,11 @@ deferred work as background threads that never preempt the serving one."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from tests.fcgi_client import Client
-from tests.procs import run_fcgi, wait_for, worker
+from tests.procs import python_env, run_fcgi, wait_for, worker
 
 ALL = sorted(os.sched_getaffinity(0))
 
@@ -103,3 +104,27 @@ def test_deferred_work_runs_as_background_threads_and_serving_does_not(tmp_path:
             "plain": str(os.SCHED_BATCH),
             "coroutine": str(os.SCHED_BATCH),
         }, f"--threads {threads}"
+
+
+PROBE_APP = """
+import os
+with open(os.environ["CPU_PROBE_OUT"], "a") as f:
+    f.write(f"{os.getpid()} {','.join(map(str, sorted(os.sched_getaffinity(0))))}\\n")
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+
+def test_a_reloads_import_check_may_use_every_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "imports.txt"
+    (tmp_path / "cpu_probe_app.py").write_text(PROBE_APP)
+    args = ("--cpu-affinity", "0", "--pythonpath", str(tmp_path))
+    env = python_env(CPU_PROBE_OUT=str(out))
+    with worker(tmp_path, "cpu_probe_app:app", *args, env=env) as (proc, _):
+        proc.send_signal(signal.SIGHUP)  # reload: the check imports the app in a child
+        text = wait_for(lambda: out.read_text().count("\n") >= 3 and out.read_text(), 20)
+    imports = [line.split() for line in text.splitlines()]
+    checks = [cpus for pid, cpus in imports if int(pid) != proc.pid]
+    assert checks == [",".join(map(str, ALL))]
