@@ -455,6 +455,17 @@ def test_gone_workers_are_forgotten_even_with_nothing_to_take(tmp_path: Path) ->
 # -- the log under attack: torn files, failing writes, races, stops ----------------------------
 
 
+def failing(path: Path, statement: str, message: str) -> sqlite3.Connection:
+    """Another connection to the journal, with a trigger that makes ``statement`` (such
+    as ``INSERT ON moved_logs``) fail with SQLite's ``message``; ``DROP TRIGGER fault``
+    ends it."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(
+        f"CREATE TRIGGER fault BEFORE {statement} BEGIN SELECT RAISE(ABORT, '{message}'); END"
+    )
+    return db
+
+
 def run_and_die(script: str) -> str:
     """Run ``script`` (``path`` is the journal) in another process that SIGKILLs itself
     at its end; its output."""
@@ -519,14 +530,10 @@ def test_a_move_failing_at_its_commit_moves_again_and_deletes_no_other_row(
     path = tmp_path / "j.sqlite3"
     with contextlib.closing(Journal(path)) as journal:
         [a] = journal.record("GET /a", [("m:a", b"1")])
-        db = sqlite3.connect(path, isolation_level=None)
-        db.execute(
-            "CREATE TRIGGER full BEFORE INSERT ON moved_logs"
-            " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
-        )
+        db = failing(path, "INSERT ON moved_logs", "database or disk is full")
         with pytest.raises(sqlite3.DatabaseError, match="disk is full"):
             journal.move(everything=True)
-        db.execute("DROP TRIGGER full")
+        db.execute("DROP TRIGGER fault")
         db.close()
         journal.record("GET /b", [("m:b", b"2")])
         assert journal.move(everything=True) == 2  # a again, and b
@@ -541,13 +548,9 @@ def test_claimed_calls_are_handed_over_even_if_tidying_the_log_fails(tmp_path: P
     path = tmp_path / "j.sqlite3"
     record_and_die(path, ["a1"])
     with contextlib.closing(Journal(path)) as journal:
-        db = sqlite3.connect(path, isolation_level=None)
-        db.execute(
-            "CREATE TRIGGER locked BEFORE DELETE ON moved_logs"
-            " BEGIN SELECT RAISE(ABORT, 'database is locked'); END"
-        )
+        db = failing(path, "DELETE ON moved_logs", "database is locked")
         assert [texts(g) for g in journal.claim()] == [["a1"]]
-        db.execute("DROP TRIGGER locked")
+        db.execute("DROP TRIGGER fault")
         assert journal.claim() == []  # and the mark left behind is tidied
         assert db.execute("SELECT count(*) FROM moved_logs").fetchone() == (0,)
         db.close()
@@ -559,11 +562,7 @@ def test_a_call_ending_during_a_move_whose_tidying_fails_is_still_forgotten(
     path = tmp_path / "j.sqlite3"
     with contextlib.closing(Journal(path)) as journal:
         [a] = journal.record("GET /a", [("m:a", b"1")])
-        db = sqlite3.connect(path, isolation_level=None)
-        db.execute(
-            "CREATE TRIGGER locked BEFORE DELETE ON moved_logs"
-            " BEGIN SELECT RAISE(ABORT, 'database is locked'); END"
-        )
+        db = failing(path, "DELETE ON moved_logs", "database is locked")
         db.execute("BEGIN IMMEDIATE")  # the move waits for SQLite's write lock
         mover = threading.Thread(target=journal.move, kwargs={"everything": True})
         mover.start()
@@ -691,11 +690,7 @@ def test_a_move_failing_again_and_again_does_not_stop_the_heartbeat(
     path = tmp_path / "j.sqlite3"
     with contextlib.closing(Journal(path)) as journal:
         journal.record("GET /", [("m:a", b"1")])
-        db = sqlite3.connect(path, isolation_level=None)
-        db.execute(
-            "CREATE TRIGGER full BEFORE INSERT ON moved_logs"
-            " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
-        )
+        db = failing(path, "INSERT ON moved_logs", "database or disk is full")
         sweeper = journal_module.Sweeper(journal, lambda rows: None)
         start = time.time()
         sweeper.start()
@@ -707,7 +702,7 @@ def test_a_move_failing_again_and_again_does_not_stop_the_heartbeat(
             wait_for(lambda: beat() > start + 1.0, 5, "heartbeats while moves fail")
         finally:
             sweeper.end()
-            db.execute("DROP TRIGGER full")
+            db.execute("DROP TRIGGER fault")
             db.close()
 
 
