@@ -149,21 +149,20 @@ class Journal:
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection (a new one after a fork: SQLite's may not cross it)."""
-        db = getattr(self._local, "db", None)
-        if db is None or self._local.pid != os.getpid():
+        owned = getattr(self._local, "owned", None)
+        if owned is None or owned.pid != os.getpid():
+            if owned is not None:  # the parent's, inherited: never closed here (see _Owned)
+                owned.db = None
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             db.execute("PRAGMA synchronous=NORMAL")
             # no checkpoint (its fsync) on a serving thread: the sweeper does them
             db.execute("PRAGMA wal_autocheckpoint=0")
-            self._local.db, self._local.pid = db, os.getpid()
-        return db
+            owned = self._local.owned = _Owned(db)
+        return owned.db
 
     def close(self) -> None:
         """Close this thread's connection (a CLI run, a test); another call reopens it."""
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            self._local.db = None
-            db.close()
+        self._local.owned = None
 
     def _register(self) -> None:
         """Enter this process in ``workers`` (again after a fork or an exec)."""
@@ -618,6 +617,21 @@ class Journal:
             if ids is None:
                 return db.execute(sql).rowcount
             return sum(db.execute(sql + " AND id = ?", (i,)).rowcount for i in ids)
+
+
+class _Owned:
+    """One thread's connection, closed when that thread ends or the journal goes (an
+    unclosed connection warns when collected, from Python 3.13). One inherited across
+    a fork is dropped unclosed: closing it could tidy the WAL under the parent."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db: sqlite3.Connection | None = db
+        self.pid = os.getpid()
+
+    def __del__(self) -> None:
+        if self.db is not None and self.pid == os.getpid():
+            with contextlib.suppress(Exception):
+                self.db.close()
 
 
 def _gone(host: str, pid: int, heartbeat: float, now: float) -> bool:
