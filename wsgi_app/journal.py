@@ -483,12 +483,10 @@ class Journal:
         workers = {wid: row for wid, *row in db.execute("SELECT * FROM workers")}
         if any(wid != self.worker and _gone(*row, now) for wid, row in workers.items()):
             return True
-        names = set()
-        for path in journal_log.files(self.logs):
-            if journal_log.owner(path) not in (*workers, self.worker):
-                return True
-            names.add(path.name)
-        if any(name not in names for (name,) in db.execute("SELECT name FROM moved_logs")):
+        present = journal_log.files(self.logs)
+        if any(journal_log.owner(path) not in (*workers, self.worker) for path in present):
+            return True
+        if _moved(db) - {path.name for path in present}:
             return True  # a mark whose file is gone (its removal failed): to tidy
         found = db.execute(
             "SELECT 1 FROM calls WHERE state = 'pending' AND ready_at <= ? AND (owner IS NULL"
@@ -537,18 +535,16 @@ class Journal:
         """(In ``_take``'s transaction.) Insert the calls not said to have ended in the
         log files of workers not ``alive``, owned by their writer (gone: the claim takes
         them). Returns those files and the ones already moved, to remove once committed."""
-        moved = {name for (name,) in db.execute("SELECT name FROM moved_logs")}
-        done: list[Path] = []
+        moved = _moved(db)
         present = journal_log.files(self.logs)
         stale = moved - {path.name for path in present}  # files removed, not their marks
         db.executemany("DELETE FROM moved_logs WHERE name = ?", [(name,) for name in stale])
-        unread: dict[str, list[Path]] = {}
-        for path in present:
-            writer = journal_log.owner(path)
-            if path.name in moved:
-                done.append(path)
-            elif writer not in alive:
-                unread.setdefault(writer, []).append(path)
+        done = [path for path in present if path.name in moved]
+        unread = journal_log.by_owner(
+            path
+            for path in present
+            if path.name not in moved and journal_log.owner(path) not in alive
+        )
         for writer, paths in unread.items():
             try:
                 calls = list(journal_log.pending(paths))
@@ -571,17 +567,18 @@ class Journal:
         """Calls pending (in any worker, or waiting for a retry) and dead, journal-wide."""
         db = self._db()
         found = dict(db.execute("SELECT state, count(*) FROM calls GROUP BY state"))
-        moved = {name for (name,) in db.execute("SELECT name FROM moved_logs")}
+        moved = _moved(db)
         logged = 0
         mine = {self.worker} if self.worker else set()
         for journal in list(_journals):  # this process's calls still only in its logs (two
             if journal.logs == self.logs and journal.worker in mine:  # middlewares: two)
                 with journal._state:
                     logged += len(journal._unmoved) + len(journal._moving)
-        others: dict[str, list[Path]] = {}
-        for path in journal_log.files(self.logs):
-            if path.name not in moved and journal_log.owner(path) not in mine:
-                others.setdefault(journal_log.owner(path), []).append(path)
+        others = journal_log.by_owner(
+            path
+            for path in journal_log.files(self.logs)
+            if path.name not in moved and journal_log.owner(path) not in mine
+        )
         for paths in others.values():  # recorded in the last half second, or a gone worker's
             with contextlib.suppress(OSError):  # unreadable: the claims' log says so
                 logged += sum(1 for _ in journal_log.pending(paths, warn=False))
@@ -632,6 +629,11 @@ class _Owned:
         if self.db is not None and self.pid == os.getpid():
             with contextlib.suppress(Exception):
                 self.db.close()
+
+
+def _moved(db: sqlite3.Connection) -> set[str]:
+    """The log files marked as moved into SQLite already."""
+    return {name for (name,) in db.execute("SELECT name FROM moved_logs")}
 
 
 def _gone(host: str, pid: int, heartbeat: float, now: float) -> bool:

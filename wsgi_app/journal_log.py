@@ -31,7 +31,7 @@ import pickle
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger("wsgi_app.deferred")
@@ -127,17 +127,26 @@ def _decoded(body: bytes) -> tuple | None:
 
 def owner(path: Path) -> str:
     """The worker id a log file belongs to (``<worker id>.<n>.log``)."""
-    return path.name[: -len(SUFFIX)].rsplit(".", 1)[0]
+    return _name(path)[0]
+
+
+def _name(path: Path) -> tuple[str, int]:
+    """(worker id, file number) from ``<worker id>.<n>.log``; 0 for a number not one."""
+    parts = path.name[: -len(SUFFIX)].rsplit(".", 1)
+    return parts[0], int(parts[-1]) if parts[-1].isdigit() else 0
 
 
 def files(directory: Path) -> list[Path]:
     """The log files in ``directory``, each worker's in the order it wrote them."""
+    return sorted(directory.glob(f"*{SUFFIX}"), key=_name)
 
-    def order(path: Path) -> tuple[str, int]:
-        number = path.name[: -len(SUFFIX)].rsplit(".", 1)[-1]
-        return owner(path), int(number) if number.isdigit() else 0
 
-    return sorted(directory.glob(f"*{SUFFIX}"), key=order)
+def by_owner(paths: Iterable[Path]) -> dict[str, list[Path]]:
+    """``paths`` grouped by the worker that wrote them, in their order."""
+    grouped: dict[str, list[Path]] = {}
+    for path in paths:
+        grouped.setdefault(owner(path), []).append(path)
+    return grouped
 
 
 class CallLog:
