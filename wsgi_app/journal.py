@@ -340,7 +340,6 @@ class Journal:
                 self._done.clear()  # a forked child: the parent forgets its own
                 self._ended.clear()
                 threading.Thread(target=self._flush_loop, name="journal-done", daemon=True).start()
-                atexit.register(self.flush)
             pending.append(value)
             if len(self._done) + len(self._ended) == 1:
                 self._done_lock.notify()
