@@ -84,10 +84,15 @@ def url(port: int, path: str = "/") -> str:
     return f"http://127.0.0.1:{port}{path}"
 
 
-def ours(stack_: contextlib.ExitStack, tmp: Path, app: str, *args: str) -> tuple[int, int]:
-    """Our worker with default options behind the shipped nginx.conf: (port, pid)."""
+def ours(
+    stack_: contextlib.ExitStack, tmp: Path, app: str, *args: str, **env: str
+) -> tuple[int, int]:
+    """Our worker with default options (and ``env``) behind the shipped nginx.conf:
+    (port, pid)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    proc, sock = stack_.enter_context(worker(tmp, app, "--log-level", "warning", *args))
+    proc, sock = stack_.enter_context(
+        worker(tmp, app, "--log-level", "warning", *args, env=python_env(**env))
+    )
     return stack_.enter_context(nginx(tmp, sock)), proc.pid
 
 
@@ -399,14 +404,14 @@ def journal_cost(tmp: Path) -> None:
 
     journal = tmp / "journal" / "deferred.sqlite3"
     with contextlib.ExitStack() as es:
-        where = _kept_worker(es, tmp / "journal", {"BENCH_JOURNAL": str(journal)})
+        where = ours(es, tmp / "journal", f"{APPS}:kept", BENCH_JOURNAL=str(journal))
         res = _paired_rounds({"memory": (*where, "/memory"), "journal": (*where, "/journal")})
         with contextlib.closing(Journal(journal)) as kept:
             wait_for(lambda: kept.counts()["journal_pending"] == 0, 120, "the journal to empty")
     with contextlib.ExitStack() as es:
         broker = es.enter_context(redis(_made(tmp / "redis")))
         es.enter_context(celery_worker(tmp / "redis", broker))
-        where = _kept_worker(es, tmp / "celery", {"BENCH_CELERY": broker})
+        where = ours(es, tmp / "celery", f"{APPS}:kept", BENCH_CELERY=broker)
         sides = {"memory (again)": (*where, "/memory"), "celery": (*where, "/celery")}
         res.update(_paired_rounds(sides))
     table(
@@ -437,16 +442,6 @@ def journal_cost(tmp: Path) -> None:
         journal_ratio >= 0.9,
         f"CPU ratio {cpu_journal:.2f}",
     )
-
-
-def _kept_worker(es: contextlib.ExitStack, where: Path, env: dict[str, str]) -> tuple[int, int]:
-    """The ``kept`` app (memory and durable sides) in our worker with ``env``, behind
-    nginx: (port, worker pid)."""
-    args = ("--log-level", "warning")
-    proc, sock = es.enter_context(
-        worker(_made(where), f"{APPS}:kept", *args, env=python_env(**env))
-    )
-    return es.enter_context(nginx(where, sock)), proc.pid
 
 
 def _paired_rounds(sides: dict[str, tuple[int, int, str]]) -> dict[str, list[Run]]:
