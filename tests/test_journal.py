@@ -442,6 +442,24 @@ def test_calls_left_at_a_graceful_stops_deadline_run_in_the_next_worker(tmp_path
         check_all_ran(out, 10)
 
 
+def test_calls_left_at_a_reloads_deadline_run_once_in_the_reloaded_worker(
+    tmp_path: Path,
+) -> None:
+    """A reload execs in place: the same pid under a new worker id takes over the calls
+    its drain left; those that had ended do not run again."""
+    out, path = tmp_path / "out", tmp_path / "j.sqlite3"
+    env = journal_env(path, DEFERRED_THREADS="1")
+    app = "tests.apps_journal:application"
+    with worker(tmp_path, app, "--graceful-timeout", "0.3", env=env) as (proc, sock):
+        send_batches(sock, out, 1, 10, 0.2)  # 2 s of work, 0.3 s to reload
+        proc.send_signal(signal.SIGHUP)
+        runs = check_all_ran(out, 10)
+        wait_for(lambda: counts(path)["journal_pending"] == 0, what="an empty journal")
+    assert "kept in" in (tmp_path / "app.log").read_text()
+    assert {ln.split()[1] for ln in lines(out)} == {str(proc.pid)}
+    assert sum(runs.values()) <= 11, runs  # only the call running at the exec twice
+
+
 def test_gone_workers_are_forgotten_even_with_nothing_to_take(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     record_and_die(path)  # registers nothing: no call recorded
