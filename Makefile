@@ -22,7 +22,7 @@ CTL := $(VENV)/bin/supervisorctl -c $(SUPERVISOR_CONF)
 ROOT := $(CURDIR)
 # Your app: make APP=mysite.wsgi:application start (FCGI_CHDIR=/srv/mysite if it
 # lives elsewhere; every FCGI_<OPTION> of `python -m fcgi --help` reaches the workers).
-APP ?= wsgi_app:application
+APP ?= wsgi_app.demo:application
 # Served by nginx at /static/: Django's STATIC_ROOT, a Flask app's static folder.
 STATIC_DIR ?= var/static
 # Started as root, the workers and nginx's workers run as this user: www-data where
@@ -124,7 +124,7 @@ logs:
 	tail -F var/log/app_*.log var/log/access.log var/log/nginx-error.log var/log/demo.log
 
 demo: install
-	$(PY) -m wsgi_app.demo_client http://$(NGINX_LISTEN)/demo var/log/demo.log
+	$(PY) -m wsgi_app.demo.client http://$(NGINX_LISTEN)/demo var/log/demo.log
 
 test: install test-packages
 	$(PY) -m pytest

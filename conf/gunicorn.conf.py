@@ -12,7 +12,7 @@ import os
 
 from wsgi_app.deferred import drain
 
-wsgi_app = "wsgi_app:application"  # a MODULE:CALLABLE on the command line wins
+wsgi_app = "wsgi_app.demo:application"  # a MODULE:CALLABLE on the command line wins
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")  # nginx proxy_passes here
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))  # processes; one per core is typical
 worker_class = "sync"  # one request at a time per worker, like the FastCGI pool

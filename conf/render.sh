@@ -31,5 +31,5 @@ if [ ! -e "$mime" ]; then  # another build: mime.types beside its nginx.conf
     mime=$(dirname "${conf:-/etc/nginx/nginx.conf}")/mime.types
 fi
 mkdir -p "$var/run" "$var/log" "$var/tmp"
-sed -e "/^[[:space:]]*#/!{s|@LISTEN@|$listen|g; s|@HOST@|$host|g; s|@PORT@|$port|g; s|@SOCKET@|$socket|g; s|@VAR@|$var|g; s|@ROOT@|$root|g; s|@USER@|$user|g; s|@STATIC@|$static|g; s|@MIME_TYPES@|$mime|g; s|@APP@|${APP:-wsgi_app:application}|g; s|@NUMPROCS@|${NUMPROCS:-2}|g; s|@NGINX_BIN@|${NGINX_BIN:-/usr/sbin/nginx}|g; s|@PYTHON@|${FCGI_PYTHON:-$root/.venv/bin/python}|g; s|@FCGI_USER@|${FCGI_USER:-root}|g}" \
+sed -e "/^[[:space:]]*#/!{s|@LISTEN@|$listen|g; s|@HOST@|$host|g; s|@PORT@|$port|g; s|@SOCKET@|$socket|g; s|@VAR@|$var|g; s|@ROOT@|$root|g; s|@USER@|$user|g; s|@STATIC@|$static|g; s|@MIME_TYPES@|$mime|g; s|@APP@|${APP:-wsgi_app.demo:application}|g; s|@NUMPROCS@|${NUMPROCS:-2}|g; s|@NGINX_BIN@|${NGINX_BIN:-/usr/sbin/nginx}|g; s|@PYTHON@|${FCGI_PYTHON:-$root/.venv/bin/python}|g; s|@FCGI_USER@|${FCGI_USER:-root}|g}" \
     "$template"

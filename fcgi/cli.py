@@ -24,8 +24,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import affinity, logs
-from .listener import Listener, ListenError, open_listener
+from . import affinity
+from .io.listener import Listener, ListenError, open_listener
+from .ops import logs
 from .options import Options
 from .reload import exec_in_place, take_handover
 from .server import Server

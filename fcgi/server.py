@@ -28,18 +28,18 @@ from collections.abc import Callable
 from typing import Any
 
 from . import affinity
-from .accesslog import AccessLog
-from .answers import Answers
-from .connection import Connection
-from .fcgiconn import IncomingRequest
-from .listener import Listener
-from .loop import IOLoop
+from .io.channel import Connection
+from .io.listener import Listener
+from .io.loop import IOLoop
+from .ops.accesslog import AccessLog
+from .ops.answers import Answers
+from .ops.watchdog import Watchdog
 from .options import Options
 from .reload import Handover, check_app, release_signals
-from .request import BAD_REQUEST, Request, log_access
-from .runner import InlineRunner, ThreadRunner
-from .streams import ErrorStream
-from .watchdog import Watchdog
+from .wire.connection import IncomingRequest
+from .wsgi.request import BAD_REQUEST, Request, log_access
+from .wsgi.runners import InlineRunner, ThreadRunner
+from .wsgi.streams import ErrorStream
 
 log = logging.getLogger("fcgi")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fcgi.listener import open_listener
+from fcgi.io.listener import open_listener
 from fcgi.options import Options
 from fcgi.server import Server
 from tests.fcgi_client import Client

@@ -213,7 +213,7 @@ def stack(
         NUMPROCS=str(numprocs),
         FCGI_PYTHON=sys.executable,
         NGINX_BIN=require("nginx", "nginx-light"),
-        **{"APP": "wsgi_app:application", "FCGI_USER": this_user(), **env_extra},
+        **{"APP": "wsgi_app.demo:application", "FCGI_USER": this_user(), **env_extra},
     )
     env.pop("PYTHONPATH")  # the workers import wsgi_app from the installed package
     bindir = Path(sys.executable).parent

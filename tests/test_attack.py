@@ -12,7 +12,7 @@ import time
 import pytest
 from flup.server import fcgi_base as flup
 
-from fcgi.scoreboard import Scoreboard
+from fcgi.ops.scoreboard import Scoreboard
 from tests import apps_attack
 from tests.fcgi_client import Client, record, request_bytes
 from tests.procs import python_env, wait_for, worker

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.procs import HTTP, stack, wait_for
-from wsgi_app.demo_client import read_events
+from wsgi_app.demo.client import read_events
 
 pytestmark = pytest.mark.e2e
 

@@ -15,10 +15,10 @@ import warnings
 import pytest
 
 from tests.procs import ROOT, python_env, wait_for
-from wsgi_app.calls import Batch, Call
 from wsgi_app.deferred import DeferredMiddleware, defer, defer_always
-from wsgi_app.executor import DeferredExecutor
-from wsgi_app.pool import ElasticPool
+from wsgi_app.runtime.calls import Batch, Call
+from wsgi_app.runtime.executor import DeferredExecutor
+from wsgi_app.runtime.threads import ElasticPool
 
 
 def call_app(app, path="/"):
@@ -252,7 +252,7 @@ def test_importing_the_package_does_not_build_the_demo():
     )
     assert ok.returncode == 0
     demo = subprocess.run(
-        [sys.executable, "-c", "import wsgi_app; wsgi_app.application"],
+        [sys.executable, "-c", "import wsgi_app.demo; wsgi_app.demo.application"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -13,8 +13,8 @@ from pathlib import Path
 from tests.apps_engine import note_pid
 from tests.fcgi_client import Client
 from tests.procs import python_env, wait_for, worker
-from wsgi_app.calls import Batch, Call
-from wsgi_app.executor import DeferredExecutor
+from wsgi_app.runtime.calls import Batch, Call
+from wsgi_app.runtime.executor import DeferredExecutor
 
 APP = "tests.apps_engine:engine_helper"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from flup.server import fcgi_base as flup
 
-from fcgi import protocol
-from fcgi.fcgiconn import (
+from fcgi.wire import records as protocol
+from fcgi.wire.connection import (
     ConnState,
     FCGIConnection,
     RequestAborted,

@@ -7,8 +7,8 @@ import logging
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fcgi import protocol
-from fcgi.fcgiconn import ConnState, FCGIConnection, RequestAborted, RequestReady
+from fcgi.wire import records as protocol
+from fcgi.wire.connection import ConnState, FCGIConnection, RequestAborted, RequestReady
 from tests import apps
 from tests.conftest import served
 from tests.fcgi_client import begin, params, record, stdin

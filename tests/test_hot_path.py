@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from flup.server import fcgi_base as flup
 
-from fcgi import protocol
-from fcgi.fcgiconn import FCGIConnection, RequestAborted, RequestReady
+from fcgi.wire import records as protocol
+from fcgi.wire.connection import FCGIConnection, RequestAborted, RequestReady
 from tests.fcgi_client import Client, record
 from tests.procs import python_env, wait_for, worker
 

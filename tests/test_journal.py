@@ -21,9 +21,9 @@ import pytest
 from tests import apps_journal
 from tests.fcgi_client import Client
 from tests.procs import ROOT, python_env, stack, stop, wait_for, worker
-from wsgi_app import journal as journal_module
-from wsgi_app.callpath import Unrecordable, dumps_args, path_of, resolve
 from wsgi_app.journal import Journal
+from wsgi_app.journal import store as journal_module
+from wsgi_app.runtime.callpath import Unrecordable, dumps_args, path_of, resolve
 
 # -- what can travel -------------------------------------------------------------------
 
@@ -70,7 +70,7 @@ def record_and_die(path: Path, *batches: list[str]) -> None:
         f"""
         import os, sys
         from wsgi_app.journal import Journal
-        from wsgi_app.callpath import dumps_args
+        from wsgi_app.runtime.callpath import dumps_args
         journal = Journal({str(path)!r})
         for i, texts in enumerate({list(batches)!r}):
             journal.record(f"GET /{{i}}", [
@@ -84,7 +84,7 @@ def record_and_die(path: Path, *batches: list[str]) -> None:
 
 
 def texts(rows) -> list[str]:
-    from wsgi_app.callpath import loads_args
+    from wsgi_app.runtime.callpath import loads_args
 
     return [loads_args(r.payload)[0][1] for r in rows]
 
@@ -129,7 +129,7 @@ def test_calls_that_ended_before_a_kill_do_not_run_again(tmp_path: Path) -> None
     script = textwrap.dedent(
         f"""
         import os, time
-        from wsgi_app import journal_log
+        from wsgi_app.journal import log as journal_log
         from wsgi_app.journal import Journal
         journal = Journal({str(path)!r})
         first, second, third = journal.record("GET /", [("m:a", b""), ("m:b", b""), ("m:c", b"")])
@@ -520,7 +520,7 @@ def test_a_call_failing_while_its_log_moves_survives_a_kill(tmp_path: Path) -> N
     run_and_die(
         f"""
         import os, sqlite3, threading, time
-        from wsgi_app.callpath import dumps_args
+        from wsgi_app.runtime.callpath import dumps_args
         from wsgi_app.journal import Journal
         path = {str(path)!r}
         journal = Journal(path)
@@ -622,7 +622,7 @@ def test_a_write_cut_short_by_a_full_disk_is_refused_and_hides_no_later_call(
     said = run_and_die(
         f"""
         import os, resource, signal
-        from wsgi_app.callpath import dumps_args
+        from wsgi_app.runtime.callpath import dumps_args
         from wsgi_app.journal import Journal
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         journal = Journal({str(path)!r})

@@ -10,8 +10,8 @@ import time
 
 from flup.server import fcgi_base as flup
 
-from fcgi import protocol
-from fcgi.fcgiconn import ConnState, FCGIConnection, RequestReady
+from fcgi.wire import records as protocol
+from fcgi.wire.connection import ConnState, FCGIConnection, RequestReady
 from tests import apps
 from tests.fcgi_client import HEADER, begin, params, record, request_bytes, stdin
 

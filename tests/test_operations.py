@@ -267,8 +267,8 @@ def test_pool_status_through_nginx_reports_both_workers(tmp_path):
 def test_overlapping_requests_keep_the_slot_busy_from_the_oldest(tmp_path):
     """PHP-style requests overlap in one worker: the first to end must not mark the
     worker idle, nor leave a duration measured from 0 (the epoch) for the other."""
-    from fcgi import status
-    from fcgi.scoreboard import Scoreboard
+    from fcgi.ops import status
+    from fcgi.ops.scoreboard import Scoreboard
 
     board = Scoreboard(tmp_path / "board", private=True)
     first = board.request_started("GET", "/first", "")

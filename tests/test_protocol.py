@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flup.server import fcgi_base as flup
 
-from fcgi import protocol
+from fcgi.wire import records as protocol
 
 
 def test_constants_match_flup():

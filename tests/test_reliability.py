@@ -85,7 +85,7 @@ def test_sigterm_with_a_request_half_sent_names_it_once_and_ends_by_the_deadline
     assert len(told) == 1, text
     assert told[0][1] == limit and float(told[0][0]) <= min(graceful, read), text
     took = logged_at(text, "stopped after") - logged_at(text, "stopping: finishing")
-    # the read timeout is checked once a second (fcgi.loop.SWEEP_INTERVAL)
+    # the read timeout is checked once a second (fcgi.io.loop.SWEEP_INTERVAL)
     assert took <= min(graceful, read + 1.0) + 0.25, text
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from flup.server import fcgi_base as flup
 
-from fcgi import protocol
+from fcgi.wire import records as protocol
 from tests import apps
 from tests.fcgi_client import begin, params, record, request_bytes, stdin
 from tests.procs import wait_for

@@ -24,7 +24,7 @@ from typing import Any
 from celery import Celery
 from kombu.utils.json import dumps
 
-from .callpath import Unrecordable, resolve
+from .runtime.callpath import Unrecordable, resolve
 
 log = logging.getLogger("wsgi_app.deferred")
 

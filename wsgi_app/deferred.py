@@ -43,9 +43,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec
 
-from .callpath import Unrecordable, volatile
-from .calls import Batch, Call
-from .executor import DeferredExecutor
+from .runtime.callpath import Unrecordable, volatile
+from .runtime.calls import Batch, Call
+from .runtime.executor import DeferredExecutor
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -252,7 +252,7 @@ class DeferredMiddleware:
         self.engine = None
         self._hooked: list[Any] = [None, None]  # the add_drain_hook, add_stats_hook served
         if durable["journal"] or durable["celery"]:
-            from .engines import engine_for  # only then: SQLite and Celery stay unimported
+            from .backends import engine_for  # only then: SQLite and Celery stay unimported
 
             self.engine = engine_for(durable, self.executor)
             self.engine.start()

@@ -46,8 +46,8 @@ from types import FrameType, FunctionType
 from typing import Any
 
 from .calls import Batch, Call, State
-from .helper import Helper
-from .pool import ElasticPool, background
+from .helper_process import Helper
+from .threads import ElasticPool, background
 
 log = logging.getLogger("wsgi_app.deferred")
 

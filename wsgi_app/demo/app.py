@@ -17,7 +17,7 @@ import uuid
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from .deferred import DeferredMiddleware, finish_request
+from ..deferred import DeferredMiddleware, finish_request
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment

@@ -37,9 +37,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import journal_log
-from .journal_log import CallLog
-from .pool import background
+import wsgi_app.journal.log as journal_log
+
+from ..runtime.threads import background
+from .log import CallLog
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -727,9 +728,3 @@ class Sweeper:
                 log.exception("deferred journal %s: claiming failed", self.journal.path)
             finally:
                 self._end.wait(journal_log.MOVE_EVERY)
-
-
-if __name__ == "__main__":
-    from .journal_cli import main
-
-    raise SystemExit(main())

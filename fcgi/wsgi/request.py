@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .accesslog import AccessLog
-    from .connection import Connection
-    from .fcgiconn import IncomingRequest
+    from ..io.channel import Connection
+    from ..ops.accesslog import AccessLog
+    from ..wire.connection import IncomingRequest
 
 log = logging.getLogger("fcgi")
 

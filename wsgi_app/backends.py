@@ -17,10 +17,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .callpath import Unrecordable, dumps_args, loads_args, path_of, resolve
-from .calls import Batch, Call, State
-from .executor import DeferredExecutor
-from .journal import Journal, Row, Sweeper
+from .journal.store import Journal, Row, Sweeper
+from .runtime.callpath import Unrecordable, dumps_args, loads_args, path_of, resolve
+from .runtime.calls import Batch, Call, State
+from .runtime.executor import DeferredExecutor
 
 log = logging.getLogger("wsgi_app.deferred")
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .logs import timestamp
 
 if TYPE_CHECKING:
-    from .request import Request
+    from ..wsgi.request import Request
 
 COMBINED = (
     '{remote} - - [{time_local}] "{method} {uri} {protocol}" {status} {bytes} "{referer}" '

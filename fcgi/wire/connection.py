@@ -19,8 +19,8 @@ import io
 import logging
 from dataclasses import dataclass
 
-from . import protocol
-from .streams import RequestBody
+from ..wsgi.streams import RequestBody
+from . import records as protocol
 
 log = logging.getLogger("fcgi")
 

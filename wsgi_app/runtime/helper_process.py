@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .calls import Batch, Call, State
-from .pool import background
+from .threads import background
 
 log = logging.getLogger("wsgi_app.deferred")
 

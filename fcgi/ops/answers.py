@@ -14,8 +14,8 @@ from . import status
 from .scoreboard import Scoreboard
 
 if TYPE_CHECKING:
-    from .options import Options
-    from .request import Request
+    from ..options import Options
+    from ..wsgi.request import Request
 
 Answer = Callable[["Request"], None]
 # (requests past --slow-request, the deferred-work counters summed over the stats hooks)

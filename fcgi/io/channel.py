@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Protocol
 
-from .fcgiconn import ConnState, Event, FCGIConnection, IncomingRequest
+from ..wire.connection import ConnState, Event, FCGIConnection, IncomingRequest
 
 log = logging.getLogger("fcgi")
 

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from .journal import Journal
+from .store import Journal
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,3 +71,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, journal: Jou
     else:
         print(f"{journal.purge_dead(ids)} call(s) purged")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

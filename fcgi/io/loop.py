@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .connection import HIGH_WATER, LOW_WATER, Connection
-from .fcgiconn import ConnState, Event, FCGIConnection, IncomingRequest, RequestReady
+from ..options import Options
+from ..reload import Handover, KeptConnection
+from ..wire.connection import ConnState, Event, FCGIConnection, IncomingRequest, RequestReady
+from .channel import HIGH_WATER, LOW_WATER, Connection
 from .listener import Listener
-from .options import Options
-from .reload import Handover, KeptConnection
 
 log = logging.getLogger("fcgi")
 
