@@ -24,6 +24,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .io.loop import KeptConnection
+
 log = logging.getLogger("fcgi")
 
 HANDOVER_ENV = "FCGI_HANDOVER"
@@ -53,16 +55,6 @@ except AppLoadError as exc:
     traceback.print_exception(exc.__cause__ or exc)
     sys.exit(1)
 """
-
-
-@dataclass
-class KeptConnection:
-    """A web server connection with no request on it, kept open across exec."""
-
-    fd: int
-    buffered: bytes = b""  # a record half-read before the exec, parsed first after it
-    fresh: bool = False  # no request was ever begun on it
-    ended: list[int] = field(default_factory=list)  # ids whose late records are dropped
 
 
 @dataclass

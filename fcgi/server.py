@@ -6,7 +6,7 @@ Why not flup's model: flup gives each connection a blocking thread that
 would hold a thread, and the connection could not be reused until all the
 post-response work was over (php-src issue 10335 in another guise). Here one
 thread watches every socket with epoll (``loop.IOLoop``), parses what arrives
-(``fcgiconn``), and hands only complete requests to the runner;
+(``wire.connection``), and hands only complete requests to the runner;
 ``finish_request`` gives the connection straight back to the loop.
 
 Signals only set a flag and wake the loop; nothing stops by an exception.
@@ -28,18 +28,18 @@ from collections.abc import Callable
 from typing import Any
 
 from . import affinity
-from .io.channel import Connection
+from .io.channel import Channel
 from .io.listener import Listener
 from .io.loop import IOLoop
-from .ops.accesslog import AccessLog
+from .ops.accesslog import AccessLog, log_access
 from .ops.answers import Answers
 from .ops.watchdog import Watchdog
 from .options import Options
 from .reload import Handover, check_app, release_signals
 from .wire.connection import IncomingRequest
-from .wsgi.request import BAD_REQUEST, Request, log_access
+from .wsgi.request import BAD_REQUEST, Request
 from .wsgi.runners import InlineRunner, ThreadRunner
-from .wsgi.streams import ErrorStream
+from .wsgi.streams import ErrorStream, RequestBody
 
 log = logging.getLogger("fcgi")
 
@@ -107,6 +107,7 @@ class Server:
             listener,
             options,
             self._on_request,
+            self._on_body,
             self.fcgi_values,
             self.scoreboard.accepted if self.scoreboard is not None else None,
         )
@@ -126,6 +127,9 @@ class Server:
             "wsgi.input_terminated": True,
             "fcgi.add_drain_hook": self.add_drain_hook,
             "fcgi.add_stats_hook": self.add_stats_hook,
+            # the CPUs this worker was allowed before --cpu-affinity bound it to one:
+            # for what deferred work starts (a helper process, a command)
+            "fcgi.cpus": tuple(affinity.allowed()),
             "fcgi.deferred_limits": {
                 "slow": options.slow_deferred or None,
                 "timeout": options.deferred_timeout or None,
@@ -137,7 +141,7 @@ class Server:
         self._stopped = threading.Event()
 
     @property
-    def conns(self) -> dict[int, Connection]:
+    def conns(self) -> dict[int, Channel]:
         """The open connections by fd (the loop's; read them, never change them)."""
         return self.loop.conns
 
@@ -304,7 +308,9 @@ class Server:
         finally:
             if self._owner is token:
                 if self.reloading and self.exit_code != 1:
-                    self.handover = self.loop.hand_over(self.listener)
+                    kept = self.loop.keep_idle()
+                    listener = self.listener
+                    self.handover = Handover(listener.sock.detach(), listener.path, kept)
                 else:
                     self.listener.close()
                 if self.watchdog is not None:
@@ -332,7 +338,7 @@ class Server:
         # connections with no request are parked (no longer read: what comes waits in the
         # kernel for the next interpreter); stopping, they are closed.
         loop.poll(0, still_owner)
-        told: set[Connection] = set()  # those named in the log as half-sent
+        told: set[Channel] = set()  # those named in the log as half-sent
         while time.monotonic() < deadline:
             if self.reloading:
                 arriving = loop.park_idle()
@@ -360,7 +366,7 @@ class Server:
             log.info("stopped after %d request(s)", self.requests)
         return EXIT_ABANDONED if abandoned else EXIT_OK
 
-    def _tell_half_sent(self, told: set[Connection], deadline: float) -> None:
+    def _tell_half_sent(self, told: set[Channel], deadline: float) -> None:
         """Name each connection whose request is half-sent, once: the stop waits for the
         rest of it until --read-timeout closes it or the deadline, whichever comes first."""
         now = time.monotonic()
@@ -386,7 +392,7 @@ class Server:
 
     # -- on the loop's thread ------------------------------------------------------
 
-    def _on_request(self, conn: Connection, incoming: IncomingRequest) -> None:
+    def _on_request(self, conn: Channel, incoming: IncomingRequest) -> None:
         request = Request(conn, incoming)
         self.requests += 1
         request.request_id = f"{self.pid}-{self.seq_base + self.requests}"
@@ -394,6 +400,12 @@ class Server:
         if self.requests == self.recycle_after:
             self.reload(f"recycling after {self.requests} requests")
         self.runner.submit(request)
+
+    def _on_body(self, incoming: IncomingRequest, data: bytes) -> None:
+        body = incoming.body
+        if body is None:
+            body = incoming.body = RequestBody(self.options.spool_threshold)
+        body.add(data)
 
     # -- hooks offered to apps through the environ -----------------------------------
 
@@ -449,7 +461,7 @@ class Server:
                 request.call_app(self.app)
         finally:
             if request.incoming.body is not None:
-                request.incoming.close()
+                request.incoming.body.close()
             del self.in_progress[request]
             if board is not None:
                 board.request_ended()

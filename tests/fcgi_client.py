@@ -51,6 +51,13 @@ def stdin(rid: int, body: bytes = b"") -> bytes:
     return b"".join(record(flup.FCGI_STDIN, rid, c) for c in chunks) + record(flup.FCGI_STDIN, rid)
 
 
+def body_of(events: list, request: object) -> bytes:
+    """The body ``request`` received, from the sans-I/O connection's events."""
+    return b"".join(
+        e.data for e in events if hasattr(e, "data") and getattr(e, "request", None) is request
+    )
+
+
 def request_bytes(
     path: str = "/",
     method: str = "GET",

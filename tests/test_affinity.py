@@ -68,7 +68,7 @@ def test_a_command_after_the_response_may_use_every_cpu(tmp_path: Path) -> None:
 
 
 def test_the_deferred_helper_process_may_use_every_cpu(tmp_path: Path) -> None:
-    with worker(tmp_path, "tests.apps_engine:engine_helper", "--cpu-affinity", "0") as (
+    with worker(tmp_path, "tests.apps_executor:helper", "--cpu-affinity", "0") as (
         proc,
         sock,
     ):

@@ -181,7 +181,7 @@ def test_a_call_run_elsewhere_rebuilds_its_result(app, tasks):
 
     run_task("tests.apps_django_tasks.record", ["r"], {}, "x" * 32, "default")
     assert tasks.ran == [("r", "MainThread")]
-    with pytest.raises(ValueError, match="task g broke"):  # the engine logs it, with the request
+    with pytest.raises(ValueError, match="task g broke"):  # the executor logs it, with the request
         run_task("tests.apps_django_tasks.fail", ["g"], {}, "y" * 32, "default")
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from flup.server import fcgi_base as flup
 
-from fcgi.wire import records as protocol
-from fcgi.wire.connection import FCGIConnection, RequestAborted, RequestReady
-from tests.fcgi_client import Client, record
+from fcgi.wire import records
+from fcgi.wire.connection import Connection, RequestAborted, RequestReady
+from tests.fcgi_client import Client, body_of, record
 from tests.procs import python_env, wait_for, worker
 
 CASES = Path(__file__).parent / "protocol_cases"
@@ -101,22 +101,23 @@ def _padded(rtype: int, rid: int, content: bytes = b"", pad: int = 0) -> bytes:
 
 
 def _feed(data: bytes, cuts: list[int], max_params: int = 4096) -> tuple[list, bytes, str | None]:
-    conn = FCGIConnection(VALUES, max_params=max_params, spool_threshold=16)
+    conn = Connection(VALUES, max_params=max_params)
     seen: list = []
     sent = b""
     pos = 0
+    events: list = []
     try:
         for cut in [*cuts, len(data)]:
             for event in conn.receive_data(data[pos:cut]):
+                events.append(event)
                 if isinstance(event, RequestReady):
                     req = event.request
-                    seen.append(("ready", req.id, req.params, req.stream().read(), req.error))
-                else:
-                    assert isinstance(event, RequestAborted)
+                    seen.append(("ready", req.id, req.params, body_of(events, req), req.error))
+                elif isinstance(event, RequestAborted):
                     seen.append(("aborted", event.request_id))
             sent += b"".join(conn.data_to_send())
             pos = cut
-    except protocol.ProtocolError:
+    except records.ProtocolError:
         return seen, sent, "error"
     return seen, sent, None
 
@@ -161,7 +162,7 @@ def test_odd_but_valid_records_give_the_same_result_whatever_the_reads():
 
 @pytest.mark.parametrize("case", sorted((CASES / "invalid").glob("*.json")), ids=lambda p: p.stem)
 def test_invalid_sequences_fed_byte_by_byte_are_still_protocol_errors(case):
-    from tests.test_fcgiconn import encode
+    from tests.test_connection import encode
 
     data = b"".join(encode(r) for r in json.loads(case.read_text())["records"])
     assert _feed(data, list(range(1, len(data))))[2] == "error"

@@ -725,7 +725,7 @@ def test_a_move_failing_again_and_again_does_not_stop_the_heartbeat(
 
 
 def test_a_memory_middleware_inside_a_journaled_one_runs_its_calls(tmp_path: Path) -> None:
-    """The inner middleware has no engine: its batch is its own, in memory."""
+    """The inner middleware has no backend: its batch is its own, in memory."""
     from wsgi_app.deferred import DeferredMiddleware, defer
 
     out = tmp_path / "out"
@@ -740,5 +740,5 @@ def test_a_memory_middleware_inside_a_journaled_one_runs_its_calls(tmp_path: Pat
     assert b"".join(result) == b"ok\n"
     result.close()
     wait_for(lambda: lines(out) == [f"inner {os.getpid()}"], what="the inner call")
-    outer.engine.flush()
-    outer.engine.sweeper.end()
+    outer.backend.flush()
+    outer.backend.sweeper.end()

@@ -10,15 +10,15 @@ import time
 
 from flup.server import fcgi_base as flup
 
-from fcgi.wire import records as protocol
-from fcgi.wire.connection import ConnState, FCGIConnection, RequestReady
+from fcgi.wire import records
+from fcgi.wire.connection import Connection, ConnState, RequestReady
 from tests import apps
-from tests.fcgi_client import HEADER, begin, params, record, request_bytes, stdin
+from tests.fcgi_client import HEADER, begin, body_of, params, record, request_bytes, stdin
 
 VALUES = {"FCGI_MAX_CONNS": "10", "FCGI_MAX_REQS": "4", "FCGI_MPXS_CONNS": "1"}
 
 
-def records(chunks: list[bytes]) -> list[tuple[int, int, bytes]]:
+def split_records(chunks: list[bytes]) -> list[tuple[int, int, bytes]]:
     data, out, pos = b"".join(chunks), [], 0
     while pos < len(data):
         _v, rtype, rid, clen, plen = HEADER.unpack_from(data, pos)
@@ -28,7 +28,7 @@ def records(chunks: list[bytes]) -> list[tuple[int, int, bytes]]:
 
 
 def test_interleaved_requests_on_one_connection_each_get_their_own_answer():
-    conn = FCGIConnection(VALUES, multiplex=True)
+    conn = Connection(VALUES, multiplex=True)
     env = {"REQUEST_METHOD": "POST", "CONTENT_LENGTH": "6"}
     # Request 1 and 2 arrive record by record, interleaved; 2 completes first.
     stream = [
@@ -48,7 +48,7 @@ def test_interleaved_requests_on_one_connection_each_get_their_own_answer():
     ready = [e.request for e in events if isinstance(e, RequestReady)]
     assert [r.id for r in ready] == [2, 1]
     assert [r.params["PATH_INFO"] for r in ready] == ["/two", "/one"]
-    assert [r.stream().read() for r in ready] == [b"uvwxyz", b"abcdef"]
+    assert [body_of(events, r) for r in ready] == [b"uvwxyz", b"abcdef"]
     assert conn.state is ConnState.ACTIVE and set(conn.requests) == {1, 2}
 
     # Output interleaved by record: each record carries its own request id.
@@ -57,7 +57,7 @@ def test_interleaved_requests_on_one_connection_each_get_their_own_answer():
     assert conn.state is ConnState.ACTIVE  # 1 is still running: the connection is not free
     out += conn.end_request(1)
     assert conn.state is ConnState.IDLE and not conn.requests
-    sent = records(out)
+    sent = split_records(out)
     stdout = {
         rid: b"".join(c for t, r, c in sent if t == flup.FCGI_STDOUT and r == rid) for rid in (1, 2)
     }
@@ -73,12 +73,12 @@ def test_interleaved_requests_on_one_connection_each_get_their_own_answer():
 
 
 def test_refusals_are_logged_at_debug(caplog):
-    conn = FCGIConnection(VALUES, multiplex=True)
+    conn = Connection(VALUES, multiplex=True)
     with caplog.at_level(logging.DEBUG, logger="fcgi"):
         conn.receive_data(begin(1) + begin(1) + begin(3, role=flup.FCGI_AUTHORIZER))
-    sent = records(conn.data_to_send())
+    sent = split_records(conn.data_to_send())
     statuses = [(rid, struct.unpack(flup.FCGI_EndRequestBody, c)[1]) for _t, rid, c in sent]
-    assert statuses == [(1, protocol.CANT_MPX_CONN), (3, protocol.UNKNOWN_ROLE)]
+    assert statuses == [(1, records.CANT_MPX_CONN), (3, records.UNKNOWN_ROLE)]
     text = caplog.text
     assert "request 1 refused" in text and "CANT_MPX_CONN" in text
     assert "request 3 refused" in text and "UNKNOWN_ROLE" in text
@@ -145,7 +145,7 @@ def test_the_finish_frees_its_slot_at_once(serve):
 
 
 def test_a_request_without_keep_conn_closes_the_connection_after_the_others():
-    conn = FCGIConnection(VALUES, multiplex=True)
+    conn = Connection(VALUES, multiplex=True)
     conn.receive_data(begin(1, keep_conn=False) + params(1, {"A": "b"}) + stdin(1))
     conn.receive_data(begin(2) + params(2, {"A": "b"}) + stdin(2))
     conn.end_request(1)

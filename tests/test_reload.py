@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from flup.server import fcgi_base as flup
 
-from fcgi.reload import HANDOVER_ENV, Handover, KeptConnection, take_handover
+from fcgi.io.loop import KeptConnection
+from fcgi.reload import HANDOVER_ENV, Handover, take_handover
 from tests.fcgi_client import Client, record, request_bytes
 from tests.procs import connectable, fcgi_command, python_env, stack, stop, wait_for
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from flup.server import fcgi_base as flup
 
-from fcgi.wire import records as protocol
+from fcgi.wire import records
 from tests import apps
 from tests.fcgi_client import begin, params, record, request_bytes, stdin
 from tests.procs import wait_for
@@ -22,7 +22,7 @@ def test_hello_and_keep_conn_reuse(serve):
         resp = client.request("/")
         assert resp.status == 200
         assert resp.body == b"Hello world\n"
-        assert resp.end == (0, protocol.REQUEST_COMPLETE)
+        assert resp.end == (0, records.REQUEST_COMPLETE)
     ends = [r for r in resp.records if r[0] == flup.FCGI_END_REQUEST]
     assert len(ends) == 1
 
@@ -44,7 +44,7 @@ def test_get_values(serve):
     client.send(record(flup.FCGI_GET_VALUES, 0, query))
     rtype, rid, content = client.read_record()
     assert (rtype, rid) == (flup.FCGI_GET_VALUES_RESULT, 0)
-    values = protocol.decode_pairs(content)
+    values = records.decode_pairs(content)
     assert values["FCGI_MPXS_CONNS"] == "1"
     assert values["FCGI_MAX_REQS"] == "19"  # --threads 3 plus --max-detached 16
     assert values["FCGI_MAX_CONNS"] == "4096"  # --max-connections
@@ -55,11 +55,11 @@ def test_a_request_id_already_active_gets_cant_mpx(serve):
     client = serve(apps.php_style, threads=2).client()
     client.send(request_bytes("/?seconds=0.5") + begin(rid=1))
     ends = []
-    while not any(status == protocol.REQUEST_COMPLETE for status in ends):
+    while not any(status == records.REQUEST_COMPLETE for status in ends):
         rtype, _rid, content = client.read_record()
         if rtype == flup.FCGI_END_REQUEST:
             ends.append(struct.unpack(flup.FCGI_EndRequestBody, content)[1])
-    assert ends == [protocol.CANT_MPX_CONN, protocol.REQUEST_COMPLETE]
+    assert ends == [records.CANT_MPX_CONN, records.REQUEST_COMPLETE]
 
 
 def test_unknown_role_and_unknown_type(serve):
@@ -67,7 +67,7 @@ def test_unknown_role_and_unknown_type(serve):
     client.send(begin(rid=1, role=flup.FCGI_AUTHORIZER))
     rtype, rid, content = client.read_record()
     assert (rtype, rid) == (flup.FCGI_END_REQUEST, 1)
-    assert struct.unpack(flup.FCGI_EndRequestBody, content)[1] == protocol.UNKNOWN_ROLE
+    assert struct.unpack(flup.FCGI_EndRequestBody, content)[1] == records.UNKNOWN_ROLE
     client.send(record(42, 1, b"zz"))
     rtype, rid, content = client.read_record()
     assert rtype == flup.FCGI_UNKNOWN_TYPE and content[0] == 42

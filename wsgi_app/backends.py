@@ -1,10 +1,10 @@
 """Where deferred calls go when they must outlive the worker: the journal, or Celery.
 
-The middleware asks an engine twice per request that deferred work: ``encode``
+The middleware asks an backend twice per request that deferred work: ``encode``
 at each ``defer()`` (so a call that cannot travel is refused there, naming it),
 and ``accept`` once the app is done, before the response is finished. The
-journal engine appends the batch to the worker's journal log there and lets the
-worker's own executor run it; the Celery engine swaps the batch's calls for one call that
+journal backend appends the batch to the worker's journal log there and lets the
+worker's own executor run it; the Celery backend swaps the batch's calls for one call that
 publishes them as a single task, which the executor runs after the response.
 """
 
@@ -24,7 +24,7 @@ from .runtime.executor import DeferredExecutor
 
 log = logging.getLogger("wsgi_app.deferred")
 
-# each call that must travel, with what the engine made of it at defer()
+# each call that must travel, with what the backend made of it at defer()
 Records = list[tuple[Call, Any]]
 
 
@@ -45,7 +45,7 @@ def _kept(batch: Batch, records: Records) -> Records:
     return [(call, record) for call, record in records if call in present]
 
 
-class JournalEngine:
+class JournalBackend:
     """Calls recorded in an SQLite journal before the response is finished, run by this
     worker's executor, taken over by another worker when this one dies."""
 
@@ -143,7 +143,7 @@ class JournalEngine:
             self.executor.submit(batch)
 
 
-class CeleryEngine:
+class CeleryBackend:
     """Calls handed to Celery: each request's calls as one task, run in order by
     ``celery -A wsgi_app.celery worker``; the publishing happens after the response."""
 
@@ -186,10 +186,10 @@ class CeleryEngine:
         return {}
 
 
-def engine_for(
+def backend_for(
     settings: dict[str, Any], executor: DeferredExecutor
-) -> JournalEngine | CeleryEngine | None:
-    """The engine the settings ask for (journal or Celery, not both), or None: memory."""
+) -> JournalBackend | CeleryBackend | None:
+    """The backend the settings ask for (journal or Celery, not both), or None: memory."""
     journal, broker = settings.get("journal"), settings.get("celery")
     if journal and broker:
         raise ValueError(
@@ -197,10 +197,10 @@ def engine_for(
             "deferred work runs in one place, choose one"
         )
     if journal:
-        return JournalEngine(os.fspath(journal), executor, settings["attempts"], settings["retry"])
+        return JournalBackend(os.fspath(journal), executor, settings["attempts"], settings["retry"])
     if broker:
-        return CeleryEngine(broker, executor)
+        return CeleryBackend(broker, executor)
     return None
 
 
-__all__ = ["CeleryEngine", "JournalEngine", "Unrecordable", "engine_for"]
+__all__ = ["CeleryBackend", "JournalBackend", "Unrecordable", "backend_for"]

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .deferred import defer
-from .runtime.helper_process import every_cpu
+from .runtime.cpus import every_cpu
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment

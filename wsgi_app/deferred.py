@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec
 
 from .runtime.callpath import Unrecordable, volatile
 from .runtime.calls import Batch, Call
+from .runtime.cpus import set_allowed
 from .runtime.executor import DeferredExecutor
 
 if TYPE_CHECKING:
@@ -53,8 +54,8 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 
 ENVIRON_KEY = "wsgi_app.deferred"
-DURABLE_KEY = "wsgi_app.deferred.durable"  # the engine, when a journal or Celery is on
-RECORDS_KEY = "wsgi_app.deferred.records"  # what the engine made of each call, once one defers
+DURABLE_KEY = "wsgi_app.deferred.durable"  # the backend, when a journal or Celery is on
+RECORDS_KEY = "wsgi_app.deferred.records"  # what the backend made of each call, once one defers
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -249,41 +250,42 @@ class DeferredMiddleware:
         durable = {k: values.pop(k) for k in ("journal", "attempts", "retry", "celery")}
         self.executor = DeferredExecutor(**values)
         _executors.add(self.executor)
-        self.engine = None
+        self.backend = None
         self._hooked: list[Any] = [None, None]  # the add_drain_hook, add_stats_hook served
         if durable["journal"] or durable["celery"]:
-            from .backends import engine_for  # only then: SQLite and Celery stay unimported
+            from .backends import backend_for  # only then: SQLite and Celery stay unimported
 
-            self.engine = engine_for(durable, self.executor)
-            self.engine.start()
+            self.backend = backend_for(durable, self.executor)
+            self.backend.start()
         self._server_limits: object = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         batch = Batch(origin=_origin(environ), request_id=environ.get("fcgi.request_id", ""))
         environ[ENVIRON_KEY] = batch
-        engine = self.engine
+        backend = self.backend
         # None too: a memory middleware inside a journaled one runs its batch in memory
-        environ[DURABLE_KEY] = engine
+        environ[DURABLE_KEY] = backend
         # The hooks go to each server once: ours offers the same callables to every request.
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None and add_drain_hook is not self._hooked[0]:
-            if engine is not None:
-                add_drain_hook(engine.stop)  # stop taking over others' calls first
+            if backend is not None:
+                add_drain_hook(backend.stop)  # stop taking over others' calls first
             add_drain_hook(self.executor.drain)
-            if engine is not None:
-                add_drain_hook(engine.flush)  # the ends of the calls the drain finished
+            if backend is not None:
+                add_drain_hook(backend.flush)  # the ends of the calls the drain finished
             self._hooked[0] = add_drain_hook
         add_stats_hook = environ.get("fcgi.add_stats_hook")
         if add_stats_hook is not None and add_stats_hook is not self._hooked[1]:
             add_stats_hook(self.executor.snapshot)
-            if engine is not None:
-                add_stats_hook(engine.stats)
+            if backend is not None:
+                add_stats_hook(backend.stats)
             self._hooked[1] = add_stats_hook
         batch.on_done = environ.get("fcgi.log_deferred")  # the access log's second line
         limits = environ.get("fcgi.deferred_limits")
         if limits is not None and limits is not self._server_limits:
             self._server_limits = limits  # the worker's --slow-deferred, --deferred-timeout
             self.executor.configure(**{k: v for k, v in limits.items() if v})
+            set_allowed(environ.get("fcgi.cpus", ()))  # for the helper and commands
         status: list[str] = []
 
         def watching_start_response(s: str, headers: Any, exc_info: Any = None) -> Any:
@@ -319,13 +321,13 @@ class DeferredMiddleware:
         fields = environ.get("fcgi.log_fields")
         if fields is not None:
             fields["deferred"] = len(batch.calls)
-        records = environ.get(RECORDS_KEY) if self.engine is not None else None
+        records = environ.get(RECORDS_KEY) if self.backend is not None else None
         if records:  # recorded before the visitor has the page
             if failure is not None:
                 self._failed_request(batch, failure)
                 failure = None
-            self.engine.start()  # once per process: again in a forked child
-            batch = self.engine.accept(batch, records)
+            self.backend.start()  # once per process: again in a forked child
+            batch = self.backend.accept(batch, records)
         finish_request = environ.get("fcgi.finish_request")
         if finish and finish_request is not None:
             finish_request()
@@ -438,9 +440,9 @@ def _add(environ: WSGIEnvironment, func: Callable[..., Any], args: Any, kwargs: 
         call = Call(func.func, args, kwargs, always=always)
     else:
         call = Call(func, args, kwargs, always=always)
-        engine = environ.get(DURABLE_KEY)
-        if engine is not None:
-            record = (call, engine.encode(func, args, kwargs))
+        backend = environ.get(DURABLE_KEY)
+        if backend is not None:
+            record = (call, backend.encode(func, args, kwargs))
             records = environ.get(RECORDS_KEY)
             if records is None:
                 environ[RECORDS_KEY] = [record]

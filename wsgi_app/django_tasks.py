@@ -149,7 +149,7 @@ class AfterResponseBackend(BaseTaskBackend):
 
     def _failed(self, result: TaskResult, exc: BaseException) -> None:
         """Record the failure in the result; the caller re-raises it, so the deferred-work
-        engine logs it with the request and counts it failed."""
+        executor logs it with the request and counts it failed."""
         kind = type(exc)
         object.__setattr__(result, "finished_at", timezone.now())
         result.errors.append(

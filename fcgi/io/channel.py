@@ -1,6 +1,6 @@
 """One socket from the web server: the I/O half of a FastCGI connection.
 
-The protocol lives in ``fcgiconn.FCGIConnection`` (no I/O); this class owns
+The protocol lives in ``wire.connection.Connection`` (no I/O); this class owns
 the socket and its output buffer. Only the I/O loop reads, registers with
 epoll and closes. A request thread hands its output over with
 ``send_stdout``/``end_request``: when nothing is queued it tries one
@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Protocol
 
-from ..wire.connection import ConnState, Event, FCGIConnection, IncomingRequest
+from ..wire.connection import Connection, ConnState, Event, IncomingRequest
 
 log = logging.getLogger("fcgi")
 
@@ -35,16 +35,16 @@ _RECV_SIZE = 65536
 class LoopHandle(Protocol):
     """What a connection needs of the I/O loop: to be looked at again, from any thread."""
 
-    def attend(self, conn: Connection) -> None: ...
+    def attend(self, conn: Channel) -> None: ...
 
     def in_loop_thread(self) -> bool: ...
 
 
-class Connection:
+class Channel:
     """A web server connection: socket, protocol state, output buffer."""
 
     def __init__(
-        self, sock: socket.socket, proto: FCGIConnection, loop: LoopHandle, write_timeout: float
+        self, sock: socket.socket, proto: Connection, loop: LoopHandle, write_timeout: float
     ) -> None:
         self.sock = sock
         self.write_timeout = write_timeout

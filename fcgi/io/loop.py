@@ -1,9 +1,11 @@
-"""The I/O loop: the only code that touches sockets and epoll.
+"""The I/O loop: the one owner of epoll, the listener and every connection's reading.
 
 It accepts (and closes the least recently used idle connection at
-``--max-connections``), reads and parses what arrives, hands complete requests
-to ``on_request``, flushes output the request threads queued, and closes
-connections that stall past ``--read-timeout`` or ``--write-timeout``. Other
+``--max-connections``), reads and parses what arrives, hands body bytes to
+``on_body`` and complete requests to ``on_request``, flushes the output request
+threads queued (a request thread sends what the socket takes at once itself, see
+``channel``), and closes connections that stall past ``--read-timeout`` or
+``--write-timeout``. Other
 threads never touch epoll: they ask with ``call_soon`` (a queue and a wake
 pipe, as gunicorn's gthread worker does) or ``attend(conn)``.
 """
@@ -19,12 +21,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from ..options import Options
-from ..reload import Handover, KeptConnection
-from ..wire.connection import ConnState, Event, FCGIConnection, IncomingRequest, RequestReady
-from .channel import HIGH_WATER, LOW_WATER, Connection
+from ..wire.connection import (
+    BodyReceived,
+    Connection,
+    ConnState,
+    Event,
+    IncomingRequest,
+    RequestReady,
+)
+from .channel import HIGH_WATER, LOW_WATER, Channel
 from .listener import Listener
 
 log = logging.getLogger("fcgi")
@@ -37,7 +45,28 @@ _OUT = select.EPOLLOUT
 _IN_OUT = select.EPOLLIN | select.EPOLLOUT
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 
-OnRequest = Callable[[Connection, IncomingRequest], None]
+OnRequest = Callable[[Channel, IncomingRequest], None]
+OnBody = Callable[[IncomingRequest, bytes], None]
+
+
+class Limits(Protocol):
+    """What the loop needs of the worker's options."""
+
+    max_connections: int
+    max_params: int
+    read_timeout: float
+    write_timeout: float
+    allow: frozenset[str]
+
+
+@dataclass
+class KeptConnection:
+    """A web server connection with no request on it, kept open across exec."""
+
+    fd: int
+    buffered: bytes = b""  # a record half-read before the exec, parsed first after it
+    fresh: bool = False  # no request was ever begun on it
+    ended: list[int] = field(default_factory=list)  # ids whose late records are dropped
 
 
 class IOLoop:
@@ -46,18 +75,20 @@ class IOLoop:
     def __init__(
         self,
         listener: Listener,
-        options: Options,
+        options: Limits,
         on_request: OnRequest,
+        on_body: OnBody,
         fcgi_values: dict[str, str],
         on_accept: Callable[[], None] | None = None,
     ) -> None:
         self.listener = listener
         self.options = options
         self.on_request = on_request
+        self.on_body = on_body
         self.on_accept = on_accept
         self.fcgi_values = fcgi_values
         self.epoll = select.epoll()
-        self.conns: collections.OrderedDict[int, Connection] = collections.OrderedDict()
+        self.conns: collections.OrderedDict[int, Channel] = collections.OrderedDict()
         self.accepting = False  # the listener is registered
         self._want_accepting = False  # the server wants connections (not stopping)
         self.owner: int | None = None  # the thread running the loop now
@@ -89,7 +120,7 @@ class IOLoop:
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(fd, b"x")
 
-    def attend(self, conn: Connection) -> None:
+    def attend(self, conn: Channel) -> None:
         """Look at ``conn`` again: watch it for writability, or close it if it is done."""
         if self.in_loop_thread():
             self._attend(conn)
@@ -162,19 +193,23 @@ class IOLoop:
         return True
 
     def _dispatch(
-        self, conn: Connection, events: list[Event], still_owner: Callable[[], bool]
+        self, conn: Channel, events: list[Event], still_owner: Callable[[], bool]
     ) -> bool:
         """Hand ``conn``'s events on; False if a request took the loop's thread with it,
         in which case the events after it (several requests multiplexed in one read) go to
         the new owner."""
         on_request = self.on_request
         for i, event in enumerate(events):
-            if type(event) is RequestReady:
-                on_request(conn, event.request)
+            kind = type(event)
+            if kind is RequestReady:
+                on_request(conn, event.request)  # type: ignore[union-attr]
                 if not still_owner():
                     rest = events[i + 1 :]
                     self.call_soon(self._dispatch_rest, conn, rest)
                     return False
+            elif kind is BodyReceived:
+                # outside the channel's lock: a body spooled to a slow disk holds no writer
+                self.on_body(event.request, event.data)  # type: ignore[union-attr]
             else:
                 log.debug(
                     "connection %d: request %d aborted by the web server",
@@ -183,7 +218,7 @@ class IOLoop:
                 )
         return True
 
-    def _dispatch_rest(self, conn: Connection, events: list[Event]) -> None:
+    def _dispatch_rest(self, conn: Channel, events: list[Event]) -> None:
         if self.conns.get(conn.fd) is not conn:
             return  # closed meanwhile: its requests have no one to answer
         if self._dispatch(conn, events, self._local.still_owner) and (conn.out or conn.done):
@@ -201,7 +236,7 @@ class IOLoop:
                 return False
         return True
 
-    def _attend(self, conn: Connection) -> None:
+    def _attend(self, conn: Channel) -> None:
         if self.conns.get(conn.fd) is not conn:
             return
         if conn.done or conn.closed:
@@ -209,13 +244,13 @@ class IOLoop:
         elif conn.watch_writes():
             self._modify(conn, _OUT if conn.paused else _IN_OUT)
 
-    def _modify(self, conn: Connection, mask: int) -> None:
+    def _modify(self, conn: Channel, mask: int) -> None:
         if conn.parked:
             mask &= ~select.EPOLLIN  # a parked connection is written, never read
         with contextlib.suppress(OSError, ValueError):
             self.epoll.modify(conn.fd, mask)
 
-    def close(self, conn: Connection) -> None:
+    def close(self, conn: Channel) -> None:
         """Forget ``conn`` and close its socket; accepting resumes below the limit."""
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
@@ -292,15 +327,13 @@ class IOLoop:
             if self.on_accept is not None:
                 self.on_accept()
             opts = self.options
-            proto = FCGIConnection(
-                self.fcgi_values, opts.max_params, opts.spool_threshold, multiplex=True
-            )
-            conn = Connection(client, proto, self, opts.write_timeout)
+            proto = Connection(self.fcgi_values, opts.max_params, multiplex=True)
+            conn = Channel(client, proto, self, opts.write_timeout)
             log.debug("connection %d: opened", conn.fd)
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, _IN)
 
-    def _evictable(self, now: float | None = None) -> Connection | None:
+    def _evictable(self, now: float | None = None) -> Channel | None:
         """The least recently used idle connection, if any: kept-alive ones first; one
         that has not sent its first request yet only after FIRST_REQUEST_GRACE (nginx
         retries a request only when a reused connection closes under it)."""
@@ -388,10 +421,11 @@ class IOLoop:
                 self._modify(conn, _IN_OUT if conn.watching_writes else _IN)
         return arriving
 
-    def hand_over(self, listener: Listener) -> Handover:
-        """At the end of a reload's drain: the listening socket and every connection with
-        no request on it, detached from their socket objects so they stay open for the
-        next interpreter (``reload.exec_in_place``); the others are closed."""
+    def keep_idle(self) -> list[KeptConnection]:
+        """At the end of a reload's drain: every connection with no request on it,
+        detached from its socket object so it stays open for the next interpreter
+        (the lifecycle hands them on, ``reload.exec_in_place``); the loop's shutdown
+        closes the others."""
         kept = []
         for conn in list(self.conns.values()):
             if conn.proto.state is ConnState.IDLE and not conn.out and not conn.closed:
@@ -404,19 +438,17 @@ class IOLoop:
                         conn.sock.detach(), proto.pending_bytes(), proto.fresh, proto.ended_ids()
                     )
                 )
-        return Handover(listener.sock.detach(), listener.path, kept)
+        return kept
 
     def adopt(self, kept: KeptConnection) -> None:
         """Take a connection the previous interpreter of this process kept open."""
         sock = socket.socket(fileno=kept.fd)
         sock.setblocking(False)
         opts = self.options
-        proto = FCGIConnection(
-            self.fcgi_values, opts.max_params, opts.spool_threshold, multiplex=True
-        )
+        proto = Connection(self.fcgi_values, opts.max_params, multiplex=True)
         proto.fresh = kept.fresh
         proto.ignore_ids(kept.ended)
-        conn = Connection(sock, proto, self, opts.write_timeout)
+        conn = Channel(sock, proto, self, opts.write_timeout)
         self.conns[conn.fd] = conn
         self.epoll.register(conn.fd, _IN)
         if kept.buffered:  # part of a record: the rest is in the kernel's buffer

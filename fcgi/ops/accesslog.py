@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import re
 import string
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .logs import timestamp
@@ -53,6 +55,7 @@ FIELDS = (
     "id",
 )
 DEFERRED_FORMAT = "{time} {pid} deferred id={id} count={count} ms={ms} failed={failed}"
+log = logging.getLogger("fcgi")
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\]')
 
 
@@ -201,3 +204,17 @@ def _time_local(now: float) -> str:
         month = _MONTHS[when.month - 1]
         _local[:] = [second, f"{when.day:02d}/{month}/{when:%Y:%H:%M:%S %z}"]
     return _local[1]
+
+
+def log_access(access_log: AccessLog) -> Callable[[Request], None]:
+    """The ``on_finish`` hook that writes the request's access-log line."""
+
+    def on_finish(request: Request) -> None:
+        # the environ is the app's: a line it spoiled is logged, never raised into the loop
+        try:
+            fields = request.environ.get("fcgi.log_fields") or {}
+            access_log.request(request, time.monotonic() - request.started, fields)
+        except Exception:
+            log.exception("%s: its access-log line could not be written", request)
+
+    return on_finish

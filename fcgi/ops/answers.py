@@ -8,16 +8,29 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import status
 from .scoreboard import Scoreboard
 
 if TYPE_CHECKING:
-    from ..options import Options
     from ..wsgi.request import Request
 
 Answer = Callable[["Request"], None]
+
+
+class PageOptions(Protocol):
+    """What the answers need of the worker's options."""
+
+    status_path: str
+    ping_path: str
+    ping_response: str
+    mount: str
+    scoreboard: str
+    bind: str | None
+    pool_name: str
+
+
 # (requests past --slow-request, the deferred-work counters summed over the stats hooks)
 Counters = Callable[[], tuple[int, dict[str, Any]]]
 
@@ -25,7 +38,7 @@ Counters = Callable[[], tuple[int, dict[str, Any]]]
 class Answers:
     """The worker's own pages, found by path; owns the scoreboard when status is on."""
 
-    def __init__(self, options: Options, counters: Counters, sock: Any) -> None:
+    def __init__(self, options: PageOptions, counters: Counters, sock: Any) -> None:
         self.options = options
         self.counters = counters
         self._stop = threading.Event()

@@ -1,11 +1,13 @@
 """One FastCGI connection as a state machine with no I/O, in the spirit of h11.
 
-Bytes in (``receive_data``), events out (``RequestReady``, ``RequestAborted``);
-responses in (``stdout``, ``end_request``, ``cut``), bytes out. No sockets,
-threads or locks: the I/O side (``connection.Connection``) owns the socket and
-calls this under its own lock. The records only the protocol cares about
-(FCGI_GET_VALUES, unknown types, refused requests, aborts of requests not yet
-running) are answered here and wait in ``data_to_send()``.
+Bytes in (``receive_data``), events out (``BodyReceived``, ``RequestReady``,
+``RequestAborted``); responses in (``stdout``, ``end_request``, ``cut``), bytes
+out. No sockets, threads, locks or WSGI: the I/O side (``io.channel.Channel``)
+owns the socket and calls this under its own lock, and whoever keeps a body
+(``wsgi.input``) makes it from the ``BodyReceived`` events. The records only
+the protocol cares about (FCGI_GET_VALUES, unknown types, refused requests,
+aborts of requests not yet running) are answered here and wait in
+``data_to_send()``.
 
 Requests are kept by request id, so several per connection (FCGI_MPXS_CONNS)
 fit; with ``multiplex`` off a second concurrent BEGIN_REQUEST is refused with
@@ -15,29 +17,28 @@ CANT_MPX_CONN.
 from __future__ import annotations
 
 import enum
-import io
 import logging
 from dataclasses import dataclass
+from typing import Any
 
-from ..wsgi.streams import RequestBody
-from . import records as protocol
+from . import records
 
 log = logging.getLogger("fcgi")
 
 MAX_CONTENT_LENGTH_DIGITS = 18  # below 2**63: fits every signed 64-bit field downstream
 _IGNORED_MAX = 64  # ids of ended or refused requests whose late records are dropped
 
-_HEADER_FROM = protocol.HEADER.unpack_from
-_BEGIN = protocol.BEGIN_REQUEST
-_PARAMS = protocol.PARAMS
-_STDIN = protocol.STDIN
+_HEADER_FROM = records.HEADER.unpack_from
+_BEGIN = records.BEGIN_REQUEST
+_PARAMS = records.PARAMS
+_STDIN = records.STDIN
 _ACCEPTED_TYPES = frozenset(
     (
-        protocol.BEGIN_REQUEST,
-        protocol.ABORT_REQUEST,
-        protocol.PARAMS,
-        protocol.STDIN,
-        protocol.DATA,
+        records.BEGIN_REQUEST,
+        records.ABORT_REQUEST,
+        records.PARAMS,
+        records.STDIN,
+        records.DATA,
     )
 )
 
@@ -60,7 +61,10 @@ class RequestState(enum.Enum):
 
 
 class IncomingRequest:
-    """What the web server sent for one request: its params and its body."""
+    """What the web server sent for one request: its params, and how much body came.
+
+    The body's bytes are handed out as ``BodyReceived`` events; ``body`` is where the
+    side that keeps them (the WSGI side's ``wsgi.input``) may hold what it made."""
 
     __slots__ = (
         "_params",
@@ -70,28 +74,28 @@ class IncomingRequest:
         "id",
         "keep_conn",
         "params",
-        "spool_threshold",
+        "received",
         "state",
     )
 
-    def __init__(self, request_id: int, keep_conn: bool, spool_threshold: int) -> None:
+    def __init__(self, request_id: int, keep_conn: bool) -> None:
         self.id = request_id
         self.keep_conn = keep_conn
         self.state = RequestState.PARAMS
         self._params = bytearray()
         self.params: dict[str, str] = {}
-        self.body: RequestBody | None = None  # made when the first STDIN bytes come
-        self.spool_threshold = spool_threshold
+        self.body: Any = None  # the consumer's, made from the BodyReceived events
+        self.received = 0  # body bytes received
         self.content_length: int | None = None
         self.error: str | None = None  # why the request is bad (answered 400, never run)
 
-    def stream(self) -> io.BufferedIOBase:
-        """The body to read from its start, for ``wsgi.input``."""
-        return io.BytesIO() if self.body is None else self.body.stream()
 
-    def close(self) -> None:
-        if self.body is not None:
-            self.body.close()
+@dataclass(slots=True)
+class BodyReceived:
+    """Bytes of a request's body (STDIN) arrived, in order; complete at ``RequestReady``."""
+
+    request: IncomingRequest
+    data: bytes
 
 
 @dataclass(slots=True)
@@ -108,7 +112,7 @@ class RequestAborted:
     request_id: int
 
 
-Event = RequestReady | RequestAborted
+Event = BodyReceived | RequestReady | RequestAborted
 
 
 def parse_content_length(text: str) -> int | None:
@@ -121,19 +125,17 @@ def parse_content_length(text: str) -> int | None:
     return int(text)
 
 
-class FCGIConnection:
+class Connection:
     """The protocol state of one web server connection; no I/O."""
 
     def __init__(
         self,
         values: dict[str, str],
         max_params: int = 1 << 20,
-        spool_threshold: int = 1 << 20,
         multiplex: bool = False,
     ) -> None:
         self.values = values  # FCGI_GET_VALUES answers
         self.max_params = max_params
-        self.spool_threshold = spool_threshold
         self.multiplex = multiplex
         self.state = ConnState.IDLE
         self.requests: dict[int, IncomingRequest] = {}
@@ -166,7 +168,7 @@ class FCGIConnection:
             while end - pos >= 8:
                 version, rtype, rid, clen, plen = unpack(data, pos)
                 if version != 1:
-                    raise protocol.ProtocolError(f"bad record version {version}")
+                    raise records.ProtocolError(f"bad record version {version}")
                 start = pos + 8
                 stop = start + clen
                 if stop + plen > end:
@@ -182,14 +184,14 @@ class FCGIConnection:
                     if clen:
                         request._params += data[start:stop]
                         if len(request._params) > self.max_params:
-                            raise protocol.ProtocolError(f"params exceed {self.max_params} bytes")
+                            raise records.ProtocolError(f"params exceed {self.max_params} bytes")
                     else:
                         self._params_ended(request, events)
                 elif rtype == _STDIN and not clen and request.state is RequestState.STDIN:
                     self._ready(request, events)
                 else:
                     self._record(rtype, rid, data[start:stop], events)
-        except protocol.ProtocolError:
+        except records.ProtocolError:
             self.state = ConnState.CLOSED
             raise
         if pos < end:
@@ -217,30 +219,28 @@ class FCGIConnection:
         """The records ``receive_data`` does not handle inline: those of no request on
         the connection, records out of order, a body's content, other types."""
         request = self.requests.get(rid)
-        if request is None or rtype == protocol.BEGIN_REQUEST or rtype == protocol.ABORT_REQUEST:
+        if request is None or rtype == records.BEGIN_REQUEST or rtype == records.ABORT_REQUEST:
             self._other_record(request, rtype, rid, content, events)
             return
         state = request.state
         if state is RequestState.READY:
             return  # the rest of a body nobody will read (a request answered 400)
-        if rtype == protocol.PARAMS:  # (while the params stream is open: inline)
-            raise protocol.ProtocolError("PARAMS after the params stream ended")
-        if rtype == protocol.STDIN:  # (its empty end record: inline)
+        if rtype == records.PARAMS:  # (while the params stream is open: inline)
+            raise records.ProtocolError("PARAMS after the params stream ended")
+        if rtype == records.STDIN:  # (its empty end record: inline)
             if state is not RequestState.STDIN:
-                raise protocol.ProtocolError("STDIN before the params stream ended")
-            body = request.body
-            if body is None:
-                body = request.body = RequestBody(request.spool_threshold)
-            body.add(content)
+                raise records.ProtocolError("STDIN before the params stream ended")
+            request.received += len(content)
             declared = request.content_length
-            if declared is not None and body.size > declared:
-                raise protocol.ProtocolError(f"STDIN longer than CONTENT_LENGTH {declared}")
+            if declared is not None and request.received > declared:
+                raise records.ProtocolError(f"STDIN longer than CONTENT_LENGTH {declared}")
+            events.append(BodyReceived(request, content))
         elif rtype not in _ACCEPTED_TYPES:
-            self._out.append(protocol.unknown_type(rtype))
+            self._out.append(records.unknown_type(rtype))
         # DATA belongs to the FILTER role, which is refused: nothing to do.
 
     def _params_ended(self, request: IncomingRequest, events: list[Event]) -> None:
-        request.params = params = protocol.decode_pairs(request._params)
+        request.params = params = records.decode_pairs(request._params)
         request._params = bytearray()
         length = params.get("CONTENT_LENGTH")
         if length:
@@ -265,49 +265,47 @@ class FCGIConnection:
         content: bytes,
         events: list[Event],
     ) -> None:
-        if rid == protocol.NULL_REQUEST_ID:
-            if rtype == protocol.GET_VALUES:
-                names = protocol.decode_pairs(content)
-                self._out.append(protocol.get_values_result(names, self.values))
+        if rid == records.NULL_REQUEST_ID:
+            if rtype == records.GET_VALUES:
+                names = records.decode_pairs(content)
+                self._out.append(records.get_values_result(names, self.values))
             else:
                 log.warning("record type %d with request id 0; answered UNKNOWN_TYPE", rtype)
-                self._out.append(protocol.unknown_type(rtype))
+                self._out.append(records.unknown_type(rtype))
             return
         if rtype not in _ACCEPTED_TYPES:
-            self._out.append(protocol.unknown_type(rtype))
+            self._out.append(records.unknown_type(rtype))
             return
-        if rtype == protocol.BEGIN_REQUEST:
+        if rtype == records.BEGIN_REQUEST:
             self._begin(rid, content)
             return
         if request is None:
             if rid in self._ignored:
                 return  # late records of a request that ended: ignored, as the spec says
-            raise protocol.ProtocolError(
+            raise records.ProtocolError(
                 f"record type {rtype} for request {rid}, which was never begun"
             )
         # ABORT_REQUEST
         running = request.state is RequestState.READY
         self._forget(request)
-        self._out.append(protocol.end_request(rid, 1))
+        self._out.append(records.end_request(rid, 1))
         if running:
             events.append(RequestAborted(rid))
 
     def _begin(self, rid: int, content: bytes) -> None:
-        if len(content) < protocol.BEGIN_BODY.size:
-            raise protocol.ProtocolError("short BEGIN_REQUEST body")
-        role, flags = protocol.BEGIN_BODY.unpack_from(content)
+        if len(content) < records.BEGIN_BODY.size:
+            raise records.ProtocolError("short BEGIN_REQUEST body")
+        role, flags = records.BEGIN_BODY.unpack_from(content)
         if rid in self.requests or (self.requests and not self.multiplex):
             log.debug("request %d refused: another request is active (CANT_MPX_CONN)", rid)
             self._ignore(rid)
-            self._out.append(protocol.reject(rid, protocol.CANT_MPX_CONN))
-        elif role != protocol.RESPONDER:
+            self._out.append(records.reject(rid, records.CANT_MPX_CONN))
+        elif role != records.RESPONDER:
             log.debug("request %d refused: role %d (UNKNOWN_ROLE)", rid, role)
             self._ignore(rid)
-            self._out.append(protocol.reject(rid, protocol.UNKNOWN_ROLE))
+            self._out.append(records.reject(rid, records.UNKNOWN_ROLE))
         else:
-            self.requests[rid] = IncomingRequest(
-                rid, bool(flags & protocol.KEEP_CONN), self.spool_threshold
-            )
+            self.requests[rid] = IncomingRequest(rid, bool(flags & records.KEEP_CONN))
             self._arriving += 1
             self.state = ConnState.ACTIVE
             self.fresh = False
@@ -355,7 +353,7 @@ class FCGIConnection:
         """STDOUT records for ``chunks``; None when the request has ended (drop them)."""
         if self._current(rid, incoming) is None:
             return None
-        return protocol.stdout_records(rid, chunks)
+        return records.stdout_records(rid, chunks)
 
     def end_request(
         self,
@@ -370,10 +368,10 @@ class FCGIConnection:
         if request is None:
             return None
         if app_status:
-            parts = protocol.stdout_records(rid, chunks) if chunks else []
-            parts.append(protocol.end_request(rid, app_status))
+            parts = records.stdout_records(rid, chunks) if chunks else []
+            parts.append(records.end_request(rid, app_status))
         else:
-            parts = protocol.last_records(rid, chunks or [])
+            parts = records.last_records(rid, chunks or [])
         self._forget(request)
         return parts
 

@@ -1,8 +1,8 @@
 """The FastCGI 1.0 wire format: record types, headers and name-value pairs.
 
 The constants and the pair codec follow the specification and flup's
-``fcgi_base`` (the tests check them against flup); parsing works on a buffer
-with ``struct.unpack_from`` so a record costs no copy beyond its content.
+``fcgi_base`` (the tests check them against flup). Records are parsed in one
+place, ``connection.Connection.receive_data``; this module builds them.
 """
 
 from __future__ import annotations
@@ -46,24 +46,6 @@ _LEN4 = struct.Struct("!L")
 
 class ProtocolError(Exception):
     """The peer sent bytes that are not valid FastCGI; the connection must close."""
-
-
-def parse_records(buf: bytes | bytearray) -> tuple[list[tuple[int, int, bytes]], int]:
-    """The complete records at the start of ``buf`` as (type, request id, content),
-    and how many bytes they took; a partial record is left for the next read."""
-    records = []
-    pos, end = 0, len(buf)
-    unpack = HEADER.unpack_from
-    while end - pos >= HEADER_LEN:
-        version, rtype, rid, clen, plen = unpack(buf, pos)
-        if version != VERSION_1:
-            raise ProtocolError(f"bad record version {version}")
-        stop = pos + HEADER_LEN + clen
-        if stop + plen > end:
-            break
-        records.append((rtype, rid, bytes(buf[pos + HEADER_LEN : stop])))
-        pos = stop + plen
-    return records, pos
 
 
 def record(rtype: int, request_id: int, content: bytes = b"") -> bytes:

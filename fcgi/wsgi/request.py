@@ -1,7 +1,7 @@
 """One request on the WSGI side: its environ, ``start_response``, the body out.
 
 The I/O loop builds a ``Request`` from a complete ``IncomingRequest``; a
-runner thread then calls ``call_app``. Output goes to the ``Connection``
+runner thread then calls ``call_app``. Output goes to the ``Channel``
 (which owns the socket); ``finish`` sends what is pending plus END_REQUEST
 exactly once, which is what ``environ["fcgi.finish_request"]`` is.
 
@@ -17,13 +17,11 @@ import logging
 import os
 import re
 import sys
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..io.channel import Connection
-    from ..ops.accesslog import AccessLog
+    from ..io.channel import Channel
     from ..wire.connection import IncomingRequest
 
 log = logging.getLogger("fcgi")
@@ -137,7 +135,7 @@ class Request:
         "thread",
     )
 
-    def __init__(self, conn: Connection, incoming: IncomingRequest) -> None:
+    def __init__(self, conn: Channel, incoming: IncomingRequest) -> None:
         self.conn = conn
         self.incoming = incoming
         self.id = incoming.id  # the FastCGI request id, nearly always 1
@@ -369,17 +367,3 @@ def _leave_forked_child(request: Request) -> None:
     )
     logging.shutdown()
     os._exit(1)
-
-
-def log_access(access_log: AccessLog) -> Callable[[Request], None]:
-    """The ``on_finish`` hook that writes the request's access-log line."""
-
-    def on_finish(request: Request) -> None:
-        # the environ is the app's: a line it spoiled is logged, never raised into the loop
-        try:
-            fields = request.environ.get("fcgi.log_fields") or {}
-            access_log.request(request, time.monotonic() - request.started, fields)
-        except Exception:
-            log.exception("%s: its access-log line could not be written", request)
-
-    return on_finish

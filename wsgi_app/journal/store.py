@@ -39,7 +39,7 @@ from pathlib import Path
 
 import wsgi_app.journal.log as journal_log
 
-from ..runtime.threads import background
+from ..runtime.cpus import background
 from .log import CallLog
 
 log = logging.getLogger("wsgi_app.deferred")

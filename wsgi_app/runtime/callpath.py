@@ -8,7 +8,7 @@ module-level function (or a class's static/class method), named
 ``defer()`` is called, with an error naming them, rather than lost later.
 
 A call that may be lost says so: ``defer(environ, volatile(func), ...)`` runs in
-the worker's memory only, whatever the engine.
+the worker's memory only, whatever the backend.
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ from types import FrameType, FunctionType
 from typing import Any
 
 from .calls import Batch, Call, State
+from .cpus import background
 from .helper_process import Helper
-from .threads import ElasticPool, background
+from .threads import ElasticPool
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -82,10 +83,10 @@ class _TickSelector(selectors.DefaultSelector):
         return super().select(timeout)
 
 
-class _Engine:
+class _Workers:
     """The threads of one executor in one process: the pool and the asyncio loop.
 
-    A drain retires its engine; later work starts a new one (also after a fork).
+    A drain retires its workers; later work starts a new one (also after a fork).
     """
 
     def __init__(self, executor: DeferredExecutor) -> None:
@@ -160,7 +161,7 @@ class DeferredExecutor:
         self._draining = 0  # drains waiting on _changed (notified only when there are some)
         self._batches: set[Batch] = set()
         self._running: dict[Call, tuple[Batch, Any]] = {}  # call: (batch, its asyncio task)
-        self._engine: _Engine | None = None
+        self._workers: _Workers | None = None
         self._helper: Helper | None = None
         self._helper_lock = threading.Lock()
         self._delays: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
@@ -182,11 +183,11 @@ class DeferredExecutor:
             return
         helper = self._helper_here() if self.process else None
         with self._lock:
-            engine = self._engine
-            if engine is None or engine.pid != os.getpid():
-                if engine is not None and engine.pid != os.getpid():
+            workers = self._workers
+            if workers is None or workers.pid != os.getpid():
+                if workers is not None and workers.pid != os.getpid():
                     self._forget_parent()
-                engine = self._engine = _Engine(self)
+                workers = self._workers = _Workers(self)
             batch.accepted = time.monotonic()
             count = len(batch.calls)
             self.registered += count
@@ -201,18 +202,18 @@ class DeferredExecutor:
             self._hook(hook, batch)
         if helper is not None and helper.send(batch):
             return
-        if self.slow and not engine.watching:
-            engine.watching = True
+        if self.slow and not workers.watching:
+            workers.watching = True
             threading.Thread(
-                target=self._watch_slow, args=(engine,), name="deferred-slow", daemon=True
+                target=self._watch_slow, args=(workers,), name="deferred-slow", daemon=True
             ).start()
-        self._dispatch(engine, batch)
-        # The executor's threads are background work (pool.background): they never
+        self._dispatch(workers, batch)
+        # The executor's threads are background work (cpus.background): they never
         # preempt this serving thread, which gives them the CPU and the GIL here, at
         # most once per switch interval. That bounds the start of a call (about 5 ms)
         # and lets the waiting threads run one after another, not each in a convoy.
-        if batch.accepted - engine.yielded >= engine.yield_every:
-            engine.yielded = batch.accepted
+        if batch.accepted - workers.yielded >= workers.yield_every:
+            workers.yielded = batch.accepted
             os.sched_yield()
 
     def _helper_here(self) -> Helper:
@@ -228,7 +229,7 @@ class DeferredExecutor:
                     "slow": self.slow,
                     "timeout": self.timeout,
                 }
-                helper = self._helper = Helper(settings, self._helper_report)
+                helper = self._helper = Helper(settings, self._helper_report, type(self))
             return helper
 
     def _helper_report(self, batch: Batch, index: int, state: State, when: float) -> None:
@@ -253,18 +254,18 @@ class DeferredExecutor:
         else:
             self._end(batch, call, state, seconds=when - call.began)  # it logged failures
 
-    def _dispatch(self, engine: _Engine, batch: Batch, awaiting: Any = None) -> None:
+    def _dispatch(self, workers: _Workers, batch: Batch, awaiting: Any = None) -> None:
         """Send ``batch`` on to where its next call runs (``awaiting``: a plain function's
         awaitable result, to be awaited on the loop)."""
         if awaiting is None and not _is_async(batch.calls[batch.next].func):
-            engine.pool.submit(batch)
+            workers.pool.submit(batch)
             return
         with self._lock:
-            engine.inbox.append((batch, awaiting))
-            if not engine.idle:
+            workers.inbox.append((batch, awaiting))
+            if not workers.idle:
                 return  # the loop's next tick takes it
-            engine.idle = False
-        engine.loop.call_soon_threadsafe(self._tick, engine)
+            workers.idle = False
+        workers.loop.call_soon_threadsafe(self._tick, workers)
 
     def _forget_parent(self) -> None:
         """In a forked child (under ``_lock``): the parent's work is not ours to run or count."""
@@ -302,12 +303,12 @@ class DeferredExecutor:
 
     # -- running work -----------------------------------------------------------------
 
-    def _run_plain(self, engine: _Engine, batch: Batch) -> None:
+    def _run_plain(self, workers: _Workers, batch: Batch) -> None:
         """On a pool thread: run the batch's plain calls until it ends or needs the loop."""
         while batch.next < len(batch.calls):
             call = batch.calls[batch.next]
             if _is_async(call.func):
-                self._dispatch(engine, batch)
+                self._dispatch(workers, batch)
                 return
             if not self._start(batch, call, None):
                 break
@@ -315,19 +316,19 @@ class DeferredExecutor:
             try:
                 result = call.func(*call.args, **call.kwargs)
             except BaseException:
-                if os.getpid() != engine.pid:
+                if os.getpid() != workers.pid:
                     _leave_forked_child(call)
                 self._end(batch, call, State.FAILED, sys.exc_info())
                 continue
-            if os.getpid() != engine.pid:
+            if os.getpid() != workers.pid:
                 _leave_forked_child(call)
             if inspect.isawaitable(result):
-                self._dispatch(engine, batch, result)
+                self._dispatch(workers, batch, result)
                 return
             self._end(batch, call, State.DONE)
         self._batch_over(batch)
 
-    def _tick(self, engine: _Engine) -> None:
+    def _tick(self, workers: _Workers) -> None:
         """On the loop: start the batches that arrived; tick again while they keep coming.
 
         Under a stream of submissions the loop picks them up every ``TICK`` instead of
@@ -336,24 +337,24 @@ class DeferredExecutor:
         ``_dispatch`` wakes it (or a timer of running work fires).
         """
         with self._lock:
-            arrived = engine.inbox
-            engine.inbox = []
-            engine.idle = not arrived
+            arrived = workers.inbox
+            workers.inbox = []
+            workers.idle = not arrived
         for batch, awaiting in arrived:
-            engine.loop.create_task(self._run_async(engine, batch, awaiting))
+            workers.loop.create_task(self._run_async(workers, batch, awaiting))
         if arrived:
-            engine.loop.call_later(TICK, self._tick, engine)
+            workers.loop.call_later(TICK, self._tick, workers)
 
-    async def _run_async(self, engine: _Engine, batch: Batch, awaiting: Any) -> None:
+    async def _run_async(self, workers: _Workers, batch: Batch, awaiting: Any) -> None:
         """On the loop: await the batch's coroutines until it ends or needs a thread."""
-        async with engine.slots:
+        async with workers.slots:
             if awaiting is not None:  # a plain call returned an awaitable: its end is ours
                 call = batch.calls[batch.next]
                 await self._await(batch, call, awaiting)
             while batch.next < len(batch.calls):
                 call = batch.calls[batch.next]
                 if not _is_async(call.func):
-                    engine.pool.submit(batch)
+                    workers.pool.submit(batch)
                     return
                 if not self._start(batch, call, asyncio.current_task()):
                     break
@@ -462,15 +463,15 @@ class DeferredExecutor:
 
     # -- the slow log ---------------------------------------------------------------------
 
-    def _watch_slow(self, engine: _Engine) -> None:
+    def _watch_slow(self, workers: _Workers) -> None:
         """While calls run, log those past ``slow`` every ``SLOW_CHECK`` s; on a thread of
         its own, not the loop: a coroutine that blocks the loop must be reported too."""
         while True:
             time.sleep(SLOW_CHECK)
             self._check_slow()
             with self._lock:
-                engine.watching = bool(self._batches) and not engine.retired
-                if not engine.watching:
+                workers.watching = bool(self._batches) and not workers.retired
+                if not workers.watching:
                     return
 
     def _check_slow(self) -> None:
@@ -524,8 +525,8 @@ class DeferredExecutor:
         else:
             helper = None
         with self._lock:
-            engine = self._engine
-            if engine is None or engine.pid != os.getpid():
+            workers = self._workers
+            if workers is None or workers.pid != os.getpid():
                 return 0  # nothing ever ran in this process
             while self._batches:
                 left = deadline - time.monotonic()
@@ -541,7 +542,7 @@ class DeferredExecutor:
         with self._lock:
             leftover = sorted(self._batches, key=lambda b: b.accepted)
             self._batches.clear()
-            self._engine = None
+            self._workers = None
             abandoned: list[tuple[Batch, Call, State]] = []
             for batch in leftover:
                 for call in batch.calls:
@@ -553,7 +554,7 @@ class DeferredExecutor:
                     call.state = State.ABANDONED
                     batch.failed += 1
                     self._running.pop(call, None)
-        engine.retire()
+        workers.retire()
         for batch, call, was in abandoned:
             log.error(
                 "deferred %s abandoned at stop, %s %s",

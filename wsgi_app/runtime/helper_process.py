@@ -27,11 +27,11 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from .calls import Batch, Call, State
-from .threads import background
+from .cpus import background, use_every_cpu
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -46,10 +46,14 @@ class Helper:
     """The worker's side: sends batches, reads reports, stops the helper at a drain."""
 
     def __init__(
-        self, settings: dict[str, Any], report: Callable[[Batch, int, State, float], None]
+        self,
+        settings: dict[str, Any],
+        report: Callable[[Batch, int, State, float], None],
+        executor_class: Callable[..., Any],
     ) -> None:
         # report(batch, index, state, when): each start and end, ``when`` its
-        # time.monotonic() in the helper (CLOCK_MONOTONIC: the same clock here)
+        # time.monotonic() in the helper (CLOCK_MONOTONIC: the same clock here);
+        # executor_class(**settings): what runs the batches in the helper
         self.report = report
         self.batches: dict[int, Batch] = {}
         self._seq = 0
@@ -68,7 +72,7 @@ class Helper:
             self.pid = os.fork()
         if self.pid == 0:  # the helper
             ours.close()
-            _helper_main(theirs, settings)
+            _helper_main(theirs, settings, executor_class)
         theirs.close()
         self.sock = ours
         threading.Thread(target=self._read, name="deferred-helper-reader", daemon=True).start()
@@ -172,17 +176,16 @@ class Helper:
             self.report(batch, len(batch.calls), State.DONE, now)
 
 
-def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
-    """The helper process: run batches until told to drain (or the worker is gone)."""
-    from .executor import DeferredExecutor
-
+def _helper_main(sock: socket.socket, settings: dict[str, Any], executor_class: Any) -> None:
+    """The helper process: run batches on ``executor_class(**settings)`` until told to
+    drain (or the worker is gone)."""
     code = 0
     try:
         use_every_cpu()  # its own GIL: no reason to share the worker's CPU
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # the worker decides when the helper stops
         _close_sockets(keep=sock.fileno())
-        executor = DeferredExecutor(**settings)
+        executor = executor_class(**settings)
         executor.summary = False  # the worker logs the totals
         events: list[tuple[int, int, str, float]] = []
         lock = threading.Lock()
@@ -243,37 +246,6 @@ def _helper_main(sock: socket.socket, settings: dict[str, Any]) -> None:
             logging.shutdown()
             sys.stderr.flush()
         os._exit(code)
-
-
-def _cpus_allowed() -> list[int]:
-    """The CPUs the worker was allowed before ``--cpu-affinity`` bound it to one
-    (``FCGI_CPUS``); empty when it is not bound."""
-    with contextlib.suppress(ValueError):
-        return [int(cpu) for cpu in os.environ.get("FCGI_CPUS", "").split(",") if cpu]
-    return []
-
-
-def use_every_cpu() -> None:
-    """Let this thread (and what it starts) use every CPU the worker was allowed: a
-    command or the deferred helper has a GIL of its own, or none, and is not to share
-    the worker's core."""
-    cpus = _cpus_allowed()
-    if cpus:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, cpus)
-
-
-@contextlib.contextmanager
-def every_cpu() -> Iterator[None]:
-    """``use_every_cpu`` while a process is started (it inherits this thread's CPUs), then
-    this thread goes back to the worker's."""
-    before = os.sched_getaffinity(0)
-    use_every_cpu()
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, before)
 
 
 def _close_sockets(keep: int) -> None:

@@ -11,37 +11,23 @@ process at exit (``concurrent.futures`` joins its threads at exit, which is why
 a stop once waited for a 25 s sleep). A thread that dies anyway (an exception
 the caller's own guard did not catch) is logged and replaced.
 
-The threads run as background work for the kernel (``background()``): they take
-their share of the CPU without preempting the thread that serves requests.
+The threads run as background work for the kernel (``cpus.background()``): they
+take their share of the CPU without preempting the thread that serves requests.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from .cpus import background
+
 log = logging.getLogger("wsgi_app.deferred")
 
 _STOP = object()
-
-
-def background() -> None:
-    """Mark the calling thread as background work (Linux ``SCHED_BATCH``); elsewhere a no-op.
-
-    On the worker's one CPU, a thread that wakes (a call to start, a sleep that ended)
-    would preempt the serving thread at once, find the GIL held and give the CPU back:
-    a convoy of context switches that cost the serving thread more than the call did
-    (13 switches per deferred call, measured). A batch thread waits for the serving
-    thread's time slice to end, or for its ``sched_yield``, and keeps its full share
-    of the CPU. Processes it starts inherit the policy, as background work too.
-    """
-    with contextlib.suppress(AttributeError, OSError):  # not Linux; a sandbox refusing it
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 class ElasticPool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flup.server import fcgi_base as flup
 
-from fcgi.wire import records as protocol
+from fcgi.wire import records
 
 
 def test_constants_match_flup():
@@ -30,9 +30,9 @@ def test_constants_match_flup():
         "OVERLOADED",
         "UNKNOWN_ROLE",
     ):
-        assert getattr(protocol, name) == getattr(flup, "FCGI_" + name), name
-    assert protocol.HEADER.format == flup.FCGI_Header
-    assert protocol.END_BODY.size == flup.FCGI_EndRequestBody_LEN
+        assert getattr(records, name) == getattr(flup, "FCGI_" + name), name
+    assert records.HEADER.format == flup.FCGI_Header
+    assert records.END_BODY.size == flup.FCGI_EndRequestBody_LEN
 
 
 @pytest.mark.parametrize(
@@ -47,12 +47,12 @@ def test_constants_match_flup():
 )
 def test_pairs_decode_what_flup_encodes(name, value):
     data = flup.encode_pair(name.encode("latin-1"), value.encode("latin-1"))
-    assert protocol.decode_pairs(data) == {name: value}
+    assert records.decode_pairs(data) == {name: value}
 
 
 def test_pairs_encode_what_flup_decodes():
     pairs = {"SHORT": "1", "LONG": "y" * 300, "EMPTY": ""}
-    data = protocol.encode_pairs(pairs)
+    data = records.encode_pairs(pairs)
     pos, decoded = 0, {}
     while pos < len(data):
         pos, (name, value) = flup.decode_pair(data, pos)
@@ -62,20 +62,20 @@ def test_pairs_encode_what_flup_decodes():
 
 @pytest.mark.parametrize("data", [b"\x05", b"\x05\x01AB", b"\x80\x00", b"\x01\x80\x00\x00"])
 def test_truncated_pairs_are_protocol_errors(data):
-    with pytest.raises(protocol.ProtocolError):
-        protocol.decode_pairs(data)
+    with pytest.raises(records.ProtocolError):
+        records.decode_pairs(data)
 
 
 def test_stream_records_split_at_65535():
     data = bytes(200_000)
-    parts = protocol.stream_records(protocol.STDOUT, 7, data)
-    lengths = [protocol.HEADER.unpack(bytes(h))[3] for h in parts[0::2]]
+    parts = records.stream_records(records.STDOUT, 7, data)
+    lengths = [records.HEADER.unpack(bytes(h))[3] for h in parts[0::2]]
     assert lengths == [65535, 65535, 65535, 200_000 - 3 * 65535]
     assert b"".join(bytes(p) for p in parts[1::2]) == data
 
 
 def test_end_request_is_empty_stdout_then_end():
-    data = protocol.end_request(3, 0)
-    assert protocol.HEADER.unpack_from(data) == (1, protocol.STDOUT, 3, 0, 0)
-    assert protocol.HEADER.unpack_from(data, 8) == (1, protocol.END_REQUEST, 3, 8, 0)
-    assert protocol.END_BODY.unpack_from(data, 16) == (0, protocol.REQUEST_COMPLETE)
+    data = records.end_request(3, 0)
+    assert records.HEADER.unpack_from(data) == (1, records.STDOUT, 3, 0, 0)
+    assert records.HEADER.unpack_from(data, 8) == (1, records.END_REQUEST, 3, 8, 0)
+    assert records.END_BODY.unpack_from(data, 16) == (0, records.REQUEST_COMPLETE)

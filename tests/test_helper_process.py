@@ -10,18 +10,18 @@ import signal
 import time
 from pathlib import Path
 
-from tests.apps_engine import note_pid
+from tests.apps_executor import note_pid
 from tests.fcgi_client import Client
 from tests.procs import python_env, wait_for, worker
 from wsgi_app.runtime.calls import Batch, Call
 from wsgi_app.runtime.executor import DeferredExecutor
 
-APP = "tests.apps_engine:engine_helper"
+APP = "tests.apps_executor:helper"
 
 
 def test_picklable_calls_run_in_the_helper_the_rest_here(tmp_path, monkeypatch):
     log = tmp_path / "work.log"
-    monkeypatch.setattr("tests.apps_engine.LOG", str(log))
+    monkeypatch.setattr("tests.apps_executor.LOG", str(log))
     ran_here: list[int] = []
     executor = DeferredExecutor(process=True)
     executor.submit(Batch("GET /a", calls=[Call(note_pid), Call(int, ("x",))]))

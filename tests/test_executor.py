@@ -1,4 +1,4 @@
-"""The deferred engine in process: nothing kills it, every call ends once, a drained
+"""The deferred executor in process: nothing kills it, every call ends once, a drained
 executor reopens, failed requests skip their calls."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Apps for the deferred engine's tests (tests/test_engine*.py), served by a real worker."""
+"""Apps for the deferred executor's tests (tests/test_executor*.py), served by a real worker."""
 
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def note_pid() -> None:
     note(f"pid {os.getpid()}")
 
 
-engine = _make()
-engine_helper = _make(process=True)  # the same in a helper process
+executor = _make()
+helper = _make(process=True)  # the same in a helper process
 
 
 def _failing(environ, start_response):

@@ -1,4 +1,4 @@
-"""The deferred engine in a real worker (python -m fcgi): a bounded stop, exact
+"""The deferred executor in a real worker (python -m fcgi): a bounded stop, exact
 counts across the status page, the access log and the exit log, and a worker
 that keeps answering while its deferred backlog overflows."""
 
@@ -15,7 +15,7 @@ import pytest
 from tests.fcgi_client import Client
 from tests.procs import python_env, wait_for, worker
 
-APP = "tests.apps_engine:engine"
+APP = "tests.apps_executor:executor"
 
 
 def test_sys_exit_in_a_deferred_call_neither_stops_the_worker_nor_the_calls_after(tmp_path):
@@ -142,7 +142,7 @@ def test_a_request_that_failed_skips_its_calls_in_a_real_worker(tmp_path, option
     log = tmp_path / "work.log"
     extra = {"DEFERRED_RUN_ON_ERROR": "1"} if option == "run_on_error" else {}
     env = python_env(TEST_APP_LOG=str(log), **extra)
-    with worker(tmp_path, "tests.apps_engine:failing", env=env) as (proc, sock):
+    with worker(tmp_path, "tests.apps_executor:failing", env=env) as (proc, sock):
         client = Client(str(sock))
         assert client.request("/").status == 500
         assert client.request("/?ok").status == 200
