@@ -35,7 +35,7 @@ STACK_ENV = APP='$(APP)' FCGI_USER='$(RUN_USER)' STATIC_DIR='$(abspath $(STATIC_
 export NUMPROCS NGINX_BIN
 export FCGI_PYTHON := $(ROOT)/$(PY)
 
-.PHONY: install system-packages test-packages run start stop restart reload status logs demo test lint format bench clean render service
+.PHONY: install system-packages test-packages run start stop restart reload status logs demo test test-quick lint format bench clean render service
 
 install: $(VENV)/.installed system-packages
 
@@ -128,6 +128,11 @@ demo: install
 
 test: install test-packages
 	$(PY) -m pytest
+
+# The quick subset while working: no end-to-end stacks and nothing that takes a second
+# or more (marked e2e / slow); under a minute on 2 cores. `make test` is the whole suite.
+test-quick: install test-packages
+	$(PY) -m pytest -m "not e2e and not slow" $(ARGS)
 
 # Speed and memory goals, as ratios against baselines measured in the same run.
 # uWSGI and PHP-FPM run beside gunicorn as baselines; BENCH_SECONDS, BENCH_ROUNDS;

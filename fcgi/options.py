@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "app",
         metavar="MODULE:CALLABLE",
-        help="the WSGI application, e.g. wsgi_app:application or mysite.wsgi:application",
+        help="the WSGI application, e.g. mysite.wsgi:application or wsgi_app.demo:application",
     )
     for opt in OPTIONS:
         shown = f"{opt.default:o}" if opt.name == "socket_mode" else opt.default

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from wsgiref.validate import validator
 
+from tests.gate import wait_at
 from wsgi_app.deferred import DeferredMiddleware, defer, finish_request
 
 LOG = os.environ.get("TEST_APP_LOG", "/dev/null")
@@ -69,17 +69,21 @@ def slow_sleep(seconds: float, tag: str) -> None:
     note(f"done {tag}")
 
 
-async def slow_sleep_async(seconds: float, tag: str) -> None:
-    await asyncio.sleep(seconds)
+def held(gate: str, tag: str) -> None:
+    """Deferred work held at the test's gate (tests/gate.py) until the test opens it."""
+    note(f"waiting {tag}")
+    wait_at(gate)
     note(f"done {tag}")
 
 
 def _deferring(environ, start_response):
+    """Defers one call: held at ``gate=PATH`` if given, else sleeping ``seconds``."""
     query = query_args(environ)
-    seconds = float(query.get("seconds", "2"))
     tag = query.get("tag", "x")
-    func = slow_sleep_async if query.get("async") else slow_sleep
-    defer(environ, func, seconds, tag)
+    if "gate" in query:
+        defer(environ, held, query["gate"], tag)
+    else:
+        defer(environ, slow_sleep, float(query.get("seconds", "2")), tag)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"deferred " + tag.encode() + b"\n"]
 
@@ -93,7 +97,11 @@ def _php_style(environ, start_response):
     write = start_response("200 OK", [("Content-Type", "text/plain")])
     write(b"program start...\n")
     finish_request(environ)
-    time.sleep(float(query.get("seconds", "2")))
+    if "gate" in query:
+        note(f"waiting {query.get('tag', 'x')}")
+        wait_at(query["gate"])
+    else:
+        time.sleep(float(query.get("seconds", "2")))
     write(b"debug...\n")
     note(f"done {query.get('tag', 'x')}")
     return []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from tests.gate import wait_at
 
 
 def request_id(environ, start_response):
@@ -27,9 +27,9 @@ def sized(environ, start_response):
     return body()
 
 
-def finish_then_sleep(environ, start_response):
-    """PHP style: answer, finish, then hold the thread for QUERY_STRING seconds."""
+def finish_then_wait(environ, start_response):
+    """PHP style: answer, finish, then hold the thread at the gate named in QUERY_STRING."""
     start_response("200 OK", [("Content-Type", "text/plain")])
     environ["fcgi.finish_request"]()
-    time.sleep(float(environ.get("QUERY_STRING") or 1))
+    wait_at(environ["QUERY_STRING"])
     return []

@@ -9,6 +9,7 @@ import threading
 import time
 from urllib.parse import parse_qs
 
+from tests.gate import wait_at
 from wsgi_app.deferred import DeferredMiddleware, defer
 
 LOG = os.environ.get("TEST_APP_LOG", "/dev/null")
@@ -25,8 +26,12 @@ def hang_forever(tag: str) -> None:
     threading.Event().wait()
 
 
-def work(seconds: float, tag: str, fail: bool) -> None:
-    time.sleep(seconds)
+def work(seconds: float | str, tag: str, fail: bool) -> None:
+    """Sleep ``seconds``, or wait at the test's gate when it is a path (tests/gate.py)."""
+    if isinstance(seconds, str):
+        wait_at(seconds)
+    else:
+        time.sleep(seconds)
     if fail:
         raise RuntimeError(f"failing on purpose: {tag}")
     note(f"done {tag}")
@@ -42,7 +47,8 @@ def _json(start_response, data: object):
 
 def _app(environ, start_response):
     """/exit: sys.exit() then ten notes; /hang: a call that never returns;
-    /work?n=N&s=S&fail=K: N calls of S seconds, every K-th failing; /count: counters."""
+    /work?n=N&s=S&fail=K: N calls of S seconds (or held at gate=PATH), every K-th
+    failing; /count: counters."""
     path = environ["PATH_INFO"]
     query = {k: v[0] for k, v in parse_qs(environ["QUERY_STRING"]).items()}
     if path == "/exit":
@@ -55,7 +61,8 @@ def _app(environ, start_response):
         fail_every = int(query.get("fail", 0))
         for i in range(int(query.get("n", 1))):
             failing = bool(fail_every) and i % fail_every == fail_every - 1
-            defer(environ, work, float(query.get("s", 0.1)), f"{query.get('tag', '')}-{i}", failing)
+            hold = query["gate"] if "gate" in query else float(query.get("s", 0.1))
+            defer(environ, work, hold, f"{query.get('tag', '')}-{i}", failing)
     elif path == "/count":
         return _json(start_response, environ["tests.stats"]())
     elif path == "/pid":

@@ -11,6 +11,7 @@ import threading
 import time
 from urllib.parse import parse_qs
 
+from tests.gate import wait_at
 from wsgi_app.deferred import DeferredMiddleware, defer, volatile
 
 
@@ -20,6 +21,12 @@ def append(path: str, text: str, seconds: float = 0.0) -> None:
         time.sleep(seconds)
     with open(path, "a") as f:
         f.write(f"{text} {os.getpid()}\n")
+
+
+def append_after(path: str, text: str, gate: str) -> None:
+    """Wait at the test's gate (tests/gate.py), then append ``text pid``."""
+    wait_at(gate)
+    append(path, text)
 
 
 async def append_async(path: str, text: str) -> None:
@@ -44,7 +51,11 @@ def app(environ, start_response):
     out, what = query.get("out", "/dev/null"), environ["PATH_INFO"]
     if what == "/defer":
         for i in range(int(query.get("n", 1))):
-            defer(environ, append, out, f"{query.get('tag', 'call')}-{i}", float(query.get("s", 0)))
+            text = f"{query.get('tag', 'call')}-{i}"
+            if "gate" in query:
+                defer(environ, append_after, out, text, query["gate"])
+            else:
+                defer(environ, append, out, text, float(query.get("s", 0)))
     elif what == "/async":
         defer(environ, append_async, out, query.get("tag", "async"))
     elif what == "/poison":

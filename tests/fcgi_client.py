@@ -6,8 +6,11 @@ protocol code against an independent implementation.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import socket
 import struct
+import termios
 
 from flup.server import fcgi_base as flup
 
@@ -149,6 +152,13 @@ class Client:
     def request(self, path: str = "/", **kwargs) -> Response:
         self.send(request_bytes(path, **kwargs))
         return self.read_response(kwargs.get("rid", 1))
+
+    def unread(self) -> int:
+        """Bytes sent that the worker has not read yet (unix sockets: kernel accounting,
+        0 once it read everything), for waiting until it has what was sent."""
+        queued = array.array("i", [0])
+        fcntl.ioctl(self.sock, termios.TIOCOUTQ, queued)
+        return queued[0]
 
     def close(self) -> None:
         self.sock.close()

@@ -45,6 +45,11 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         delay = min(delay * 2, 0.1)
 
 
+def lines(path: Path) -> list[str]:
+    """The lines of a file a test's app writes, none while it does not exist yet."""
+    return path.read_text().splitlines() if path.exists() else []
+
+
 def connectable(address: str | tuple[str, int]) -> bool:
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     with socket.socket(family) as s:

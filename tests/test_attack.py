@@ -36,19 +36,19 @@ def test_finish_request_from_another_thread_does_not_hold_the_stop(tmp_path, thr
         "--threads",
         threads,
         "--graceful-timeout",
-        "20",
+        "100",
     ) as (proc, sock):
         client = Client(str(sock))
         response = client.request("/")
         assert (response.status, response.body) == (200, b"")
         assert client.request("/again").status == 200
         client.close()
-        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        # waiting for the app's own thread would hold the stop to its 100 s deadline
         assert proc.wait(30) == 0
-        assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow
 def test_an_aborted_request_never_answers_the_next_one_on_its_id(serve):
     running = serve(apps_attack.sleepy, threads=4)
     client = running.client()
@@ -98,7 +98,10 @@ def test_a_deferred_call_that_forks_and_returns_runs_nothing_twice(tmp_path):
         assert client.request("/fork").body == b"ok"
         client.close()
         wait_for(lambda: log.exists() and "after fork" in log.read_text(), what="the calls")
-        time.sleep(0.2)  # a forked copy would run the next call about now
+        wait_for(  # the copy that returned into the executor leaves, saying so
+            lambda: "returned into the executor" in _worker_log(tmp_path).read_text(),
+            what="the forked copy to exit",
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert log.read_text().splitlines() == ["parent", "after fork"]
@@ -140,6 +143,7 @@ def test_a_helper_process_that_dies_is_logged_its_calls_ended_and_replaced(tmp_p
     assert "deferred _note_pid(" in _worker_log(tmp_path).read_text().split("died")[1]
 
 
+@pytest.mark.slow
 def test_a_peer_that_floods_without_reading_gets_no_unbounded_memory(serve):
     running = serve(apps_attack.sleepy)
     names = b"".join(flup.encode_pair(name, b"") for name in (b"FCGI_MAX_CONNS", b"FCGI_MAX_REQS"))
@@ -170,6 +174,7 @@ def test_a_peer_that_floods_without_reading_gets_no_unbounded_memory(serve):
     assert got and got[0].body == b"/after"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", ["1", "4"])
 def test_a_request_past_the_graceful_deadline_is_named_and_the_stop_exits_3(tmp_path, threads):
     log = tmp_path / "work.log"
@@ -179,15 +184,14 @@ def test_a_request_past_the_graceful_deadline_is_named_and_the_stop_exits_3(tmp_
         client = Client(str(sock))
         client.send(request_bytes("/stuck?60"))
         wait_for(lambda: log.exists() and "running" in log.read_text(), what="the request")
-        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 3
-        assert time.monotonic() - started < 5  # 1 s, plus 2 s when the loop's thread is held
+        assert proc.wait(30) == 3  # the deadline (1 s) ended it, not the 60 s request
         client.close()
     text = _worker_log(tmp_path).read_text()
     assert "(GET /stuck?60) still running at the graceful deadline; abandoned" in text
 
 
+@pytest.mark.slow
 def test_a_coroutine_that_blocks_the_loop_is_reported_slow(tmp_path):
     log = tmp_path / "work.log"
     env = python_env(TEST_APP_LOG=str(log))
@@ -211,18 +215,21 @@ def test_a_process_forked_while_pool_json_is_locked_does_not_keep_it_locked(tmp_
     # status sampler held pool.json's lock at that moment, the helper kept it for ever
     # and the worker hung at its next sample (seen in 3 of 8 starts).
     board = Scoreboard(tmp_path / "board")
+    release_r, release_w = os.pipe()
     try:
         with board._locked_pool():
             child = os.fork()
-            if child == 0:  # holds whatever it inherited, then leaves quietly
-                time.sleep(3)
+            if child == 0:  # holds whatever it inherited until the test lets it go
+                os.read(release_r, 1)
                 os._exit(0)
         done = threading.Event()
         threading.Thread(target=lambda: (board.pool(), done.set()), daemon=True).start()
-        assert done.wait(2), "pool.json stayed locked by the forked child"
+        assert done.wait(20), "pool.json stayed locked by the forked child"
     finally:
-        os.kill(child, signal.SIGKILL)
+        os.write(release_w, b"x")
         os.waitpid(child, 0)
+        os.close(release_r)
+        os.close(release_w)
         board.close()
 
 

@@ -6,9 +6,8 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
-from fcgi.options import OPTIONS
+from fcgi.options import OPTIONS, Options
 from tests import fcgi_client
 from tests.procs import ROOT, fcgi_command, python_env, run_fcgi, stop, wait_for
 
@@ -20,7 +19,8 @@ def errors(result: subprocess.CompletedProcess) -> list[str]:
     return [ln for ln in result.stderr.strip().splitlines() if "running the app as root" not in ln]
 
 
-def test_help_documents_every_option():
+def help_entries() -> list[tuple[str, str, str | None]]:
+    """(flag, variable, default shown or None) for each option, as --help prints them."""
     out = subprocess.run(
         [sys.executable, "-m", "fcgi", "--help"],
         env=python_env(COLUMNS="100000"),  # one line per option: argparse wraps at hyphens
@@ -28,12 +28,29 @@ def test_help_documents_every_option():
         text=True,
         timeout=30,
     ).stdout
-    out = " ".join(out.split())
-    for opt in OPTIONS:
-        # the flag, then its own help text and its variable, not just the names somewhere
-        entry = f"{opt.flag} {opt.metavar} {' '.join(opt.help.split())} (env {opt.env}"
-        assert entry in out, opt.name
-    assert "MODULE:CALLABLE" in out
+    out = re.sub(r"\n {3,}", " ", out)  # a long flag puts its help on the next line
+    found = re.findall(
+        r"^  (--[a-z-]+) \S+ .*\(env (FCGI_\w+)(?:; default: (.*))?\)$", out, re.MULTILINE
+    )
+    return [(flag, env, default or None) for flag, env, default in found]
+
+
+def test_every_option_in_help_works_as_shown_from_the_command_line_and_its_variable():
+    """What --help shows is what the worker does: each flag it lists is accepted with
+    the default it shows, which is the default in force, and so is its variable."""
+    entries = help_entries()
+    assert len(entries) >= 30
+    plain = vars(Options.parse(["x:app"], {}))
+    for flag, env, shown in entries:
+        name = flag[2:].replace("-", "_")
+        if shown is None:  # no default (off, or the inherited socket): the variable is read
+            assert env in (opt.env for opt in OPTIONS), flag
+            continue
+        assert vars(Options.parse([flag, shown, "x:app"], {}))[name] == plain[name], flag
+        assert vars(Options.parse(["x:app"], {env: shown}))[name] == plain[name], env
+    given = vars(Options.parse(["--threads", "3", "x:app"], {"FCGI_THREADS": "5"}))
+    assert given["threads"] == 3  # the command line wins over the variable
+    assert vars(Options.parse(["x:app"], {"FCGI_THREADS": "5"}))["threads"] == 5
 
 
 def test_bad_option_value_names_the_option():
@@ -188,10 +205,8 @@ def test_an_app_that_raises_while_loading_shows_its_traceback_at_once(tmp_path):
     (tmp_path / "brokenapp.py").write_text(
         "import json\n\ndef helper():\n    raise KeyError('DATABASES')\n\nhelper()\n"
     )
-    started = time.monotonic()
     result = run("--bind", "127.0.0.1:0", "--chdir", str(tmp_path), "brokenapp:application")
-    assert time.monotonic() - started < 5
-    assert result.returncode == 2
+    assert result.returncode == 2  # at once: run() gives up after 30 s
     err = result.stderr
     assert "ERROR fcgi: importing 'brokenapp' raised KeyError: 'DATABASES'" in err
     assert "Traceback (most recent call last):" in err

@@ -15,6 +15,7 @@ from flup.server import fcgi_base as flup
 
 from tests import apps, apps_core
 from tests.fcgi_client import Client, record, request_bytes
+from tests.gate import Gate
 from tests.procs import ROOT, connectable, fcgi_command, free_port, python_env, stop, wait_for
 
 
@@ -30,13 +31,13 @@ def test_a_stalled_reader_does_not_delay_other_clients(serve):
     stalled.send(record(flup.FCGI_GET_VALUES, 0))  # any record: the loop must read it at once
     other = running.client()
     for _ in range(5):
-        started = time.monotonic()
         assert other.request("/?100").body == b"x" * 100
-        assert time.monotonic() - started < 0.2
+    # answered while the stalled response still waits, and that one does not fill memory
     queued = max(c.out_size for c in list(running.server.conns.values()))
-    assert queued < 4 << 20  # the stalled request waits; it does not fill memory
+    assert 0 < queued < 4 << 20
 
 
+@pytest.mark.slow
 def test_write_timeout_closes_a_connection_that_reads_nothing(serve, caplog):
     running = serve(apps_core.sized, threads=2, write_timeout=1)
     stalled = running.client()
@@ -48,6 +49,7 @@ def test_write_timeout_closes_a_connection_that_reads_nothing(serve, caplog):
     assert running.client().request("/?5").body == b"xxxxx"
 
 
+@pytest.mark.slow
 def test_write_timeout_is_per_stall_not_per_response(serve):
     running = serve(apps_core.sized, threads=2, write_timeout=1)
     client = running.client()
@@ -74,10 +76,8 @@ def test_five_thousand_idle_connections_and_a_fresh_request(serve):
         assert client.read_response().status == 200
         idle.append(client)  # kept alive, idle, as nginx keeps them
     try:
-        started = time.monotonic()
-        fresh = Client(str(running.path))
+        fresh = Client(str(running.path))  # an idle one is closed to admit it
         assert fresh.request("/").status == 200
-        assert time.monotonic() - started < 0.5
         fresh.close()
         assert len(running.server.conns) <= 4096
     finally:
@@ -98,16 +98,19 @@ def test_bad_content_length_is_a_400_with_one_warning(serve, caplog, length):
     assert client.request("/status").status == 200
 
 
-def test_requests_beyond_max_detached_hold_their_thread(serve):
-    running = serve(apps_core.finish_then_sleep, threads=1, max_detached=1)
-    took = []
-    for _ in range(3):
-        client = running.client()
-        started = time.monotonic()
-        assert client.request("/?1").status == 200
-        took.append(time.monotonic() - started)
-    # the first detaches; the second cannot (limit 1) and keeps the loop's thread for 1 s
-    assert took[0] < 0.5 and took[1] < 0.5 and took[2] > 0.7, took
+def test_requests_beyond_max_detached_hold_their_thread(serve, tmp_path):
+    running = serve(apps_core.finish_then_wait, threads=1, max_detached=1)
+    with Gate(tmp_path / "gate") as gate:
+        first, second, third = (running.client() for _ in range(3))
+        # the first detaches; the second cannot (limit 1) and keeps the loop's thread
+        assert first.request(f"/?{gate.path}").status == 200
+        assert second.request(f"/?{gate.path}").status == 200
+        third.send(request_bytes(f"/?{gate.path}"))
+        third.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # nobody reads it while both wait at the gate
+            third.read_response()
+        third.sock.settimeout(30)
+    assert third.read_response().status == 200  # the gate opened: the loop is free again
 
 
 def test_many_clients_racing_at_max_connections_are_all_answered(serve):

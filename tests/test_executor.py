@@ -14,24 +14,12 @@ import warnings
 
 import pytest
 
+from tests.inprocess import call_app
 from tests.procs import ROOT, python_env, wait_for
 from wsgi_app.deferred import DeferredMiddleware, defer, defer_always
 from wsgi_app.runtime.calls import Batch, Call
 from wsgi_app.runtime.executor import DeferredExecutor
 from wsgi_app.runtime.threads import ElasticPool
-
-
-def call_app(app, path="/"):
-    """Drive ``app`` the way a WSGI server without finish_request does; the status and
-    the body, or the exception the app or its body raised."""
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": ""}
-    status = []
-    result = app(environ, lambda s, h, e=None: status.append(s))
-    try:
-        body = b"".join(result)
-    finally:
-        result.close()
-    return status[0], body
 
 
 async def exits_async():
@@ -123,8 +111,13 @@ def test_queued_means_waiting_and_running_means_running():
 
 
 def test_drain_counts_every_call_once_even_those_ending_after_it(caplog):
+    release = threading.Event()
+
+    def hold():
+        release.wait(30)
+
     def inner(environ, start_response):
-        defer(environ, time.sleep, 0.5)
+        defer(environ, hold)
         defer(environ, print, "never")
         start_response("200 OK", [])
         return [b""]
@@ -135,14 +128,14 @@ def test_drain_counts_every_call_once_even_those_ending_after_it(caplog):
     wait_for(lambda: app.stats()["running"] == 1, what="the first call to start")
     with caplog.at_level(logging.INFO, "wsgi_app.deferred"):
         assert app.executor.drain(0.1) == 6
-        time.sleep(0.6)  # the running sleep ends after its abandonment: counted once
+        release.set()  # the running call ends after its abandonment: counted once
+        wait_for(lambda: "hold() ended after the stop had abandoned it" in caplog.text)
     stats = app.stats()
     assert stats["done"] + stats["failed"] + stats["abandoned"] == stats["registered"] == 6
     assert stats["running"] == stats["queued"] == 0
-    assert "sleep(0.5) abandoned at stop, still running (request GET /0)" in caplog.text
+    assert "hold() abandoned at stop, still running (request GET /0)" in caplog.text
     assert "print('never') abandoned at stop, never started (request GET /2)" in caplog.text
     assert "6 call(s) taken, 0 done, 0 failed, 6 abandoned" in caplog.text
-    assert "sleep(0.5) ended after the stop had abandoned it" in caplog.text
 
 
 def test_a_drained_executor_reopens():

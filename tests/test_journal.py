@@ -20,7 +20,7 @@ import pytest
 
 from tests import apps_journal
 from tests.fcgi_client import Client
-from tests.procs import ROOT, python_env, stack, stop, wait_for, worker
+from tests.procs import ROOT, lines, python_env, stack, stop, wait_for, worker
 from wsgi_app.journal import Journal
 from wsgi_app.journal import store as journal_module
 from wsgi_app.runtime.callpath import Unrecordable, dumps_args, path_of, resolve
@@ -254,10 +254,6 @@ def journal_env(path: Path, **extra: str) -> dict[str, str]:
     return python_env(DEFERRED_JOURNAL=str(path), **extra)
 
 
-def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
-
-
 def test_unrecordable_calls_are_refused_at_defer_with_an_error_naming_them(
     tmp_path: Path,
 ) -> None:
@@ -276,6 +272,7 @@ def test_unrecordable_calls_are_refused_at_defer_with_an_error_naming_them(
     assert "arguments of deferred tests.apps_journal:append cannot be recorded" in log
 
 
+@pytest.mark.slow
 def test_a_poisoned_call_ends_dead_after_its_attempts(tmp_path: Path) -> None:
     out, path = tmp_path / "out", tmp_path / "j.sqlite3"
     env = journal_env(path, DEFERRED_ATTEMPTS="3", DEFERRED_RETRY="0.01")
@@ -318,6 +315,7 @@ def check_all_ran(out: Path, expected: int) -> collections.Counter:
     return runs
 
 
+@pytest.mark.slow
 def test_sigkill_with_200_calls_pending_a_fresh_worker_runs_them_all(tmp_path: Path) -> None:
     out, path = tmp_path / "out", tmp_path / "j.sqlite3"
     env = journal_env(path, DEFERRED_THREADS="2")
@@ -429,6 +427,7 @@ def test_a_request_with_thousands_of_calls_is_recorded_in_order(tmp_path: Path) 
         assert list(journal.logs.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_calls_left_at_a_graceful_stops_deadline_run_in_the_next_worker(tmp_path: Path) -> None:
     out, path = tmp_path / "out", tmp_path / "j.sqlite3"
     env = journal_env(path, DEFERRED_THREADS="1")
@@ -442,6 +441,7 @@ def test_calls_left_at_a_graceful_stops_deadline_run_in_the_next_worker(tmp_path
         check_all_ran(out, 10)
 
 
+@pytest.mark.slow
 def test_calls_left_at_a_reloads_deadline_run_once_in_the_reloaded_worker(
     tmp_path: Path,
 ) -> None:
@@ -593,6 +593,7 @@ def test_a_call_ending_during_a_move_whose_tidying_fails_is_still_forgotten(
         db.close()
 
 
+@pytest.mark.slow
 def test_calls_ended_during_a_graceful_drain_do_not_run_again_after_a_kill(
     tmp_path: Path,
 ) -> None:
@@ -700,6 +701,7 @@ def test_an_unreadable_log_file_does_not_stop_every_takeover(tmp_path: Path) -> 
         assert [texts(g) for g in journal.claim()] == [["a1"]]
 
 
+@pytest.mark.slow
 def test_a_move_failing_again_and_again_does_not_stop_the_heartbeat(
     tmp_path: Path, monkeypatch
 ) -> None:

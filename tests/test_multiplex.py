@@ -3,6 +3,7 @@ fcgi-app sends them: against the sans-I/O core, then the worker in-process."""
 
 from __future__ import annotations
 
+import io
 import logging
 import struct
 import threading
@@ -12,6 +13,7 @@ from flup.server import fcgi_base as flup
 
 from fcgi.wire import records
 from fcgi.wire.connection import Connection, ConnState, RequestReady
+from fcgi.wsgi.streams import RequestBody
 from tests import apps
 from tests.fcgi_client import HEADER, begin, body_of, params, record, request_bytes, stdin
 
@@ -152,3 +154,49 @@ def test_a_request_without_keep_conn_closes_the_connection_after_the_others():
     assert conn.state is ConnState.ACTIVE and conn.is_active(2)  # 2 is not cut off
     conn.end_request(2)
     assert conn.state is ConnState.CLOSING
+
+
+class StuckDisk(io.BytesIO):
+    """A spool file on a disk that stalls: its first write waits until the test lets it."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        super().__init__()
+        self.entered, self.release = entered, release
+
+    def writelines(self, lines) -> None:
+        self.entered.set()
+        self.release.wait(30)
+        super().writelines(lines)
+
+
+def test_a_body_spooled_to_a_stalled_disk_holds_no_other_request_on_its_connection(
+    serve, monkeypatch
+):
+    """The loop fills a request's body outside the connection's lock: while it waits on a
+    stalled disk, a request multiplexed beside it still sends its output."""
+    entered, release, go = threading.Event(), threading.Event(), threading.Event()
+    monkeypatch.setattr(
+        RequestBody, "open_spool", staticmethod(lambda: StuckDisk(entered, release))
+    )
+
+    def app(environ, start_response):
+        if environ["REQUEST_METHOD"] == "POST":
+            return apps.echo(environ, start_response)
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"first ")
+        go.wait(30)
+        return [b"second"]
+
+    running = serve(app, threads=2, spool_threshold=1024)
+    client = running.client()
+    client.sock.settimeout(10)
+    try:
+        client.send(request_bytes("/a", rid=1))
+        upload = bytes(range(256)) * 64
+        client.send(request_bytes("/b", method="POST", body=upload, rid=2))
+        assert entered.wait(10), "the body never reached the spool file"
+        go.set()  # request 1 ends while the loop waits on the disk for request 2
+        assert client.read_response(1).body == b"first second"
+    finally:
+        release.set()
+    assert client.read_response(2).body == upload

@@ -14,12 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.fcgi_client import Client
-from tests.procs import python_env, wait_for, worker
+from tests.procs import lines, python_env, wait_for, worker
 from tests.test_celery import celery_worker, redis
-
-
-def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
 
 
 def zombies_of(pid: int) -> int:
@@ -89,6 +85,7 @@ def example(tmp: Path, name: str, name_suffix: str = "", **env: str):
     )
 
 
+@pytest.mark.slow
 def test_fastcgi_finish_request(tmp_path: Path) -> None:
     notes = tmp_path / "notes"
     with example(tmp_path, "php_finish_request") as (_proc, sock):
@@ -100,6 +97,7 @@ def test_fastcgi_finish_request(tmp_path: Path) -> None:
         client.close()
 
 
+@pytest.mark.slow
 def test_fsockopen_fire_and_forget(tmp_path: Path) -> None:
     notes = tmp_path / "notes"
     with http_server(delay=0.5) as hooks:

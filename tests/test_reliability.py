@@ -22,6 +22,7 @@ from tests.test_e2e_nginx import done_lines
 from wsgi_app.deferred import DeferredMiddleware, defer
 
 
+@pytest.mark.slow
 def test_sigterm_runs_every_accepted_deferred_call_then_exits_0(tmp_path):
     log = tmp_path / "work.log"
     with worker(tmp_path, "tests.apps:many_deferred", env=python_env(TEST_APP_LOG=str(log))) as (
@@ -40,6 +41,7 @@ def test_sigterm_runs_every_accepted_deferred_call_then_exits_0(tmp_path):
     assert took >= 1.4  # it waited for the 1.5 s calls
 
 
+@pytest.mark.slow
 def test_sigterm_past_the_deadline_names_what_it_abandons(tmp_path):
     with worker(tmp_path, "tests.apps:many_deferred", "--graceful-timeout", "1") as (proc, sock):
         client = Client(str(sock))
@@ -63,6 +65,7 @@ def logged_at(text: str, words: str) -> float:
     [(2.0, 60.0, "the deadline"), (10.0, 2.0, "--read-timeout")],
     ids=["deadline-first", "read-timeout-first"],
 )
+@pytest.mark.slow
 def test_sigterm_with_a_request_half_sent_names_it_once_and_ends_by_the_deadline(
     tmp_path, graceful, read, limit
 ):
@@ -182,6 +185,7 @@ def test_request_id_zero_and_non_utf8_bytes(serve, caplog):
     )
 
 
+@pytest.mark.slow
 def test_half_sent_records_time_out(serve, caplog):
     running = serve(apps.echo, read_timeout=1)
     truncated = running.client()
@@ -226,6 +230,7 @@ def test_beyond_max_connections_new_ones_wait_in_the_backlog(serve):
     assert waiting.read_response().status == 200
 
 
+@pytest.mark.slow
 def test_visitor_leaving_mid_response_still_runs_deferred_work(
     serve, tmp_path, monkeypatch, caplog
 ):
@@ -244,6 +249,7 @@ def test_visitor_leaving_mid_response_still_runs_deferred_work(
     assert running.client().request("/").status == 200
 
 
+@pytest.mark.slow
 def test_slow_request_log_shows_where_it_is(serve, caplog):
     running = serve(apps.stuck_in_the_app, slow_request=0.3)
     with caplog.at_level(logging.WARNING, "fcgi.slow"):
@@ -254,6 +260,7 @@ def test_slow_request_log_shows_where_it_is(serve, caplog):
     assert running.server.watchdog.slow == 1
 
 
+@pytest.mark.slow
 def test_slow_deferred_and_deferred_timeout(serve, caplog):
     done = threading.Event()
 

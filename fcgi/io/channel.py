@@ -21,6 +21,7 @@ import time
 from typing import Protocol
 
 from ..wire.connection import Connection, ConnState, Event, IncomingRequest
+from ..wire.records import ProtocolError
 
 log = logging.getLogger("fcgi")
 
@@ -83,8 +84,13 @@ class Channel:
         with self.lock:
             try:
                 events = proto.receive_data(data)
-            except Exception as exc:  # ProtocolError, or a body that cannot be spooled
+            except ProtocolError as exc:  # the peer's fault: one line is enough
                 log.warning("connection %d: %s; closing it", self.fd, exc)
+                return None
+            except Exception:  # ours: the traceback, then the connection closes
+                log.exception(
+                    "connection %d: the protocol failed on what it read; closing it", self.fd
+                )
                 return None
             if proto.has_answers:
                 self._push(proto.data_to_send())

@@ -16,10 +16,17 @@ class SpooledFile(io.BufferedRandom):
         return super().read(-1 if size is None or size < 0 else size)
 
 
+def spool_file() -> SpooledFile:
+    """An anonymous temporary file for a body past the threshold."""
+    return SpooledFile(tempfile.TemporaryFile(buffering=0))
+
+
 class RequestBody:
-    """STDIN as it arrives: in memory, or spooled to a temporary file past a threshold."""
+    """STDIN as it arrives: in memory, or spooled to a temporary file past a threshold.
+    Filled by the I/O loop outside any connection's lock, so a slow disk holds no writer."""
 
     __slots__ = ("_chunks", "_file", "size", "threshold")
+    open_spool = staticmethod(spool_file)  # where a large body goes
 
     def __init__(self, threshold: int) -> None:
         self.threshold = threshold
@@ -34,7 +41,7 @@ class RequestBody:
             return
         self._chunks.append(data)
         if self.size > self.threshold:
-            self._file = SpooledFile(tempfile.TemporaryFile(buffering=0))  # noqa: SIM115 - close()
+            self._file = self.open_spool()
             self._file.writelines(self._chunks)
             self._chunks = []
 
