@@ -193,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kept in handover.conns:
             server.loop.adopt(kept)
     server.install_signals()
+    if handover is not None:
+        server.reloaded()
     if reload_asked:
         server.reload(f"{signal.Signals(reload_asked[-1]).name} while starting")
     code = server.serve()

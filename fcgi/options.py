@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import __version__
 from .affinity import cpu_choice
 
 
@@ -87,6 +88,13 @@ def mount_point(text: str) -> str:
 def url_path(text: str) -> str:
     if text and not text.startswith("/"):
         raise ValueError("must be a URL path starting with /, as in /fcgi-status")
+    return text
+
+
+def check_target(text: str) -> str:
+    """A path (/health), or a URL (http://example.com/health) whose host is sent."""
+    if text and not text.startswith("/") and not text.startswith(("http://", "https://")):
+        raise ValueError("must be a path such as /health, or a URL such as http://example.com/")
     return text
 
 
@@ -388,6 +396,16 @@ OPTIONS: tuple[Option, ...] = (
         "CPU",
     ),
     Option(
+        "reload_check_path",
+        check_target,
+        "",
+        "on a reload, the child that imports the new code also calls it once with a GET of "
+        "this path (or URL, whose host is sent, for Django's ALLOWED_HOSTS), and the new "
+        "code is refused if that raises or answers 5xx: Django imports its views only "
+        "then. Choose a page with no side effects (default: import only)",
+        "PATH",
+    ),
+    Option(
         "pythonpath",
         path_list,
         (),
@@ -434,6 +452,7 @@ class Options:
     chdir: str
     user: str
     pythonpath: tuple[str, ...]
+    reload_check_path: str
     cpu_affinity: str | int
 
     def __init__(self, **values: Any) -> None:
@@ -480,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         "once, HUP/USR2 reload in place (same pid, socket and connections), USR1 reopens "
         "the access log.",
     )
+    parser.add_argument("--version", action="version", version=f"fcgi-serve {__version__}")
     parser.add_argument(
         "app",
         metavar="MODULE:CALLABLE",

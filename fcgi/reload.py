@@ -1,9 +1,12 @@
 """Reload in place: a fresh interpreter in the same process, with the same sockets.
 
 SIGHUP, SIGUSR2 and ``--max-requests`` recycling end here. The new code is first
-imported in a child process (``check_app``): if that fails, the old code keeps
-serving and the traceback is logged. Otherwise the server drains (no new
-requests; those in flight and their deferred work finish), then ``exec_in_place``
+imported in a child process (``check_app``), which with ``--reload-check-path``
+also calls it once with a GET of that path (``try_request``: Django imports its
+views only then): if that fails, the old code keeps serving and the traceback is
+logged and recorded in the scoreboard, where ``fcgi-finish reload`` reads it.
+Otherwise the server drains (no new requests; those in flight and their deferred
+work finish), then ``exec_in_place``
 clears FD_CLOEXEC on the listening socket and on the kept-alive connections and
 ``exec``s the same command line, describing those fds in ``HANDOVER_ENV`` (as
 gunicorn hands its listeners over in ``GUNICORN_FD``). The new interpreter
@@ -15,14 +18,18 @@ the kernel's buffers.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
 
 from .io.loop import KeptConnection
 
@@ -48,11 +55,16 @@ HELD_SIGNALS = frozenset(
 _CHECK = """\
 import sys, traceback
 from fcgi.cli import AppLoadError, load_app, setup_path
+from fcgi.reload import try_request
 try:
-    setup_path("", sys.argv[2:])  # the folder is inherited; --pythonpath is not
-    load_app(sys.argv[1])
+    setup_path("", sys.argv[3:])  # the folder is inherited; --pythonpath is not
+    app = load_app(sys.argv[1])
 except AppLoadError as exc:
     traceback.print_exception(exc.__cause__ or exc)
+    sys.exit(1)
+failure = try_request(app, sys.argv[2]) if sys.argv[2] else None
+if failure:
+    print(failure, file=sys.stderr)
     sys.exit(1)
 """
 
@@ -100,16 +112,86 @@ def take_handover(environ: dict[str, str] | os._Environ[str] = os.environ) -> Ha
         return None
 
 
+def try_request(app: Callable[..., Any], target: str) -> str | None:
+    """Call ``app`` once, in this process, with a GET of ``target`` (a path, or a URL
+    whose host is sent as Host, for Django's ALLOWED_HOSTS); None if it answered below
+    500, else why not, with the traceback it raised or logged."""
+    url = urlsplit(target)
+    host = url.netloc or "localhost"
+    name, _, port = host.partition(":")
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": url.path or "/",
+        "QUERY_STRING": url.query,
+        "SERVER_NAME": name,
+        "SERVER_PORT": port or ("443" if url.scheme == "https" else "80"),
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": host,
+        "HTTP_USER_AGENT": "fcgi-serve reload check",
+        "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": url.scheme or "http",
+        "wsgi.input": io.BytesIO(),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+    }
+    logged = _Errors()
+    logging.getLogger().addHandler(logged)  # Django logs a view's exception, answers 500
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Callable[..., None]:
+        statuses.append(status)
+        return lambda data: None
+
+    try:
+        result = app(environ, start_response)
+        try:
+            for _ in result:
+                pass
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+    except BaseException:
+        return f"GET {target} raised:\n{traceback.format_exc().rstrip()}"
+    finally:
+        logging.getLogger().removeHandler(logged)
+    if not statuses:
+        return f"GET {target}: the app returned without calling start_response"
+    if not statuses[-1][:1].isdigit() or int(statuses[-1][:3]) >= 500:
+        shown = "\n".join(logged.lines) or "(the app logged no traceback)"
+        return f"GET {target} answered {statuses[-1]}:\n{shown}"
+    return None
+
+
+class _Errors(logging.Handler):
+    """What the app logs at ERROR during the check request, tracebacks included."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
 def check_app(
-    app: str, pythonpath: Sequence[str] = (), timeout: float = CHECK_TIMEOUT
+    app: str,
+    pythonpath: Sequence[str] = (),
+    check_path: str = "",
+    timeout: float = CHECK_TIMEOUT,
 ) -> str | None:
     """Import ``app`` (MODULE:CALLABLE) in a child process with this process's
-    environment, folder (``--chdir`` applied), ``--pythonpath`` and interpreter; None
-    if it loads, else what it printed."""
+    environment, folder (``--chdir`` applied), ``--pythonpath`` and interpreter, and
+    with ``check_path`` call it once there (``try_request``); None if it loads (and
+    answers), else what it printed."""
     env = {k: v for k, v in os.environ.items() if k != HANDOVER_ENV}
     try:
         result = subprocess.run(
-            [sys.executable, "-c", _CHECK, app, *pythonpath],
+            [sys.executable, "-c", _CHECK, app, check_path, *pythonpath],
             env=env,
             stdin=subprocess.DEVNULL,
             capture_output=True,

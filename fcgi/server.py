@@ -135,6 +135,7 @@ class Server:
                 "timeout": options.deferred_timeout or None,
             },
         }
+        self._inline_batch = -1  # the loop's batch in which a request last ran inline
         self.exit_code = EXIT_OK
         self._alarm_told = False  # a stray SIGALRM was logged (handle_alarm)
         self._owner: object = None  # the token of the thread running the loop
@@ -183,28 +184,42 @@ class Server:
             log.info("%s: the new code is checked again once the check under way ends", why)
             return
         self._checking = True
+        self._record_reload("checking")
         threading.Thread(
             target=self._check_then_reload, args=(why,), name="fcgi-reload", daemon=True
         ).start()
 
     def _check_then_reload(self, why: str) -> None:
-        log.info("%s: reloading; importing %s in a child process first", why, self.options.app)
+        options = self.options
+        log.info("%s: reloading; importing %s in a child process first", why, options.app)
         affinity.unbind_thread()  # the import check has a GIL of its own: every CPU
         try:
-            failure = check_app(self.options.app, self.options.pythonpath)
+            failure = check_app(options.app, options.pythonpath, options.reload_check_path)
             while self._check_again and failure is None:
                 self._check_again = False
-                failure = check_app(self.options.app, self.options.pythonpath)
+                failure = check_app(options.app, options.pythonpath, options.reload_check_path)
         finally:
             self._checking = self._check_again = False
         if failure is not None:
-            log.error(
-                "%s: the new code does not import; the old code keeps serving:\n%s", why, failure
-            )
+            log.error("%s: the new code is refused; the old code keeps serving:\n%s", why, failure)
+            self._record_reload("refused", failure)
             return
         if not self.stopping:
             self.reloading = True
             self.stop()
+
+    def _record_reload(self, state: str, detail: str = "") -> None:
+        """The reload's outcome, where ``fcgi-finish reload`` reads it (the scoreboard)."""
+        if self.scoreboard is not None:
+            try:
+                self.scoreboard.reload_outcome(state, detail)
+            except OSError as exc:
+                log.warning("cannot record the reload's outcome: %s", exc)
+
+    def reloaded(self) -> None:
+        """This interpreter is a reload's, serving the new code."""
+        log.info("reloaded: serving the new code")
+        self._record_reload("reloaded")
 
     def handle_usr1(self, signum: int, frame: Any) -> None:
         if self.access_log is not None:
@@ -315,7 +330,7 @@ class Server:
                     self.listener.close()
                 if self.watchdog is not None:
                     self.watchdog.stop()
-                self.answers.close()
+                self.answers.close(reloading=self.handover is not None)
                 if self.access_log is not None:
                     self.access_log.close()
                 self.loop.shutdown()
@@ -396,6 +411,15 @@ class Server:
         request = Request(conn, incoming)
         self.requests += 1
         request.request_id = f"{self.pid}-{self.seq_base + self.requests}"
+        # whether it waits for a thread: all --threads taken (one, inline: a request before
+        # it in this batch of events ran on the loop's thread)
+        if self.options.threads == 1:
+            batch = self.loop.batch
+            request.waited = batch == self._inline_batch
+            self._inline_batch = batch
+        else:
+            busy = len(self.in_progress) - self.runner.detached
+            request.waited = busy >= self.options.threads
         self.in_progress[request] = 0
         if self.requests == self.recycle_after:
             self.reload(f"recycling after {self.requests} requests")
@@ -448,6 +472,7 @@ class Server:
                 environ["REQUEST_METHOD"],
                 environ.get("REQUEST_URI", ""),
                 "" if length is None else str(length),
+                request.waited,
             )
         try:
             if request.error is not None:

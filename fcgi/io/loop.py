@@ -98,6 +98,7 @@ class IOLoop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_pending = False
         self._next_sweep = 0.0
+        self.batch = 0  # counts the batches of events polled
         self._local = threading.local()  # still_owner of the thread polling, per thread
         self._listen_fd = listener.sock.fileno()
         self.epoll.register(self._wake_r, select.EPOLLIN)
@@ -149,7 +150,9 @@ class IOLoop:
         if timeout < 0 or timeout > SWEEP_INTERVAL:
             timeout = SWEEP_INTERVAL
         conns = self.conns
-        for fd, mask in self.epoll.poll(timeout):
+        ready = self.epoll.poll(timeout)
+        self.batch += 1
+        for fd, mask in ready:
             conn = conns.get(fd)
             if conn is None:
                 if fd == self._listen_fd:

@@ -29,6 +29,7 @@ class PageOptions(Protocol):
     scoreboard: str
     bind: str | None
     pool_name: str
+    threads: int
 
 
 # (requests past --slow-request, the deferred-work counters summed over the stats hooks)
@@ -46,7 +47,7 @@ class Answers:
         self.by_path: dict[str, Answer] = {}
         if options.status_path:
             self.scoreboard = Scoreboard.for_socket(
-                options.scoreboard, sock, inherited=options.bind is None
+                options.scoreboard, sock, inherited=options.bind is None, threads=options.threads
             )
             self.by_path[options.status_path] = self.status
         if options.ping_path:
@@ -58,10 +59,10 @@ class Answers:
         if self.scoreboard is not None:
             threading.Thread(target=self._refresh, name="scoreboard", daemon=True).start()
 
-    def close(self) -> None:
+    def close(self, reloading: bool = False) -> None:
         self._stop.set()
         if self.scoreboard is not None:
-            self.scoreboard.close()
+            self.scoreboard.close(reloading)
 
     def find(self, request: Request) -> Answer | None:
         """The answer for this request, if the worker gives it rather than the app."""

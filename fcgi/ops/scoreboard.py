@@ -4,7 +4,16 @@ Each worker maps its own file ``<pid>.slot`` and rewrites it as requests start
 and end (and its deferred counters change), so whichever worker answers the
 status page reads every slot and reports the whole pool, as PHP-FPM does.
 Slots of workers that are gone are skipped and removed. ``pool.json`` keeps
-what outlives one worker: the pool's start and its high-water marks.
+what outlives one worker: the pool's start, its high-water marks, and the counts
+of workers that went (folded in when they close their slot).
+
+``max children reached`` counts what PHP-FPM counts: requests that found every
+worker busy (their own with every thread taken, so they waited, and every other
+worker's too, read from the others' slots, mapped once and read without a lock).
+
+Beside each slot, ``<pid>.reload`` holds the outcome of the worker's last reload
+(checking, refused with the new code's traceback, or reloaded), so ``fcgi-finish
+reload`` can tell what each worker did; it lives as long as the worker (its pid).
 
 ``accepted`` counts requests, as PHP-FPM's ``accepted conn`` does (monitors turn
 it into requests per second); ``connections`` counts the connections accepted.
@@ -55,19 +64,36 @@ FIELDS = (
     ("active", "Q"),  # requests running now
     ("deferred_journal_pending", "Q"),  # journal-wide (every worker sees the same file)
     ("deferred_journal_dead", "Q"),
+    ("threads", "Q"),  # requests it runs at once: busy when ``active`` reaches it
+    ("children_reached", "Q"),  # requests that found every worker busy
+    ("reloads", "Q"),  # reloads into new code, over the worker's life
+    ("reloads_refused", "Q"),  # reloads refused: the new code failed its check
 )
 SLOT = struct.Struct("<" + "".join(fmt for _, fmt in FIELDS))
 NAMES = [name for name, _ in FIELDS]
 # the deferred-work hook's keys kept in a slot (the journal's only when it is on)
 COUNTERS = ("queued", "running", "done", "failed", "abandoned", "journal_pending", "journal_dead")
 _TEXT = {"method", "uri"}
+
+
+def _offset(name: str) -> int:
+    return struct.calcsize("<" + "".join(fmt for _, fmt in FIELDS[: NAMES.index(name)]))
+
+
+_ACTIVE_AT, _THREADS_AT = _offset("active"), _offset("threads")
 _POOL_LOCK = threading.Lock()  # POSIX locks do not exclude threads of one process
 
 
 class Scoreboard:
     """This worker's slot, and reading everyone's."""
 
-    def __init__(self, directory: str | Path, private: bool = False, shared: bool = False) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        private: bool = False,
+        shared: bool = False,
+        threads: int = 1,
+    ) -> None:
         self.private = private  # ours alone: removed with the worker
         self.shared = shared  # named after the socket: removed by the pool's last worker
         self.dir = Path(directory)
@@ -89,6 +115,13 @@ class Scoreboard:
         self._by_thread: dict[int, object] = {}  # the request each thread runs now
         self.values: dict[str, Any] = dict.fromkeys(NAMES, 0)
         self.values.update(pid=os.getpid(), start_time=time.time(), method=b"", uri=b"")
+        self.values["threads"] = threads
+        self._peers: dict[Path, tuple[IO[bytes], mmap.mmap]] = {}  # the others' slots
+        self.reload_path = self.dir / f"{os.getpid()}.reload"
+        record = read_reload(self.dir, os.getpid())  # this pid's earlier lives, if any
+        if record:
+            self.values["reloads"] = record["reloads"]
+            self.values["reloads_refused"] = record["refused"]
         self._write()
         self._update_pool(active=0)
 
@@ -96,17 +129,17 @@ class Scoreboard:
         SLOT.pack_into(self._map, 0, *self.values.values())
 
     @classmethod
-    def for_socket(cls, directory: str, sock: Any, inherited: bool) -> Scoreboard:
+    def for_socket(cls, directory: str, sock: Any, inherited: bool, threads: int = 1) -> Scoreboard:
         """``directory`` if given; else shared by the workers of an inherited socket, else
         private to this worker (see the module's docstring)."""
         if directory:
-            return cls(directory)
+            return cls(directory, threads=threads)
         if inherited:
             st = os.fstat(sock.fileno())
             if stat.S_ISSOCK(st.st_mode):
                 name = f"fcgi-scoreboard-{os.geteuid()}-{st.st_dev}-{st.st_ino}"
-                return cls(os.path.join(runtime_dir(), name), shared=True)
-        return cls(tempfile.mkdtemp(prefix="fcgi-status-"), private=True)
+                return cls(os.path.join(runtime_dir(), name), shared=True, threads=threads)
+        return cls(tempfile.mkdtemp(prefix="fcgi-status-"), private=True, threads=threads)
 
     def accepted(self) -> None:
         """A connection was accepted (PHP-FPM's "accepted conn" counts requests instead)."""
@@ -114,15 +147,20 @@ class Scoreboard:
             self.values["connections"] += 1
             self._write()
 
-    def request_started(self, method: str, uri: str, content_length: str) -> object:
-        """A request began; returns the token ``request_ended`` takes (default: the
-        calling thread, which runs the request to its end)."""
+    def request_started(
+        self, method: str, uri: str, content_length: str, waited: bool = False
+    ) -> object:
+        """A request began (``waited``: it found every thread of this worker taken);
+        returns the token ``request_ended`` takes (default: the calling thread, which
+        runs the request to its end)."""
         token = object()
         now = time.time()
         length = int(content_length) if content_length.isdigit() else 0
         with self._lock:
             v = self.values
             v["accepted"] += 1
+            if waited and self._peers_busy():
+                v["children_reached"] += 1
             self._running[token] = (now, method, uri, length)
             self._by_thread[threading.get_ident()] = token
             v["active"] = len(self._running)
@@ -158,11 +196,61 @@ class Scoreboard:
                 v["last_deferred"] = deferred.get("last_duration", 0.0)
             self._write()
 
-    def close(self) -> None:
+    def _peers_busy(self) -> bool:
+        """Whether every other worker has every thread taken, from their mapped slots
+        (those the last ``read_all`` saw), under our lock; theirs is not taken, so a
+        worker changing its slot meanwhile may be seen just before or just after."""
+        for _file, peer in self._peers.values():
+            (active,) = struct.unpack_from("<Q", peer, _ACTIVE_AT)
+            (threads,) = struct.unpack_from("<Q", peer, _THREADS_AT)
+            if active < max(threads, 1):
+                return False
+        return True
+
+    def reload_outcome(self, state: str, detail: str = "") -> None:
+        """Record this worker's reload: ``checking`` (a new attempt), ``refused`` (with
+        the check's output) or ``reloaded`` (the new code serves)."""
+        pid = os.getpid()
+        record = read_reload(self.dir, pid) or {"attempt": 0, "reloads": 0, "refused": 0}
+        if state == "checking":
+            record["attempt"] += 1
+        elif state == "reloaded":
+            record["reloads"] += 1
+        elif state == "refused":
+            record["refused"] += 1
+        record.update(pid=pid, state=state, detail=detail[-20000:], time=time.time())
+        tmp = self.reload_path.with_name(f"{pid}.reload.new")
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        os.replace(tmp, self.reload_path)
+        with self._lock:
+            self.values["reloads"] = record["reloads"]
+            self.values["reloads_refused"] = record["refused"]
+            self._write()
+
+    def close(self, reloading: bool = False) -> None:
+        """Give the slot up; its counts that outlive it go into pool.json. Reloading, the
+        reload record stays for the next interpreter of this process."""
+        if self.values["children_reached"]:
+            with self._locked_pool() as f:
+                f.seek(0)
+                try:
+                    pool = json.loads(f.read() or "{}")
+                except ValueError:
+                    pool = {}
+                pool["max_children_reached"] = (
+                    pool.get("max_children_reached", 0) + self.values["children_reached"]
+                )
+                f.seek(0)
+                f.truncate()
+                f.write(json.dumps(pool))
+        self._map_peers(set())
         self._map.close()
         self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        if not reloading:
+            with contextlib.suppress(FileNotFoundError):
+                self.reload_path.unlink()
         if self.private:
             shutil.rmtree(self.dir, ignore_errors=True)
         elif self.shared and not self.read_all(sample=False):
@@ -188,13 +276,34 @@ class Scoreboard:
             if not _alive(slot["pid"]):
                 with contextlib.suppress(OSError):  # gone already, or another user's
                     path.unlink()
+                    path.with_suffix(".reload").unlink()
                 continue
             for key in _TEXT:
                 slot[key] = slot[key].rstrip(b"\0").decode("latin-1")
             slots.append(slot)
         if sample:
-            self._update_pool(active=sum(1 for s in slots if s["busy_since"]), total=len(slots))
+            self._update_pool(active=sum(1 for s in slots if s["busy_since"]))
+            self._map_peers({self.dir / f"{s['pid']}.slot" for s in slots} - {self.path})
         return slots
+
+    def _map_peers(self, paths: set[Path]) -> None:
+        """Keep the other live workers' slots mapped, for ``_peers_busy``."""
+        with self._lock:
+            for path in set(self._peers) - paths:
+                peer_file, peer = self._peers.pop(path)
+                peer.close()
+                peer_file.close()
+            for path in paths - set(self._peers):
+                try:
+                    peer_file = open(path, "rb")  # noqa: SIM115 - closed with the map
+                except OSError:
+                    continue
+                try:
+                    peer = mmap.mmap(peer_file.fileno(), SLOT.size, access=mmap.ACCESS_READ)
+                except (OSError, ValueError):  # cut short: a worker of another version
+                    peer_file.close()
+                    continue
+                self._peers[path] = (peer_file, peer)
 
     def pool(self) -> dict[str, Any]:
         return self._update_pool()
@@ -209,7 +318,7 @@ class Scoreboard:
             fcntl.lockf(f, fcntl.LOCK_EX)
             yield f
 
-    def _update_pool(self, active: int = 0, total: int = 0) -> dict[str, Any]:
+    def _update_pool(self, active: int = 0) -> dict[str, Any]:
         """Read and update pool.json under a lock: start time and high-water marks."""
         with self._locked_pool() as f:
             f.seek(0)
@@ -219,13 +328,19 @@ class Scoreboard:
                 pool = {}
             pool.setdefault("start_time", time.time())
             pool["max_active"] = max(pool.get("max_active", 0), active)
-            if total and active >= total:
-                pool["max_children_reached"] = pool.get("max_children_reached", 0) + 1
-            pool.setdefault("max_children_reached", 0)
+            pool.setdefault("max_children_reached", 0)  # of workers gone; live ones: slots
             f.seek(0)
             f.truncate()
             f.write(json.dumps(pool))
         return pool
+
+
+def read_reload(directory: str | Path, pid: int) -> dict[str, Any] | None:
+    """The reload record of worker ``pid`` (see the module's docstring), if any."""
+    try:
+        return json.loads((Path(directory) / f"{pid}.reload").read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def runtime_dir() -> str:

@@ -1,13 +1,15 @@
 """The pool status page, in PHP-FPM's fields and formats.
 
 Plain text by default, ``?json`` with PHP-FPM's field names (so monitoring
-that reads PHP-FPM reads this unchanged), ``?openmetrics`` for Prometheus;
-``?full`` adds one entry per process. This project's own fields (deferred
-work) follow PHP-FPM's in each format.
+that reads PHP-FPM reads this unchanged), ``?openmetrics`` for Prometheus,
+``?html`` as PHP-FPM's HTML table (refreshing itself every 5 s, ``refresh=N``
+changes it, 0 stops it); ``?full`` adds one entry per process. This project's own
+fields (deferred work, reloads) follow PHP-FPM's in each format.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from typing import Any
@@ -36,7 +38,8 @@ def pool_status(board: Scoreboard, pool_name: str, full: bool) -> dict[str, Any]
         "active processes": len(active),
         "total processes": len(slots),
         "max active processes": max(pool["max_active"], len(active)),
-        "max children reached": pool["max_children_reached"],
+        "max children reached": pool["max_children_reached"]
+        + sum(s["children_reached"] for s in slots),
         "slow requests": sum(s["slow"] for s in slots),
     }
     for key in ("queued", "running", "done", "failed", "abandoned"):
@@ -46,6 +49,8 @@ def pool_status(board: Scoreboard, pool_name: str, full: bool) -> dict[str, Any]
         data[f"deferred journal {key}"] = max(
             (s[f"deferred_journal_{key}"] for s in slots), default=0
         )
+    data["reloads"] = sum(s["reloads"] for s in slots)
+    data["reloads refused"] = sum(s["reloads_refused"] for s in slots)
     if full:
         data["processes"] = [_process(s, now) for s in slots]
     return data
@@ -74,17 +79,51 @@ def _process(slot: dict[str, Any], now: float) -> dict[str, Any]:
         "deferred failed": slot["deferred_failed"],
         "deferred abandoned": slot["deferred_abandoned"],
         "last deferred duration": round(slot["last_deferred"], 6),
+        "reloads": slot["reloads"],
     }
 
 
 def render(data: dict[str, Any], query: str) -> tuple[str, bytes]:
     """(content type, body) in the format the query string asks for."""
-    flags = set(query.split("&"))
+    flags = dict(part.partition("=")[::2] for part in query.split("&"))
     if "json" in flags:
         return "application/json", json.dumps(data).encode()
     if "openmetrics" in flags:
         return OPENMETRICS_TYPE, _openmetrics(data).encode()
+    if "html" in flags:
+        refresh = flags.get("refresh", "")
+        seconds = int(refresh) if refresh.isdigit() else 5
+        return "text/html; charset=utf-8", _html(data, seconds).encode()
     return "text/plain; charset=utf-8", _text(data).encode()
+
+
+def _html(data: dict[str, Any], refresh: int) -> str:
+    """PHP-FPM's ?html: a table of the pool's fields, then one of the processes with a
+    header row; the page reloads itself every ``refresh`` seconds (0: never)."""
+    esc = html.escape
+    meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">' + meta,
+        f"<title>{esc(str(data['pool']))}: pool status</title>",
+        "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;"
+        "margin-bottom:1em}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+        "th{background:#eee}</style></head><body>",
+        '<table id="pool">',
+    ]
+    for key, value in data.items():
+        if key != "processes":
+            out.append(f"<tr><th>{esc(key)}</th><td>{esc(str(value))}</td></tr>")
+    out.append("</table>")
+    procs = data.get("processes")
+    if procs:
+        out.append('<table id="processes">')
+        out.append("<tr>" + "".join(f"<th>{esc(k)}</th>" for k in procs[0]) + "</tr>")
+        for proc in procs:
+            out.append("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in proc.values()) + "</tr>")
+        out.append("</table>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
 
 
 def _text(data: dict[str, Any]) -> str:
@@ -119,7 +158,7 @@ _METRICS = (
     (
         "fcgi_max_children_reached",
         "counter",
-        "Times every process was seen busy.",
+        "Requests that found every process busy.",
         [("", "max children reached")],
     ),
     (
@@ -148,6 +187,12 @@ _METRICS = (
             ('state="pending"', "deferred journal pending"),
             ('state="dead"', "deferred journal dead"),
         ],
+    ),
+    (
+        "fcgi_reloads",
+        "counter",
+        "Reloads in place, by outcome.",
+        [('outcome="reloaded"', "reloads"), ('outcome="refused"', "reloads refused")],
     ),
     (
         "fcgi_last_deferred_duration_seconds",

@@ -133,6 +133,7 @@ class Request:
         "started",
         "status",
         "thread",
+        "waited",
     )
 
     def __init__(self, conn: Channel, incoming: IncomingRequest) -> None:
@@ -140,6 +141,7 @@ class Request:
         self.incoming = incoming
         self.id = incoming.id  # the FastCGI request id, nearly always 1
         self.request_id = ""  # the worker's own: environ["fcgi.request_id"]
+        self.waited = False  # it found every thread of the worker taken
         self.error = incoming.error  # why the request is refused with 400, if it is
         self.environ: dict[str, Any] = incoming.params  # type: ignore[assignment]
         self.status: str | None = None
