@@ -153,14 +153,18 @@ def worker(
         yield proc, sock
 
 
-def render(template: Path, listen: str, socket_path: Path, var: Path) -> str:
-    """A shipped web server config, filled in by conf/render.sh as the Makefile does."""
-    return subprocess.run(
-        [str(ROOT / "conf" / "render.sh"), str(template), listen, str(socket_path), str(var)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+def render(template: str | Path, listen: str, socket_path: Path, var: Path, **extra: str) -> str:
+    """A shipped web server config (a name in the package's templates, or a file in
+    conf/), filled in by fcgi_finish.render as the stack fills its own."""
+    from fcgi_finish import render as rendering
+
+    text = (
+        Path(template).read_text() if isinstance(template, Path) else rendering.template(template)
+    )
+    for sub in ("run", "log", "tmp"):
+        (var / sub).mkdir(parents=True, exist_ok=True)
+    values = rendering.web_server_values(listen, socket_path, var)
+    return rendering.render(text, {**values, **extra})
 
 
 def nginx_command(prefix: Path, conf: Path) -> list[str]:
@@ -179,16 +183,16 @@ def nginx_command(prefix: Path, conf: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def nginx(tmp: Path, socket_path: Path, edit: Callable[[str], str] = str) -> Iterator[int]:
-    """Real nginx with the shipped conf/nginx.conf (passed through ``edit``), on a free
-    port; yields the port."""
+def nginx(
+    tmp: Path, socket_path: Path, edit: Callable[[str], str] = str, **values: str
+) -> Iterator[int]:
+    """Real nginx with the shipped nginx.conf template (its placeholders filled, some
+    from ``values``, then passed through ``edit``), on a free port; yields the port."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     var = tmp / "var"
     conf = tmp / "nginx.conf"
-    conf.write_text(
-        edit(render(ROOT / "conf" / "nginx.conf", f"127.0.0.1:{port}", socket_path, var))
-    )
+    conf.write_text(edit(render("nginx.conf", f"127.0.0.1:{port}", socket_path, var, **values)))
     with running(
         nginx_command(tmp, conf),
         tmp / "nginx.out",
@@ -198,76 +202,77 @@ def nginx(tmp: Path, socket_path: Path, edit: Callable[[str], str] = str) -> Ite
         yield port
 
 
+def fcgi_finish(*args: str, env: dict[str, str] | None = None, **kwargs):
+    """Run ``fcgi-finish ARGS`` (this virtualenv's) to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "fcgi_finish", *args],
+        env=env or os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        **kwargs,
+    )
+
+
+def stack_pids(var: Path) -> set[int]:
+    """supervisord's pid and those of every program it runs (from its XML-RPC)."""
+    from fcgi_finish.supervisor import Supervisor
+
+    sup = Supervisor(var)
+    pids = {sup.pid() or 0} | {p.pid for p in sup.processes() if p.pid}
+    return pids - {0}
+
+
+def left_running(pids: set[int]) -> list[int]:
+    from fcgi_finish.supervisor import alive
+
+    return sorted(pid for pid in pids if alive(pid))
+
+
 @contextlib.contextmanager
 def stack(
-    tmp: Path, numprocs: int = 2, **env_extra: str
+    tmp: Path, numprocs: int = 2, *settings: str, **env_extra: str
 ) -> Iterator[tuple[int, Callable[..., str]]]:
-    """The shipped conf/ stack (supervisord, the pool, nginx) run from a copy in ``tmp``.
+    """The shipped stack (supervisord, the pool, nginx) started by ``fcgi-finish start``
+    with its state in ``tmp/var``, as the workers' own user (this one).
 
     Yields nginx's port and ``ctl(*args)``, which runs supervisorctl against it.
-    On exit it shuts supervisord down and checks that none of its processes is left.
+    On exit it stops the stack and checks that none of its processes is left.
     """
-    shutil.copytree(ROOT / "conf", tmp / "conf")
     var = tmp / "var"
     port = free_port()
-    rendered = render(
-        tmp / "conf" / "nginx.conf", f"127.0.0.1:{port}", var / "run" / "app.sock", var
+    env = dict(os.environ, **env_extra)
+    result = fcgi_finish(
+        "start",
+        "--state-dir",
+        str(var),
+        f"NGINX_LISTEN=127.0.0.1:{port}",
+        f"NUMPROCS={numprocs}",
+        f"RUN_USER={this_user()}",
+        *settings,
+        env=env,
+        cwd=ROOT,
     )
-    (var / "run" / "nginx.conf").write_text(rendered)
-    env = python_env(
-        NUMPROCS=str(numprocs),
-        FCGI_PYTHON=sys.executable,
-        NGINX_BIN=require("nginx", "nginx-light"),
-        **{"APP": "wsgi_app.demo:application", "FCGI_USER": this_user(), **env_extra},
-    )
-    env.pop("PYTHONPATH")  # the workers import wsgi_app from the installed package
+    assert result.returncode == 0, result.stderr
+    conf = str(var / "run" / "supervisord.conf")
     bindir = Path(sys.executable).parent
-    conf = str(tmp / "conf" / "supervisord.conf")
 
     def ctl(*args: str) -> str:
         return subprocess.run(
             [str(bindir / "supervisorctl"), "-c", conf, *args],
-            env=env,
             capture_output=True,
             text=True,
             timeout=60,
         ).stdout
 
-    proc = subprocess.Popen(
-        [str(bindir / "supervisord"), "-n", "-c", conf],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    pids: set[int] = set()
+    pids = stack_pids(var)
     try:
-
-        def all_running() -> bool:
-            lines = [ln for ln in ctl("status").splitlines() if not ln.startswith("celery ")]
-            return len(lines) == numprocs + 1 and all(" RUNNING " in ln for ln in lines)
-
-        wait_for(lambda: proc.poll() is not None or all_running(), 30, "the stack to run")
-        assert proc.poll() is None, (var / "log" / "supervisord.log").read_text()
-        wait_for(lambda: connectable(("127.0.0.1", port)), 10, "nginx")
-        pids = {
-            int(ln.split("pid ")[1].split(",")[0])
-            for ln in ctl("status").splitlines()
-            if "pid " in ln  # not the optional celery program, stopped
-        }
         yield port, ctl
-        pids |= {
-            int(ln.split("pid ")[1].split(",")[0])
-            for ln in ctl("status").splitlines()
-            if "pid " in ln
-        }
+        pids |= stack_pids(var)
     finally:
-        stop(proc, timeout=60)
-    left = [
-        pid
-        for pid in pids
-        if Path(f"/proc/{pid}").exists()
-        and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
-    ]
+        stopped = fcgi_finish("stop", "--state-dir", str(var))
+        assert stopped.returncode == 0, stopped.stderr
+    left = left_running(pids)
     assert not left, f"processes left behind: {left}"
 
 

@@ -1,0 +1,92 @@
+"""A reload that tells the truth: SIGHUP to every worker, then each one's outcome.
+
+Each worker checks the new code in a child process (it imports, and with
+``--reload-check-path`` answers a GET below 500), then drains and reloads in place; it
+records the outcome beside its scoreboard slot (``<pid>.reload``: checking, refused
+with the check's output, reloaded). This waits for every worker's record of this
+reload and says what each did; a refusal is an error, with its traceback, while the
+old code goes on serving.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fcgi.ops.scoreboard import read_reload
+from fcgi.reload import CHECK_TIMEOUT
+
+from .config import Config
+from .settings import stop_wait
+from .stack import StackError
+from .supervisor import Supervisor, alive
+
+
+@dataclass
+class Outcome:
+    name: str  # app:app_00
+    pid: int
+    state: str  # reloaded, refused, gone
+    detail: str = ""
+
+
+def reload(config: Config) -> list[Outcome]:
+    """Reload every worker of the pool; their outcomes once all are known."""
+    sup = Supervisor(config.state)
+    if not sup.running():
+        raise StackError("not running: fcgi-finish start (make start)")
+    board = config.state / "run" / "scoreboard"
+    pool = sup.pool()
+    down = [p for p in pool if p.state != "RUNNING"]
+    if down:
+        raise StackError(
+            "not every worker runs, so a reload cannot reach them all: "
+            + ", ".join(f"{p.full_name} {p.state}" for p in down)
+            + "; fcgi-finish restart starts them with the new code"
+        )
+    before = {p.pid: (read_reload(board, p.pid) or {}).get("attempt", 0) for p in pool}
+    sup.signal_pool("HUP")
+    deadline = time.monotonic() + CHECK_TIMEOUT + stop_wait(config["FCGI_GRACEFUL_TIMEOUT"])
+    waiting = {p.pid: p for p in pool}
+    outcomes: list[Outcome] = []
+    while waiting and time.monotonic() < deadline:
+        for pid, proc in list(waiting.items()):
+            record = read_reload(board, pid)
+            if record and record["attempt"] > before[pid] and record["state"] != "checking":
+                outcomes.append(Outcome(proc.full_name, pid, record["state"], record["detail"]))
+                del waiting[pid]
+            elif not alive(pid):
+                log = config.state / "log" / f"{proc.name}.log"
+                outcomes.append(Outcome(proc.full_name, pid, "gone", _tail(log)))
+                del waiting[pid]
+        time.sleep(0.05)
+    for pid, proc in waiting.items():
+        outcomes.append(Outcome(proc.full_name, pid, "late", "no outcome in time"))
+    return sorted(outcomes, key=lambda o: o.name)
+
+
+def report(outcomes: list[Outcome]) -> tuple[str, bool]:
+    """What each worker did, and whether every one serves the new code."""
+    lines = []
+    for o in outcomes:
+        if o.state == "reloaded":
+            lines.append(f"{o.name} (pid {o.pid}): reloaded, serving the new code")
+        elif o.state == "refused":
+            lines.append(
+                f"{o.name} (pid {o.pid}): refused the new code; the old code keeps serving:"
+            )
+            lines.append("    " + o.detail.replace("\n", "\n    "))
+        elif o.state == "gone":
+            lines.append(f"{o.name} (pid {o.pid}): exited while reloading; its log ends:")
+            lines.append("    " + o.detail.replace("\n", "\n    "))
+        else:
+            lines.append(f"{o.name} (pid {o.pid}): {o.detail}")
+    ok = bool(outcomes) and all(o.state == "reloaded" for o in outcomes)
+    return "\n".join(lines) + "\n", ok
+
+
+def _tail(path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"(no {path})"
