@@ -1,9 +1,19 @@
-"""Django with deferred work, in one file: ``fcgi-serve examples.django_app:application``.
+"""Django with deferred work, in one file:
+
+    fcgi-serve --reload-check-path /health examples.django_app:application
+    fcgi-finish start examples.django_app:application --reload-check-path /health
 
 In a real project, wrap the application in ``mysite/wsgi.py`` the same way and
 call ``add_task(...)`` from any view, or from code it calls (no request needed);
 ``defer(request.environ, ...)`` is the same with the environ given. For Django's
 own ``@task``/``.enqueue()``, see examples/django_tasks_app.py.
+
+``--reload-check-path /health`` (FCGI_RELOAD_CHECK_PATH): Django imports a project's
+views at its first request, so a reload's import check alone lets a broken
+``views.py`` through; with it the check also GETs /health in the new code, which
+resolves the URLconf (importing every view), and the reload is refused on an
+exception or a 5xx. Give it a page with no side effects (a URL such as
+``http://example.com/health`` sends that Host, for ALLOWED_HOSTS).
 """
 
 import django
@@ -30,6 +40,10 @@ def signup(request):
     return HttpResponse(f"welcome, {request.GET['email']}\n")
 
 
-urlpatterns = [path("signup", signup)]
+def health(request):
+    return HttpResponse("ok\n")
+
+
+urlpatterns = [path("signup", signup), path("health", health)]
 
 application = DeferredMiddleware(get_wsgi_application())

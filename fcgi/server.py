@@ -135,7 +135,8 @@ class Server:
                 "timeout": options.deferred_timeout or None,
             },
         }
-        self._inline_batch = -1  # the loop's batch in which a request last ran inline
+        # the loop's batch in which a request last ran inline, and its connection
+        self._inline_last: tuple[int, Channel | None] = (-1, None)
         self.exit_code = EXIT_OK
         self._alarm_told = False  # a stray SIGALRM was logged (handle_alarm)
         self._owner: object = None  # the token of the thread running the loop
@@ -411,12 +412,13 @@ class Server:
         request = Request(conn, incoming)
         self.requests += 1
         request.request_id = f"{self.pid}-{self.seq_base + self.requests}"
-        # whether it waits for a thread: all --threads taken (one, inline: a request before
-        # it in this batch of events ran on the loop's thread)
+        # whether it waited for a thread: all --threads taken; with one, inline, whether
+        # the loop's thread was running another connection's request when it came: the
+        # loop has found events waiting at every poll since it ran that one
         if self.options.threads == 1:
-            batch = self.loop.batch
-            request.waited = batch == self._inline_batch
-            self._inline_batch = batch
+            loop, (ran, ran_conn) = self.loop, self._inline_last
+            request.waited = ran_conn is not conn and loop.last_blocked <= ran
+            self._inline_last = (loop.batch, conn)
         else:
             busy = len(self.in_progress) - self.runner.detached
             request.waited = busy >= self.options.threads

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 # Run as RUN_USER with the workers' python and environment: ARGS are FCGI_CHDIR,
-# FCGI_PYTHONPATH and APP. Prints a JSON list of problems.
+# FCGI_PYTHONPATH and APP. Prints a JSON list of problems. Standard library only past
+# its first check (the code imports), so each check runs whatever the others find.
 _PROBE = r"""
 import glob, importlib, importlib.util, json, os, re, sys
 problems = []
@@ -34,14 +35,15 @@ try:
     import fcgi, wsgi_app
 except Exception as exc:
     problems.append({"kind": "code", "error": f"{type(exc).__name__}: {exc}"})
-    report()
-from fcgi.cli import AppLoadError, setup_path
 chdir, pythonpath, app = sys.argv[1:4]
-try:
-    setup_path(chdir, [p for p in pythonpath.split(",") if p])
-except AppLoadError as exc:
-    problems.append({"kind": "chdir", "error": str(exc)})
+try:  # as the worker's --chdir and --pythonpath do (fcgi.cli.setup_path)
+    os.chdir(chdir)
+except OSError as exc:
+    problems.append({"kind": "chdir", "error": f"{chdir}: {exc.strerror}"})
     report()
+sys.path.insert(0, os.getcwd())
+for folder in reversed([p for p in pythonpath.split(",") if p]):
+    sys.path.insert(0, os.path.abspath(folder))
 module = app.partition(":")[0]
 try:
     spec = importlib.util.find_spec(module)

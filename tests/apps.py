@@ -42,6 +42,7 @@ def echo(environ, start_response):
             ),  # bracketed: some servers drop empty headers
             ("X-Path-Info", f"[{environ['PATH_INFO']}]"),
             ("X-Scheme", environ["wsgi.url_scheme"]),
+            ("X-Remote-Addr", environ.get("REMOTE_ADDR", "")),
         ],
     )
     return [body]

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import ssl
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
 from tests.gate import Gate
-from tests.procs import HTTP, nginx, python_env, wait_for, worker
+from tests.procs import (
+    HTTP,
+    connectable,
+    free_port,
+    nginx,
+    nginx_command,
+    python_env,
+    require,
+    running,
+    wait_for,
+    worker,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -116,3 +131,106 @@ def test_stock_fastcgi_params_still_give_the_root_app_the_whole_path(tmp_path):
             "[]",
             "[/some/path]",
         )
+
+
+def _certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, made with openssl."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            require("openssl", "openssl"),
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def _https_get(port: int, cafile: Path, headers: dict[str, str]) -> http.client.HTTPResponse:
+    context = ssl.create_default_context(cafile=str(cafile))  # verified: the cert is ours
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    try:
+        conn.request("GET", "/who", headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp
+    finally:
+        conn.close()
+
+
+def test_https_through_nginx_and_the_client_behind_a_load_balancer(tmp_path):
+    """The stack's nginx.conf (rendered from its configuration) with TLS_CERT/TLS_KEY and
+    TRUSTED_PROXIES: the app sees https and, only from a trusted load balancer, the
+    client's address and scheme it forwards."""
+    from fcgi_finish import stack
+    from fcgi_finish.config import load
+
+    cert, key = _certificate(tmp_path)
+    lb = "203.0.113.7"  # the visitor, as the load balancer forwards it
+    forwarded = {"X-Forwarded-For": lb, "X-Forwarded-Proto": "https"}
+    ports = {}
+    state = tmp_path / "var"
+    with worker(tmp_path, "tests.apps:router") as (_proc, sock):
+        for trusted in ("127.0.0.1", "192.0.2.1"):
+            var = state / trusted
+            port = free_port()
+            given = {
+                "NGINX_LISTEN": f"127.0.0.1:{port}",
+                "TLS_CERT": str(cert),
+                "TLS_KEY": str(key),
+                "TRUSTED_PROXIES": trusted,
+                "RUN_USER": "root",
+            }
+            conf = stack.nginx_conf(load(var, given, environ={}))
+            conf = conf.replace(f"unix:{var}/run/app.sock", f"unix:{sock}")
+            for sub in ("run", "log", "tmp"):
+                (var / sub).mkdir(parents=True, exist_ok=True)
+            (var / "nginx.conf").write_text(conf)
+            ports[trusted] = (var, port)
+        with contextlib.ExitStack() as servers:
+            for var, port in ports.values():
+                servers.enter_context(
+                    running(
+                        nginx_command(var, var / "nginx.conf"),
+                        var / "nginx.out",
+                        lambda port=port: connectable(("127.0.0.1", port)),
+                        f"nginx on {port}",
+                    )
+                )
+            trusting = ports["127.0.0.1"][1]
+            resp = _https_get(trusting, cert, {})  # a visitor straight to nginx
+            assert (resp.getheader("X-Scheme"), resp.getheader("X-Remote-Addr")) == (
+                "https",
+                "127.0.0.1",
+            )
+            resp = _https_get(trusting, cert, forwarded)  # through the trusted balancer
+            assert (resp.getheader("X-Scheme"), resp.getheader("X-Remote-Addr")) == ("https", lb)
+            resp = _https_get(trusting, cert, {**forwarded, "X-Forwarded-Proto": "http"})
+            assert resp.getheader("X-Scheme") == "http"  # it took plain HTTP from the visitor
+            # nginx trusting another address: anyone's forwarded headers change nothing
+            other = ports["192.0.2.1"][1]
+            resp = _https_get(other, cert, {**forwarded, "X-Forwarded-Proto": "http"})
+            assert (resp.getheader("X-Scheme"), resp.getheader("X-Remote-Addr")) == (
+                "https",
+                "127.0.0.1",
+            )
+            # plain HTTP to a TLS port is refused by nginx, never passed on
+            with HTTP(trusting) as client:
+                assert client.get("/who")[0].status == 400

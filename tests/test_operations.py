@@ -10,6 +10,8 @@ import socket
 import subprocess
 import threading
 import time
+from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -21,7 +23,9 @@ from tests.procs import (
     ROOT,
     fcgi_command,
     free_port,
+    nginx,
     python_env,
+    require,
     run_fcgi,
     running,
     stack,
@@ -318,3 +322,102 @@ def test_workers_sharing_a_socket_share_the_status_without_a_flag(tmp_path):
     finally:
         for proc in procs:
             stop(proc)
+
+
+def _chromium_page(url: str, tmp: Path) -> tuple[str, bytes]:
+    """Debian's headless chromium loads ``url``: (its DOM after scripts, its screenshot)."""
+    binary = require("chromium", "chromium")
+    shot = tmp / "status.png"
+    result = subprocess.run(
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp / 'chromium'}",
+            "--window-size=1000,800",
+            "--dump-dom",
+            f"--screenshot={shot}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout, shot.read_bytes()
+
+
+class _Rows(HTMLParser):
+    """The rows of each table (by id) of a DOM: lists of cell texts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._table = ""
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "table":
+            self._table = dict(attrs).get("id", "")
+            self.tables[self._table] = []
+        elif tag == "tr":
+            self.tables[self._table].append([])
+        elif tag in ("th", "td"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("th", "td") and self._cell is not None:
+            self.tables[self._table][-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+@pytest.mark.e2e
+def test_max_children_reached_counts_requests_that_found_every_worker_busy_and_html(tmp_path):
+    with (
+        worker(
+            tmp_path, "tests.apps_multiplex:slow_or_router", "--status-path", "/fcgi-status"
+        ) as (_proc, sock),
+        nginx(tmp_path, sock) as port,
+        HTTP(port) as client,
+    ):
+
+        def status() -> dict:
+            return json.loads(client.get("/fcgi-status?json")[1])
+
+        for _ in range(5):  # an idle pool: the status requests themselves find it free
+            assert status()["max children reached"] == 0
+
+        # Two at once on one worker with one thread: the second waits for the first.
+        def slow() -> None:
+            with HTTP(port) as other:
+                other.get("/slow?1", "POST", b"x")
+
+        threads = [threading.Thread(target=slow) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert status()["max children reached"] == 1
+
+        dom, png = _chromium_page(f"http://127.0.0.1:{port}/fcgi-status?html&full", tmp_path)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    assert '<meta http-equiv="refresh" content="5">' in dom
+    rows = _Rows()
+    rows.feed(dom)
+    pool = dict(rows.tables["pool"])
+    assert list(pool)[: len(PHP_FPM_FIELDS)] == PHP_FPM_FIELDS
+    assert pool["pool"] == "app" and pool["total processes"] == "1"
+    assert pool["max children reached"] == "1" and pool["accepted conn"] == "9"
+    assert "deferred done" in pool and "reloads refused" in pool
+    header, *procs = rows.tables["processes"]
+    assert header[:3] == ["pid", "state", "start time"] and len(procs) == 1
+    assert dict(zip(header, procs[0], strict=True))["request uri"] == "/fcgi-status?html&full"

@@ -99,6 +99,7 @@ class IOLoop:
         self._wake_pending = False
         self._next_sweep = 0.0
         self.batch = 0  # counts the batches of events polled
+        self.last_blocked = 0  # the last batch whose poll waited for its events
         self._local = threading.local()  # still_owner of the thread polling, per thread
         self._listen_fd = listener.sock.fileno()
         self.epoll.register(self._wake_r, select.EPOLLIN)
@@ -150,8 +151,14 @@ class IOLoop:
         if timeout < 0 or timeout > SWEEP_INTERVAL:
             timeout = SWEEP_INTERVAL
         conns = self.conns
-        ready = self.epoll.poll(timeout)
+        # events already waiting, or wait for them (the second poll only when idle, so it
+        # costs nothing): whether the loop waited tells if a request found it busy
+        ready = self.epoll.poll(0)
         self.batch += 1
+        if not ready:
+            self.last_blocked = self.batch
+            if timeout:
+                ready = self.epoll.poll(timeout)
         for fd, mask in ready:
             conn = conns.get(fd)
             if conn is None:
