@@ -520,7 +520,7 @@ def test_the_check_request_refuses_a_5xx_with_what_the_app_logged():
     def app(environ, start_response):
         if environ["PATH_INFO"] == "/fails":
             try:
-                1 / 0
+                raise ZeroDivisionError("division by zero")
             except ZeroDivisionError:
                 logging.getLogger("django.request").exception("Internal Server Error: /fails")
             start_response("500 Internal Server Error", [])
