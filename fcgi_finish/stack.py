@@ -109,7 +109,12 @@ def check(config: Config, port: bool = True) -> None:
         checks.workers_can_run(
             config["RUN_USER"],
             python(),
-            [Path(fcgi.__file__), Path(wsgi_app.__file__), config.state / "run"],
+            [
+                Path(fcgi.__file__),
+                Path(wsgi_app.__file__),
+                Path(os.path.realpath(Path(python()).parent)) / "python",  # a linked venv
+                config.state / "run",
+            ],
             [config.path("FCGI_CHDIR")],
             config["APP"],
             config["FCGI_PYTHONPATH"],

@@ -1,7 +1,6 @@
-"""Day one with `make`: start fails loudly and fast, or serves the app as an unprivileged
-user, static files with their types, and logs that parse. Each test runs the Makefile
-in its own copy of the checkout (Makefile and conf/, the same virtualenv) on free
-ports, and always stops what it started."""
+"""Day one with `make`: a fresh clone runs a user's own project, configured once. Each
+test runs the Makefile in its own copy of the checkout (Makefile and conf/, the same
+virtualenv) on free ports, and always stops what it started."""
 
 from __future__ import annotations
 
@@ -9,9 +8,10 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
+import signal
 import socket
-import stat
 import subprocess
 import tempfile
 import time
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import ROOT, free_port, require, wait_for
+from tests.procs import ROOT, free_port, left_running, require, stack_pids, stop, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def checkout() -> Iterator[Path]:
     """A copy of the checkout under a folder other users may traverse (tmp_path is
-    0700), so an unprivileged RUN_USER can reach its var/."""
+    0700), so an unprivileged RUN_USER can reach its var/; its virtualenv is the
+    checkout's own, linked (so under /root it stays out of their reach)."""
     base = Path(tempfile.mkdtemp(prefix="fcgi-dayone-"))
     base.chmod(0o755)
     copy = base / "fcgi-finish"
@@ -42,7 +43,6 @@ def checkout() -> Iterator[Path]:
         yield copy
     finally:
         make(copy, "stop")
-        wait_for(lambda: not (copy / "var/run/supervisord.pid").exists(), 60, "the stop")
         shutil.rmtree(base)
 
 
@@ -53,32 +53,8 @@ def make(copy: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
         env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
-
-
-@contextlib.contextmanager
-def traversable(*paths: Path) -> Iterator[None]:
-    """Let other users traverse the folders above ``paths`` (o+x) for the test, then
-    put their modes back: here the venv's python lives under /root (0700)."""
-    changed: list[tuple[Path, int]] = []
-    for path in paths:
-        for folder in Path(os.path.realpath(path)).parents:
-            mode = folder.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                changed.append((folder, mode))
-                folder.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
-    try:
-        yield
-    finally:
-        for folder, mode in changed:
-            folder.chmod(stat.S_IMODE(mode))
-
-
-def pythons(checkout: Path) -> list[Path]:
-    """The pythons of every virtualenv the checkout has (``make PYTHON=python3.13 test``
-    uses .venv-python3.13, whose interpreter may live under /root)."""
-    return [venv / "bin" / "python" for venv in sorted(checkout.glob(".venv*"))]
 
 
 def get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -91,7 +67,18 @@ def get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
         conn.close()
 
 
-def test_make_start_fails_fast_naming_the_taken_port_or_the_apps_traceback(checkout):
+def test_make_start_fails_fast_naming_the_mistake_with_nothing_left_running(checkout):
+    for words, expected in (
+        (["FCGI_THEADS=4"], ["FCGI_THEADS", "did you mean FCGI_THREADS?"]),
+        (["FCGI_THREADS=abc"], ["FCGI_THREADS='abc' (--threads)", "'abc' is not a whole number"]),
+        (["NUMPROCS=abc"], ["NUMPROCS='abc'", "expected N"]),
+    ):
+        result = make(checkout, "start", *words)
+        assert result.returncode != 0
+        assert all(part in result.stderr for part in expected), result.stderr
+        assert "does not load" not in result.stderr and "usage:" not in result.stderr
+    assert not (checkout / "var/run").exists()
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -113,7 +100,6 @@ def test_make_start_fails_fast_naming_the_taken_port_or_the_apps_traceback(check
             "-s",
             "start",
             f"NGINX_LISTEN=127.0.0.1:{free_port()}",
-            "RUN_USER=root",
             "APP=brokenapp:application",
             f"FCGI_CHDIR={checkout}",
         ],
@@ -144,73 +130,61 @@ def test_make_start_fails_fast_naming_the_taken_port_or_the_apps_traceback(check
     assert not (checkout / "var/run/supervisord.pid").exists()  # stopped what it started
 
 
-def test_make_start_as_root_runs_unprivileged_with_static_files_and_json_logs(checkout):
-    assert os.geteuid() == 0, "the tests run as root"
-    static = checkout / "site-static"
-    (static / "css").mkdir(parents=True)
-    (static / "css" / "site.css").write_text("body { color: #333 }\n")
-    port = free_port()
-    settings = [
-        f"NGINX_LISTEN=127.0.0.1:{port}",
-        "APP=tests.apps_dayone:dayone",
-        f"STATIC_DIR={static}",
-    ]
-    env = {
-        "FCGI_PYTHONPATH": str(ROOT),
-        "FCGI_LOG_FORMAT": "json",
-        "FCGI_ACCESS_LOG_FORMAT": "json",
-    }
-    with traversable(*pythons(checkout), ROOT / "tests" / "apps_dayone.py"):
-        result = make(checkout, "start", *settings, **env)
-        assert result.returncode == 0, result.stderr
-        assert f"fcgi-finish on http://127.0.0.1:{port}/ with 2 worker(s)" in result.stdout
+VIEWS = """
+import os
 
-        status, _, body = get(port, "/whoami")
-        assert status == 200 and body.startswith(b"uid=")
-        uid = int(body.split()[0].removeprefix(b"uid="))
-        assert uid != 0 and uid == _uid("www-data")
+{broken}
+from django.http import HttpResponse
 
-        status, headers, body = get(port, "/static/css/site.css")
-        assert status == 200 and body == b"body { color: #333 }\n"
-        assert headers["content-type"] == "text/css"
 
-        assert get(port, "/boom")[0] == 500
-        shown = make(checkout, "status", *settings)
-        assert "accepted conn:" in shown.stdout and "total processes:      2" in shown.stdout
+def hello(request):
+    return HttpResponse("{version}")
 
-        # nginx's workers are unprivileged too
-        master = int((checkout / "var/run/nginx.pid").read_text())
-        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-        assert children and all(_proc_uid(int(pid)) == uid for pid in children)
 
-        access = checkout / "var/log/access.log"
-        wait_for(lambda: len(access.read_text().splitlines()) >= 3, 10, "three access lines")
+def whoami(request):
+    return HttpResponse(f"uid={{os.getuid()}}")
+"""
 
-        # Another server on the stack's port: `make status` must not show its page.
-        ctl = [
-            str(checkout / ".venv/bin/supervisorctl"),
-            "-c",
-            str(checkout / "conf/supervisord.conf"),
-        ]
-        subprocess.run([*ctl, "stop", "nginx"], capture_output=True, timeout=60, check=True)
-        with _other_server(port):
-            shown = make(checkout, "status", *settings)
-        assert "Not this stack" not in shown.stdout and "pool:" not in shown.stdout
-        assert "another server does" in shown.stdout
-        result = make(checkout, "stop")
-        assert result.returncode == 0, result.stderr
 
-    lines = [json.loads(line) for line in access.read_text().splitlines()]
-    (boom,) = [ln for ln in lines if ln.get("uri") == "/boom"]
-    assert boom["status"] == 500
-    worker_lines = [
-        json.loads(line)
-        for log in sorted((checkout / "var/log").glob("app_*.log"))
-        for line in log.read_text().splitlines()
-    ]
-    (error,) = [ln for ln in worker_lines if ln["level"] == "ERROR"]
-    assert error["request_id"] == boom["id"] and "RuntimeError" in error["exception"]
-    assert any(ln["message"].startswith("serving on") for ln in worker_lines)
+def _django_project(folder: Path) -> None:
+    """What `django-admin startproject mysite` and `manage.py migrate` leave, as root."""
+    site = folder / "mysite"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("")
+    (site / "settings.py").write_text(
+        "from pathlib import Path\n\n"
+        'SECRET_KEY = "x"\nDEBUG = False\nALLOWED_HOSTS = ["*"]\n'
+        'ROOT_URLCONF = "mysite.urls"\nINSTALLED_APPS = []\nSTATIC_URL = "static/"\n'
+        "DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', "
+        "'NAME': Path(__file__).resolve().parent.parent / 'db.sqlite3'}}\n"
+    )
+    (site / "urls.py").write_text(
+        "from django.urls import path\n\nfrom mysite import views\n\n"
+        'urlpatterns = [path("hello", views.hello), path("whoami", views.whoami)]\n'
+    )
+    (site / "wsgi.py").write_text(
+        "import os\n\nfrom django.core.wsgi import get_wsgi_application\n\n"
+        'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n'
+        "application = get_wsgi_application()\n"
+    )
+    (folder / "db.sqlite3").write_bytes(b"")
+    (folder / "db.sqlite3").chmod(0o644)
+    (folder / "static" / "css").mkdir(parents=True)
+    (folder / "static" / "css" / "site.css").write_text("body { color: #333 }\n")
+    _views(folder, "v1")
+
+
+def _views(folder: Path, version: str, broken: bool = False) -> None:
+    text = VIEWS.format(version=version, broken="import no_such_module" if broken else "")
+    (folder / "mysite" / "views.py").write_text(text)
+    shutil.rmtree(folder / "mysite" / "__pycache__", ignore_errors=True)
+
+
+def _proc_uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid in /proc/{pid}/status")
 
 
 @contextlib.contextmanager
@@ -237,31 +211,140 @@ def _other_server(port: int) -> Iterator[None]:
         thread.join(10)
 
 
-def _uid(user: str) -> int:
-    import pwd
-
-    return pwd.getpwnam(user).pw_uid
-
-
-def _proc_uid(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Uid:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no Uid in /proc/{pid}/status")
-
-
-def test_the_systemd_unit_is_rendered_for_this_checkout_and_verifies(checkout):
-    analyze = require("systemd-analyze", "systemd")
-    with traversable(*pythons(checkout)):
-        result = make(checkout, "service", "RUN_USER=www-data", "APP=mysite.wsgi:application")
+def test_a_django_project_from_make_start_to_the_systemd_unit(checkout):
+    """A user's session: `make start` with their project, kept for every later target:
+    status, a bare restart, a refused and a good reload, config, the unit, stop."""
+    assert os.geteuid() == 0, "the tests run as root"
+    project = checkout.parent / "mysite"
+    _django_project(project)
+    port = free_port()
+    var = checkout / "var"
+    result = make(
+        checkout,
+        "start",
+        "APP=mysite.wsgi:application",
+        f"FCGI_CHDIR={project}",
+        f"NGINX_LISTEN=127.0.0.1:{port}",
+        f"STATIC_DIR={project / 'static'}",
+        "FCGI_RELOAD_CHECK_PATH=/hello",
+        "FCGI_LOG_FORMAT=json",
+        "FCGI_ACCESS_LOG_FORMAT=json",
+    )
+    # Started as root, the workers run as www-data: here they cannot write the database
+    # migrate left, and where the checkout is under /root (0700) they cannot reach its
+    # virtualenv either. Each is named with its fix, before anything starts.
+    assert result.returncode != 0 and not (var / "run/supervisord.pid").exists()
+    if "cannot reach" in result.stderr:
+        assert "closed to other users: /root" in result.stderr or "(mode 700)" in result.stderr
+        assert "chmod o+x" in result.stderr and "RUN_USER=root" in result.stderr
+        user, fix = "root", ["RUN_USER=root"]  # the fix it names, the rest kept
+    else:
+        assert f"cannot write {project / 'db.sqlite3'} (owner root, mode 644)" in result.stderr
+        assert f"chown www-data {project / 'db.sqlite3'} {project}" in result.stderr
+        shutil.chown(project / "db.sqlite3", "www-data")
+        shutil.chown(project, "www-data")
+        user, fix = "www-data", []
+    result = make(checkout, "start", *fix)
     assert result.returncode == 0, result.stderr
-    unit = checkout / "var/run/fcgi-finish.service"
+    assert f"on http://127.0.0.1:{port}/ with 2 worker(s) of mysite.wsgi" in result.stdout
+    assert get(port, "/hello")[2] == b"v1"
+    uid = int(get(port, "/whoami")[2].removeprefix(b"uid="))
+    assert uid == int(subprocess.check_output(["id", "-u", user]))
+    status, headers, body = get(port, "/static/css/site.css")
+    assert status == 200 and body == b"body { color: #333 }\n"
+    assert headers["content-type"] == "text/css"
+    master = int((var / "run/nginx.pid").read_text())  # nginx's workers run as the user too
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    assert children and all(_proc_uid(int(pid)) == uid for pid in children)
+
+    shown = make(checkout, "status")
+    assert shown.returncode == 0, shown.stdout
+    assert "STARTING" not in shown.stdout and "celery" not in shown.stdout
+    assert "total processes:      2" in shown.stdout and "max children reached: 0" in shown.stdout
+
+    # A bare restart serves the same app on the same port.
+    assert make(checkout, "restart").returncode == 0
+    assert get(port, "/hello")[2] == b"v1"
+    config = make(checkout, "config").stdout
+    assert re.search(r"^APP=mysite.wsgi:application +# .*fcgi-finish.env:\d+$", config, re.M)
+    assert re.search(r"^NUMPROCS=2 +# default$", config, re.M)
+
+    # A broken views.py passes an import (Django imports views lazily), not the check.
+    _views(project, "v2", broken=True)
+    result = make(checkout, "reload")
+    assert result.returncode != 0
+    assert "refused the new code" in result.stderr and "GET /hello raised" in result.stderr
+    assert "No module named 'no_such_module'" in result.stderr
+    assert get(port, "/hello")[2] == b"v1"
+    _views(project, "v3")
+    result = make(checkout, "reload")
+    assert result.returncode == 0, result.stderr
+    assert get(port, "/hello")[2] == b"v3"
+
+    # Another server on the stack's port: `make status` must not show its page.
+    ctl = [str(checkout / ".venv/bin/supervisorctl"), "-c", str(var / "run/supervisord.conf")]
+    subprocess.run([*ctl, "stop", "nginx"], capture_output=True, timeout=60, check=True)
+    with _other_server(port):
+        shown = make(checkout, "status")
+    assert "Not this stack" not in shown.stdout and "pool:" not in shown.stdout
+    assert "another server does" in shown.stdout
+
+    result = make(checkout, "service")
+    assert result.returncode == 0, result.stderr
+    unit = var / "fcgi-finish.service"
+    assert result.stdout.splitlines()[0] == str(unit)
+    pids = stack_pids(var)
+    assert make(checkout, "stop").returncode == 0
+    assert not left_running(pids)
+    _check_unit_serves(unit, port, var)
+
+    access = [json.loads(ln) for ln in (var / "log/access.log").read_text().splitlines()]
+    assert {ln["status"] for ln in access if ln["uri"] == "/hello"} == {200}
+    worker_lines = [
+        json.loads(line)
+        for log in sorted((var / "log").glob("app_*.log"))
+        for line in log.read_text().splitlines()
+    ]
+    assert any(ln["message"].startswith("serving on") for ln in worker_lines)
+
+
+def _check_unit_serves(unit: Path, port: int, var: Path) -> None:
+    """The unit verifies, names nothing but its configuration file, and its ExecStart
+    started with its own EnvironmentFile and WorkingDirectory serves the app."""
     text = unit.read_text()
-    assert "@" not in text.replace("file://", "")  # every placeholder filled
-    assert f"ExecStart={checkout}/.venv/bin/supervisord --nodaemon" in text
-    assert "Environment=APP=mysite.wsgi:application" in text
-    assert "Environment=FCGI_USER=www-data" in text
     verify = subprocess.run(
-        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+        [require("systemd-analyze", "systemd"), "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    fields = dict(
+        line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Z]\w+=", line)
+    )
+    assert fields["EnvironmentFile"] == str(var / "fcgi-finish.env")
+    assert fields["ExecStart"].endswith(f"fcgi-finish run --state-dir {var}")
+    assert "APP" not in text.replace("fcgi-finish", "")  # the settings are not repeated
+    # As systemd starts it: a bare environment, the file's variables, the folder.
+    script = 'set -a; . "$1"; shift; exec "$@"'
+    proc = subprocess.Popen(
+        ["sh", "-c", script, "sh", fields["EnvironmentFile"], *fields["ExecStart"].split()],
+        cwd=fields["WorkingDirectory"],
+        env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pids: set[int] = set()
+    try:
+        wait_for(lambda: _answers(port) == b"v3", 60, "the unit's stack")
+        pids = stack_pids(var)
+    finally:
+        stop(proc, signal.SIGTERM, 90)
+    assert not left_running(pids)
+
+
+def _answers(port: int) -> bytes | None:
+    try:
+        return get(port, "/hello")[2]
+    except OSError:
+        return None
