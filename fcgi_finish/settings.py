@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcgi.options import OPTIONS, bind_address, positive_int, seconds
+from fcgi.options import OPTIONS, bind_address, positive_int, seconds, user_name
 from wsgi_app.deferred import SETTINGS
 
 DEMO_APP = "wsgi_app.demo:application"
@@ -65,11 +65,9 @@ def listen_address(text: str) -> str:
 
 
 def user(text: str) -> str:
-    try:
-        pwd.getpwnam(text)
-    except KeyError:
-        raise ValueError("is not a user on this machine (see getent passwd)") from None
-    return text
+    if not text:
+        raise ValueError("must be a user")
+    return user_name(text)
 
 
 def any_text(text: str) -> str:

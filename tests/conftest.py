@@ -4,6 +4,8 @@ import contextlib
 import faulthandler
 import itertools
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,3 +79,12 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Running]]:
         yield lambda app, **options: stack.enter_context(
             served(app, tmp_path / f"s{next(numbers)}.sock", **options)
         )
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder other users (the workers' www-data) may traverse: tmp_path is 0700."""
+    path = Path(tempfile.mkdtemp(prefix="fcgi-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

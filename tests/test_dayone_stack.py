@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import django_project
 from tests.procs import ROOT, free_port, left_running, require, stack_pids, stop, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -130,54 +131,11 @@ def test_make_start_fails_fast_naming_the_mistake_with_nothing_left_running(chec
     assert not (checkout / "var/run/supervisord.pid").exists()  # stopped what it started
 
 
-VIEWS = """
-import os
-
-{broken}
-from django.http import HttpResponse
-
-
-def hello(request):
-    return HttpResponse("{version}")
-
-
-def whoami(request):
-    return HttpResponse(f"uid={{os.getuid()}}")
-"""
-
-
 def _django_project(folder: Path) -> None:
-    """What `django-admin startproject mysite` and `manage.py migrate` leave, as root."""
-    site = folder / "mysite"
-    site.mkdir(parents=True)
-    (site / "__init__.py").write_text("")
-    (site / "settings.py").write_text(
-        "from pathlib import Path\n\n"
-        'SECRET_KEY = "x"\nDEBUG = False\nALLOWED_HOSTS = ["*"]\n'
-        'ROOT_URLCONF = "mysite.urls"\nINSTALLED_APPS = []\nSTATIC_URL = "static/"\n'
-        "DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', "
-        "'NAME': Path(__file__).resolve().parent.parent / 'db.sqlite3'}}\n"
-    )
-    (site / "urls.py").write_text(
-        "from django.urls import path\n\nfrom mysite import views\n\n"
-        'urlpatterns = [path("hello", views.hello), path("whoami", views.whoami)]\n'
-    )
-    (site / "wsgi.py").write_text(
-        "import os\n\nfrom django.core.wsgi import get_wsgi_application\n\n"
-        'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n'
-        "application = get_wsgi_application()\n"
-    )
-    (folder / "db.sqlite3").write_bytes(b"")
-    (folder / "db.sqlite3").chmod(0o644)
+    """A project as startproject and `migrate` as root leave it, with static files."""
+    django_project.write(folder, sqlite=True)
     (folder / "static" / "css").mkdir(parents=True)
     (folder / "static" / "css" / "site.css").write_text("body { color: #333 }\n")
-    _views(folder, "v1")
-
-
-def _views(folder: Path, version: str, broken: bool = False) -> None:
-    text = VIEWS.format(version=version, broken="import no_such_module" if broken else "")
-    (folder / "mysite" / "views.py").write_text(text)
-    shutil.rmtree(folder / "mysite" / "__pycache__", ignore_errors=True)
 
 
 def _proc_uid(pid: int) -> int:
@@ -270,13 +228,13 @@ def test_a_django_project_from_make_start_to_the_systemd_unit(checkout):
     assert re.search(r"^NUMPROCS=2 +# default$", config, re.M)
 
     # A broken views.py passes an import (Django imports views lazily), not the check.
-    _views(project, "v2", broken=True)
+    django_project.views(project, "v2", broken=True)
     result = make(checkout, "reload")
     assert result.returncode != 0
     assert "refused the new code" in result.stderr and "GET /hello raised" in result.stderr
     assert "No module named 'no_such_module'" in result.stderr
     assert get(port, "/hello")[2] == b"v1"
-    _views(project, "v3")
+    django_project.views(project, "v3")
     result = make(checkout, "reload")
     assert result.returncode == 0, result.stderr
     assert get(port, "/hello")[2] == b"v3"
@@ -319,9 +277,7 @@ def _check_unit_serves(unit: Path, port: int, var: Path) -> None:
         timeout=60,
     )
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
-    fields = dict(
-        line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Z]\w+=", line)
-    )
+    fields = dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Z]\w+=", line))
     assert fields["EnvironmentFile"] == str(var / "fcgi-finish.env")
     assert fields["ExecStart"].endswith(f"fcgi-finish run --state-dir {var}")
     assert "APP" not in text.replace("fcgi-finish", "")  # the settings are not repeated

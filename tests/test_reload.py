@@ -21,6 +21,7 @@ from flup.server import fcgi_base as flup
 
 from fcgi.io.loop import KeptConnection
 from fcgi.reload import HANDOVER_ENV, Handover, take_handover
+from tests import django_project
 from tests.fcgi_client import Client, record, request_bytes
 from tests.procs import connectable, fcgi_command, python_env, stack, stop, wait_for, worker
 
@@ -426,50 +427,13 @@ def test_an_alarm_due_while_a_reload_imports_the_app_does_not_kill_the_worker(tm
         client.close()
 
 
-DJANGO_VIEWS = """
-{broken}
-from django.http import HttpResponse
-
-
-def hello(request):
-    return HttpResponse("{version}")
-"""
-
-
-def _django_project(root: Path) -> None:
-    """A Django project as startproject lays it out, its views imported lazily."""
-    site = root / "mysite"
-    site.mkdir(parents=True)
-    (site / "__init__.py").write_text("")
-    (site / "settings.py").write_text(
-        'SECRET_KEY = "x"\nDEBUG = False\nALLOWED_HOSTS = ["example.com"]\n'
-        'ROOT_URLCONF = "mysite.urls"\nINSTALLED_APPS = []\nDATABASES = {}\n'
-    )
-    (site / "urls.py").write_text(
-        "from django.urls import path\n\nfrom mysite import views\n\n"
-        'urlpatterns = [path("hello", views.hello)]\n'
-    )
-    (site / "wsgi.py").write_text(
-        "import os\n\nfrom django.core.wsgi import get_wsgi_application\n\n"
-        'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n'
-        "application = get_wsgi_application()\n"
-    )
-    _django_views(root, "v1")
-
-
-def _django_views(root: Path, version: str, broken: bool = False) -> None:
-    text = DJANGO_VIEWS.format(version=version, broken="import no_such_module" if broken else "")
-    (root / "mysite" / "views.py").write_text(text)
-    shutil.rmtree(root / "mysite" / "__pycache__", ignore_errors=True)
-
-
 def test_a_broken_django_view_is_refused_with_reload_check_path(tmp_path):
     """Django imports its views at the first request, so the import check alone lets a
     broken views.py through; --reload-check-path makes the check call the app once."""
     from fcgi.ops.scoreboard import read_reload
 
     project, board = tmp_path / "project", tmp_path / "board"
-    _django_project(project)
+    django_project.write(project, allowed_hosts="example.com")
     args = ("--chdir", str(project), "--status-path", "/s", "--scoreboard", str(board))
     target = "http://example.com/hello"  # Host for ALLOWED_HOSTS
 
@@ -485,7 +449,7 @@ def test_a_broken_django_view_is_refused_with_reload_check_path(tmp_path):
         sock,
     ):
         assert hello(sock) == b"v1"
-        _django_views(project, "v2", broken=True)
+        django_project.views(project, "v2", broken=True)
         proc.send_signal(signal.SIGHUP)
         record = wait_for(
             lambda: (r := read_reload(board, proc.pid)) and r["state"] != "checking" and r,
@@ -498,7 +462,7 @@ def test_a_broken_django_view_is_refused_with_reload_check_path(tmp_path):
         assert "the new code is refused" in (tmp_path / "app.log").read_text()
         assert hello(sock) == b"v1"  # the old code keeps serving
 
-        _django_views(project, "v3")
+        django_project.views(project, "v3")
         proc.send_signal(signal.SIGHUP)
         wait_for(
             lambda: (read_reload(board, proc.pid) or {}).get("state") == "reloaded",

@@ -7,9 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -108,15 +105,6 @@ def test_config_prints_each_setting_and_where_it_came_from(tmp_path):
     assert fcgi_finish("status", "--state-dir", str(state), "NUMPROCS=3").returncode == 3
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder other users may traverse (tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="fcgi-checks-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def test_the_workers_user_is_checked_for_the_app_folder_and_its_sqlite_files(shared_dir):
     assert os.geteuid() == 0, "the tests run as root"
     app = shared_dir / "mysite"
@@ -170,3 +158,25 @@ def test_a_taken_port_and_a_missing_nginx_are_named_with_the_fix():
             checks.port_free(f"127.0.0.1:{port}")
     with pytest.raises(checks.CheckFailed, match="apt-get install -y nginx-light"):
         checks.nginx_installed("/nonexistent/nginx")
+
+
+def test_the_rendered_supervisord_conf_follows_the_configuration(tmp_path):
+    from fcgi_finish import stack
+
+    def rendered(**given: str) -> str:
+        return stack.supervisord_conf(config.load(tmp_path / "var", given, environ={}))
+
+    plain = rendered()
+    assert "\n[program:celery]" not in plain  # not part of the stack unless asked for
+    assert "--cpu-affinity %(process_num)d" in plain and "stopwaitsecs=40 " in plain
+    assert f'DEFERRED_JOURNAL="{tmp_path}/var/lib/deferred.sqlite3"' in plain
+    asked = rendered(
+        DEFERRED_CELERY="redis://127.0.0.1:6379/0",
+        FCGI_GRACEFUL_TIMEOUT="60",
+        FCGI_CPU_AFFINITY="off",
+        DEFERRED_JOURNAL="",
+    )
+    assert "\n[program:celery]" in asked and 'DEFERRED_CELERY="redis://127.0.0.1:6379/0"' in asked
+    assert "--cpu-affinity off" in asked and "stopwaitsecs=70 " in asked
+    assert 'DEFERRED_JOURNAL=""' in asked  # memory only
+    assert "@" not in "".join(ln for ln in asked.splitlines() if not ln.startswith(";"))

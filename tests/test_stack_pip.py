@@ -9,8 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from tests.procs import ROOT, free_port, left_running, stack_pids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-APP = '''
+APP = """
 import os
 
 VERSION = "{version}"
@@ -32,16 +30,7 @@ def app(environ, start_response):
         body = VERSION
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [body.encode()]
-'''
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder other users may traverse (tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="fcgi-pip-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+"""
 
 
 def _install(base: Path) -> Path:
@@ -98,7 +87,9 @@ def test_a_users_session_from_a_pip_install(shared_dir):
             conn.close()
 
     assert ff("--version").stdout.startswith("fcgi-finish 0.1.0")
-    serve = subprocess.run([str(bindir / "fcgi-serve"), "--version"], capture_output=True, text=True)
+    serve = subprocess.run(
+        [str(bindir / "fcgi-serve"), "--version"], capture_output=True, text=True
+    )
     assert serve.stdout.startswith("fcgi-serve 0.1.0")
     where = subprocess.run(
         [str(bindir / "python"), "-c", "import fcgi_finish; print(fcgi_finish.__file__)"],

@@ -231,18 +231,7 @@ class Scoreboard:
         """Give the slot up; its counts that outlive it go into pool.json. Reloading, the
         reload record stays for the next interpreter of this process."""
         if self.values["children_reached"]:
-            with self._locked_pool() as f:
-                f.seek(0)
-                try:
-                    pool = json.loads(f.read() or "{}")
-                except ValueError:
-                    pool = {}
-                pool["max_children_reached"] = (
-                    pool.get("max_children_reached", 0) + self.values["children_reached"]
-                )
-                f.seek(0)
-                f.truncate()
-                f.write(json.dumps(pool))
+            self._update_pool(reached=self.values["children_reached"])
         self._map_peers(set())
         self._map.close()
         self._file.close()
@@ -318,8 +307,9 @@ class Scoreboard:
             fcntl.lockf(f, fcntl.LOCK_EX)
             yield f
 
-    def _update_pool(self, active: int = 0) -> dict[str, Any]:
-        """Read and update pool.json under a lock: start time and high-water marks."""
+    def _update_pool(self, active: int = 0, reached: int = 0) -> dict[str, Any]:
+        """Read and update pool.json under a lock: start time, high-water marks, and the
+        ``reached`` count of a worker giving its slot up."""
         with self._locked_pool() as f:
             f.seek(0)
             try:
@@ -328,7 +318,8 @@ class Scoreboard:
                 pool = {}
             pool.setdefault("start_time", time.time())
             pool["max_active"] = max(pool.get("max_active", 0), active)
-            pool.setdefault("max_children_reached", 0)  # of workers gone; live ones: slots
+            # of workers gone; the live ones' are in their slots
+            pool["max_children_reached"] = pool.get("max_children_reached", 0) + reached
             f.seek(0)
             f.truncate()
             f.write(json.dumps(pool))
