@@ -23,7 +23,7 @@ import pytest
 from tests import django_project
 from tests.procs import ROOT, free_port, left_running, require, stack_pids, stop, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture

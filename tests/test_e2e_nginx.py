@@ -175,6 +175,7 @@ def _https_get(port: int, cafile: Path, headers: dict[str, str]) -> http.client.
         conn.close()
 
 
+@pytest.mark.slow
 def test_https_through_nginx_and_the_client_behind_a_load_balancer(tmp_path):
     """The stack's nginx.conf (rendered from its configuration) with TLS_CERT/TLS_KEY and
     TRUSTED_PROXIES: the app sees https and, only from a trusted load balancer, the

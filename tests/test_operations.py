@@ -380,6 +380,7 @@ class _Rows(HTMLParser):
             self._cell.append(data)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_max_children_reached_counts_requests_that_found_every_worker_busy_and_html(tmp_path):
     with (

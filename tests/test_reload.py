@@ -427,6 +427,7 @@ def test_an_alarm_due_while_a_reload_imports_the_app_does_not_kill_the_worker(tm
         client.close()
 
 
+@pytest.mark.slow
 def test_a_broken_django_view_is_refused_with_reload_check_path(tmp_path):
     """Django imports its views at the first request, so the import check alone lets a
     broken views.py through; --reload-check-path makes the check call the app once."""

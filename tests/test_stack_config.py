@@ -15,6 +15,7 @@ from fcgi_finish.config import COMMAND_LINE, DEFAULT, ENVIRONMENT
 from tests.procs import fcgi_finish
 
 
+@pytest.mark.slow
 def test_given_once_kept_and_read_by_a_shell_as_it_is(tmp_path):
     state = tmp_path / "var"
     tricky = '{time} "{method} {uri}" $HOME `x` back\\slash'
@@ -55,6 +56,7 @@ def test_given_once_kept_and_read_by_a_shell_as_it_is(tmp_path):
     assert "# my note\nFCGI_LOG_LEVEL=debug\n" in path.read_text()
 
 
+@pytest.mark.slow
 def test_mistakes_are_refused_naming_the_setting_and_the_fix(tmp_path):
     state = tmp_path / "var"
     cases = {
@@ -85,6 +87,7 @@ def test_mistakes_are_refused_naming_the_setting_and_the_fix(tmp_path):
     assert "unknown setting FCGI_X" in result.stderr and "(in environment)" in result.stderr
 
 
+@pytest.mark.slow
 def test_config_prints_each_setting_and_where_it_came_from(tmp_path):
     state = tmp_path / "var"
     assert fcgi_finish("config", "--state-dir", str(state), "--workers", "3").returncode == 0
@@ -105,6 +108,7 @@ def test_config_prints_each_setting_and_where_it_came_from(tmp_path):
     assert fcgi_finish("status", "--state-dir", str(state), "NUMPROCS=3").returncode == 3
 
 
+@pytest.mark.slow
 def test_the_workers_user_is_checked_for_the_app_folder_and_its_sqlite_files(shared_dir):
     assert os.geteuid() == 0, "the tests run as root"
     app = shared_dir / "mysite"
