@@ -5,10 +5,16 @@ Both are plain data. Each call carries its own state, so every count the worker
 shows (status page, access log, exit log) comes from one place: a call is
 ``queued`` until it starts, ``running`` while it runs, and then ends exactly once
 as ``done``, ``failed`` or ``abandoned``.
+
+A call also carries the context it was deferred in (``contextvars.copy_context()``
+at ``defer()``): it runs inside it, so what the request bound in context variables
+(structlog's fields, Sentry's scope, OpenTelemetry's current span) is there, and
+whatever the call sets stays in its own copy.
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import time
 from collections.abc import Callable
@@ -45,13 +51,21 @@ class Call:
     began: float = 0.0  # time.monotonic() when it started running
     thread: int | None = None  # the pool thread running it, for the slow log's stack
     reported: bool = False  # already in the slow log
+    # where it runs: the context of its defer(); None (made elsewhere: a journal's
+    # takeover) runs it in a fresh, empty one
+    context: contextvars.Context | None = None
+
+    @property
+    def name(self) -> str:
+        """The callable's qualified name, for logs and spans."""
+        try:
+            return getattr(self.func, "__qualname__", None) or repr(self.func)
+        except Exception:  # a proxy whose attributes raise: the log line must still come
+            return f"<{type(self.func).__name__}>"
 
     def describe(self) -> str:
         """``name(args...)``, the arguments cut to ``REPR_LIMIT`` characters."""
-        try:
-            name = getattr(self.func, "__qualname__", None) or repr(self.func)
-        except Exception:  # a proxy whose attributes raise: the log line must still come
-            name = f"<{type(self.func).__name__}>"
+        name = self.name
         shown = [_short_repr(a) for a in self.args]
         shown += [f"{k}={_short_repr(v)}" for k, v in self.kwargs.items()]
         text = ", ".join(shown)

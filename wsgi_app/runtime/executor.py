@@ -21,6 +21,10 @@ With ``process=True`` a batch that pickles goes to a helper process instead
 start and end back here, where the counts stay.
 
 Every call ends exactly once, as done, failed or abandoned (``wsgi_app.calls``).
+Each runs inside the context it was deferred in (a plain function through
+``Context.run``, a coroutine as a task of its own given that context), and so
+do the lines logged about it (a logging filter reading context variables sees
+the request's).
 Hooks for a journal: ``on_accept`` callbacks see each batch the executor
 takes, ``on_start`` each call as it starts, ``on_end`` each call as it ends
 (``call.state`` is its outcome).
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import gc
 import inspect
 import logging
@@ -304,29 +309,40 @@ class DeferredExecutor:
     # -- running work -----------------------------------------------------------------
 
     def _run_plain(self, workers: _Workers, batch: Batch) -> None:
-        """On a pool thread: run the batch's plain calls until it ends or needs the loop."""
+        """On a pool thread: run the batch's plain calls until it ends or needs the loop,
+        each in its own context (nothing a call sets reaches the next one)."""
         while batch.next < len(batch.calls):
             call = batch.calls[batch.next]
             if _is_async(call.func):
                 self._dispatch(workers, batch)
                 return
-            if not self._start(batch, call, None):
+            result = _context(call).run(self._run_one, workers, batch, call)
+            if result is _ABANDONED:
                 break
-            call.thread = threading.get_ident()
-            try:
-                result = call.func(*call.args, **call.kwargs)
-            except BaseException:
-                if os.getpid() != workers.pid:
-                    _leave_forked_child(call)
-                self._end(batch, call, State.FAILED, sys.exc_info())
-                continue
-            if os.getpid() != workers.pid:
-                _leave_forked_child(call)
-            if inspect.isawaitable(result):
+            if result is not None:  # an awaitable, for the loop
                 self._dispatch(workers, batch, result)
                 return
-            self._end(batch, call, State.DONE)
         self._batch_over(batch)
+
+    def _run_one(self, workers: _Workers, batch: Batch, call: Call) -> Any:
+        """In the call's context: run a plain call and record its end. Returns its
+        result if that is awaitable (still running), ``_ABANDONED`` if a stop took it."""
+        if not self._start(batch, call, None):
+            return _ABANDONED
+        call.thread = threading.get_ident()
+        try:
+            result = call.func(*call.args, **call.kwargs)
+        except BaseException:
+            if os.getpid() != workers.pid:
+                _leave_forked_child(call)
+            self._end(batch, call, State.FAILED, sys.exc_info())
+            return None
+        if os.getpid() != workers.pid:
+            _leave_forked_child(call)
+        if inspect.isawaitable(result):
+            return result
+        self._end(batch, call, State.DONE)
+        return None
 
     def _tick(self, workers: _Workers) -> None:
         """On the loop: start the batches that arrived; tick again while they keep coming.
@@ -346,25 +362,34 @@ class DeferredExecutor:
             workers.loop.call_later(TICK, self._tick, workers)
 
     async def _run_async(self, workers: _Workers, batch: Batch, awaiting: Any) -> None:
-        """On the loop: await the batch's coroutines until it ends or needs a thread."""
+        """On the loop: await the batch's coroutines until it ends or needs a thread;
+        each call is a task of its own, in its own context."""
+        loop = workers.loop
         async with workers.slots:
             if awaiting is not None:  # a plain call returned an awaitable: its end is ours
                 call = batch.calls[batch.next]
-                await self._await(batch, call, awaiting)
+                await loop.create_task(self._await(batch, call, awaiting), context=_context(call))
             while batch.next < len(batch.calls):
                 call = batch.calls[batch.next]
                 if not _is_async(call.func):
                     workers.pool.submit(batch)
                     return
-                if not self._start(batch, call, asyncio.current_task()):
+                task = loop.create_task(self._run_coroutine(batch, call), context=_context(call))
+                if not await task:
                     break
-                try:
-                    coro = call.func(*call.args, **call.kwargs)
-                except BaseException:
-                    self._end(batch, call, State.FAILED, sys.exc_info())
-                    continue
-                await self._await(batch, call, coro)
         self._batch_over(batch)
+
+    async def _run_coroutine(self, batch: Batch, call: Call) -> bool:
+        """The call's task: start it, await it, record its end; False if a stop took it."""
+        if not self._start(batch, call, asyncio.current_task()):
+            return False
+        try:
+            coro = call.func(*call.args, **call.kwargs)
+        except BaseException:
+            self._end(batch, call, State.FAILED, sys.exc_info())
+            return True
+        await self._await(batch, call, coro)
+        return True
 
     async def _await(self, batch: Batch, call: Call, awaitable: Any) -> None:
         """Await one call's awaitable under ``timeout``; record how it ended."""
@@ -416,7 +441,8 @@ class DeferredExecutor:
         seconds: float | None = None,
     ) -> None:
         """Record the end of a running call (``seconds``: how long it ran, when measured
-        elsewhere); a call abandoned at a stop keeps that end."""
+        elsewhere); a call abandoned at a stop keeps that end. Runs in the call's context
+        when it ran here."""
         now = time.monotonic()
         with self._lock:
             batch.next += 1
@@ -496,7 +522,8 @@ class DeferredExecutor:
                 stack = traceback.format_list(traceback.StackSummary.extract(chain))
             with self._lock:
                 self.stats["slow"] += 1
-            log.warning(
+            _context(call).copy().run(  # the call's own context may be entered by its thread
+                log.warning,
                 "slow deferred %s running for %.1f s %s:\n%s",
                 call.describe(),
                 now - call.began,
@@ -555,15 +582,8 @@ class DeferredExecutor:
                     batch.failed += 1
                     self._running.pop(call, None)
         workers.retire()
-        for batch, call, was in abandoned:
-            log.error(
-                "deferred %s abandoned at stop, %s %s",
-                call.describe(),
-                "still running" if was is State.RUNNING else "never started",
-                batch.label(),
-            )
-            for hook in self.on_end:
-                self._hook(hook, batch, call)
+        for batch, call, was in abandoned:  # in (a copy of) each call's context
+            _context(call).copy().run(self._abandoned, batch, call, was is State.RUNNING)
         for batch in leftover:
             self._hook(batch.finished)
         with self._lock:
@@ -578,6 +598,18 @@ class DeferredExecutor:
             counts,
         )
         return abandoned_here
+
+    def _abandoned(self, batch: Batch, call: Call, running: bool) -> None:
+        """Log a call a stop abandoned and tell the hooks."""
+        how = "still running" if running else "never started"
+        log.error(
+            "deferred %s abandoned at stop, %s %s",
+            call.describe(),
+            how,
+            batch.label(),
+        )
+        for hook in self.on_end:
+            self._hook(hook, batch, call)
 
     # -- figures --------------------------------------------------------------------------
 
@@ -595,6 +627,17 @@ class DeferredExecutor:
         """Seconds from the finish to the first call's start, for recent batches."""
         with self._lock:
             return list(self._delays)
+
+
+_ABANDONED = object()  # _run_one's answer for a call a stop took before it started
+
+
+def _context(call: Call) -> contextvars.Context:
+    """The context ``call`` runs in: its defer()'s, or a fresh one for a call made
+    without (a journal's takeover), kept so its task and its log lines share it."""
+    if call.context is None:
+        call.context = contextvars.Context()
+    return call.context
 
 
 def _is_async(func: Any) -> bool:

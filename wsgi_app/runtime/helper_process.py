@@ -13,6 +13,11 @@ by module and name; a lambda, a closure or an open connection does not, and
 such a batch runs in the worker as usual, logged once per function), and the
 call sees the process as it was at the fork, so it opens its own connections
 and its writes to module state stay in the helper.
+
+A ``contextvars.Context`` does not pickle, so a call here runs in a fresh, empty
+context: the request's context variables (structlog's bound fields, Sentry's
+scope, your own) are at their defaults. What crosses is the request (its origin
+and id, in every line logged about the call).
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ class Helper:
         try:
             data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         except Exception:
-            name = batch.calls[0].describe().partition("(")[0]
+            name = batch.calls[0].name
             if name not in self._unpicklable:
                 self._unpicklable.add(name)
                 log.info("deferred %s cannot be pickled: it runs in the worker", name)
