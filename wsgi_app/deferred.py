@@ -30,6 +30,11 @@ through ``fcgi.finish_request`` and registers its drain through
 Code with no environ at hand (a helper deep inside a view, a Django Tasks
 backend) calls ``add_task(func, *args, **kwargs)``: the middleware keeps the
 current request in a context variable while the app runs.
+
+Each call runs in a copy of the context its ``defer()`` ran in, as Starlette's
+background tasks do: what the request bound in context variables (structlog's
+fields, Sentry's scope, OpenTelemetry's span) is there, and what the call sets
+stays in its copy.
 """
 
 from __future__ import annotations
@@ -436,10 +441,12 @@ def _add(environ: WSGIEnvironment, func: Callable[..., Any], args: Any, kwargs: 
     """Append the call to the request's batch; with a journal or Celery, encode it now so
     that a call which cannot travel fails here (``Unrecordable``), naming itself."""
     batch = _batch(environ)
+    context = contextvars.copy_context()  # the call runs in it (runtime/calls.py)
+    context.run(_current_environ.set, None)  # there, no request's app call is running
     if isinstance(func, volatile):
-        call = Call(func.func, args, kwargs, always=always)
+        call = Call(func.func, args, kwargs, always=always, context=context)
     else:
-        call = Call(func, args, kwargs, always=always)
+        call = Call(func, args, kwargs, always=always, context=context)
         backend = environ.get(DURABLE_KEY)
         if backend is not None:
             record = (call, backend.encode(func, args, kwargs))
