@@ -8,6 +8,7 @@ can watch the very object ``enqueue()`` returned.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 
 from django.http import HttpRequest, HttpResponse
@@ -21,6 +22,8 @@ except ImportError:
 ran: list[tuple[str, object]] = []
 results: dict[str, object] = {}
 release = threading.Event()  # a task that waits for the test, to see it RUNNING
+# bound by the view for ?tenant=, as a middleware would: the tasks see the request's value
+tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="<none>")
 
 
 @task
@@ -63,6 +66,17 @@ def enqueue_from_a_task(name: str) -> str:
     return str(inner.status)
 
 
+@task
+def record_tenant(name: str) -> None:
+    ran.append((name, tenant.get()))
+
+
+@task
+async def arecord_tenant(name: str) -> None:
+    await asyncio.sleep(0)
+    ran.append((name, tenant.get()))
+
+
 def deep_inside(name: str) -> None:
     """Code far below a view, with no request at hand."""
     results[name] = record.enqueue(name)
@@ -76,13 +90,18 @@ def enqueue(request: HttpRequest, which: str) -> HttpResponse:
         "with_context": with_context,
         "held": held,
         "enqueue_from_a_task": enqueue_from_a_task,
+        "record_tenant": record_tenant,
+        "arecord_tenant": arecord_tenant,
     }
     names = request.GET.get("names", "a").split(",")
+    token = tenant.set(request.GET["tenant"]) if "tenant" in request.GET else None
     for name in names:
         if which == "deep":
             deep_inside(name)
         else:
             results[name] = tasks[which].enqueue(name)
+    if token is not None:
+        tenant.reset(token)
     shown = " ".join(f"{name}={results[name].status}" for name in names)
     return HttpResponse(shown + "\n", content_type="text/plain")
 

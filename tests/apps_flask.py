@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 from flask import Flask, current_app, g, has_request_context, request
 
@@ -10,6 +11,8 @@ from wsgi_app.deferred import add_task
 from wsgi_app.flask_support import FlaskDeferred, defer_in_app
 
 seen: list[dict[str, object]] = []
+# bound by the view, as a request-id middleware or structlog's bind_contextvars would
+shopper: contextvars.ContextVar[str] = contextvars.ContextVar("shopper", default="<none>")
 
 
 def what_the_call_sees(tag: str) -> None:
@@ -19,7 +22,9 @@ def what_the_call_sees(tag: str) -> None:
             "app": current_app.name,
             "greeting": current_app.config["GREETING"],
             "g_user": g.get("user"),
-            "request_context": has_request_context(),
+            # the request's context as at defer(): Flask's request (finished by now) too
+            "request_path": request.path if has_request_context() else None,
+            "shopper": shopper.get(),
         }
     )
 
@@ -51,6 +56,7 @@ def make_app(name: str = "shop", **settings: object) -> Flask:
     @app.get("/in-app")
     def in_app():
         g.user = "ada"  # the request's g: not what the deferred call gets
+        shopper.set("ada")  # a context variable: the deferred call sees it
         helper_far_below_the_view(request.args["tag"])
         return "queued\n"
 

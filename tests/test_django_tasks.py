@@ -134,6 +134,19 @@ def test_a_task_taking_context_gets_its_own_result(app, tasks):
     assert tasks.ran == [("c", result.id)] and result.return_value == result.id
 
 
+def test_tasks_run_in_the_context_of_the_request_that_enqueued_them(app, tasks):
+    for which, tenant in (("record_tenant", "acme"), ("arecord_tenant", "globex")):
+        _, _, response = get(app, f"/{which}", f"names={which}&tenant={tenant}")
+        response.close()
+    get(app, "/record_tenant", "names=unbound")[2].close()  # a request that bound none
+    wait_for(lambda: len(tasks.ran) == 3, what="three tasks")
+    assert sorted(tasks.ran) == [
+        ("arecord_tenant", "globex"),
+        ("record_tenant", "acme"),
+        ("unbound", "<none>"),
+    ]
+
+
 def test_outside_a_request_enqueue_runs_at_once_like_immediate_backend(app, tasks):
     result = tasks.record.enqueue("now")
     assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == "recorded now"

@@ -34,7 +34,8 @@ def test_the_call_runs_after_the_response_inside_a_fresh_app_context(seen):
             "app": "shop",
             "greeting": "hello from shop",
             "g_user": None,  # a fresh g: the request's g.user is not there
-            "request_context": False,
+            "request_path": "/in-app",
+            "shopper": "ada",  # the request's context variables are
         }
     ]
 

@@ -19,8 +19,12 @@
 
 Flask pops its contexts before the response is closed, so the deferred call
 gets a fresh application context of the same app: ``current_app``, its config
-and extensions work, and ``g`` is a new, empty one. There is no request
-context (``request``, ``session``): pass what the call needs as arguments.
+and extensions work (and tear down after the call), and ``g`` is a new, empty
+one. Like any deferred call it runs in the request's context as it was at
+``defer_in_app()``, and Flask keeps its request context in a context variable
+too: ``request`` is still the finished request (its arguments and headers can
+be read, its body is gone, a change to ``session`` is never saved), so pass
+what the call needs as arguments.
 """
 
 from __future__ import annotations
