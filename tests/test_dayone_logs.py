@@ -5,8 +5,11 @@ every value escaped so no request can forge a line."""
 from __future__ import annotations
 
 import json
+import logging
 import re
+from pathlib import Path
 
+from fcgi.ops.logs import JSONFormatter, TextFormatter
 from tests.fcgi_client import Client
 from tests.procs import wait_for, worker
 
@@ -94,3 +97,13 @@ def test_a_json_shaped_template_stays_json(tmp_path):
         client.close()
         line = wait_for(lambda: access.read_text(), 10, "the access line")
     assert json.loads(line)["uri"] == HOSTILE_URI
+
+
+def test_fields_given_to_a_record_are_in_both_formats():
+    """extra= fields, or a filter's: deferred work's lines give request_id and trace_id."""
+    record = logging.LogRecord("wsgi_app.deferred", logging.ERROR, __file__, 1, "x %s", (1,), None)
+    record.request_id, record.trace_id, record.odd = "7-1", "ab" * 16, Path("/x")
+    data = json.loads(JSONFormatter().format(record))
+    assert (data["message"], data["request_id"], data["trace_id"]) == ("x 1", "7-1", "ab" * 16)
+    assert data["odd"] == "PosixPath('/x')"  # what JSON cannot hold, as its repr
+    assert TextFormatter().format(record).endswith(f" x 1 id=7-1 trace={'ab' * 16}")

@@ -5,6 +5,10 @@ with its UTC offset, pid, level and request id whatever the app does to logging:
 a Django ``LOGGING`` with a root handler, ``disable_existing_loggers`` or
 ``logging.basicConfig`` in the app changes the app's loggers, never these. Text
 for people, or ``--log-format json``: one JSON object per line, for machines.
+
+A record's own fields (``extra=``, or set by a logging filter) are read by name,
+whoever logged it: ``request_id`` and ``trace_id`` (deferred work's lines carry
+both) are shown in text lines, and the JSON object has every such field.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from typing import Any, TextIO
 LOGGER = "fcgi"
 CHILDREN = ("fcgi.app", "fcgi.slow")  # wsgi.errors, the slow-request log
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+# what every LogRecord has: the rest of a record's attributes are fields given to it
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "request_id",  # found by request_id(), which looks beyond the record's own field
+}
 
 
 _second: list[Any] = [None, "", ""]  # the last whole second, its date-time and offset
@@ -49,7 +60,8 @@ def request_id(record: logging.LogRecord) -> str | None:
 
 
 class TextFormatter(logging.Formatter):
-    """``TIME [PID] LEVEL LOGGER: message id=REQUEST_ID``, then the traceback if any."""
+    """``TIME [PID] LEVEL LOGGER: message id=REQUEST_ID trace=TRACE_ID``, then the
+    traceback if any."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -62,11 +74,15 @@ class TextFormatter(logging.Formatter):
         rid = request_id(record)
         if rid and f"id={rid}" not in line:
             line += f" id={rid}"
+        trace = getattr(record, "trace_id", None)
+        if trace:
+            line += f" trace={trace}"
         return line
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, pid, logger, message, request_id, exception.
+    """One JSON object per line: time, level, pid, logger, message, request_id, the
+    record's own fields (``trace_id``, what ``extra=`` or a filter gave it), exception.
     ``json.dumps`` escapes every value, so a line feed in a message never splits a line."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -80,11 +96,14 @@ class JSONFormatter(logging.Formatter):
         rid = request_id(record)
         if rid:
             data["request_id"] = rid
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in data:
+                data[key] = value
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             data["stack"] = record.stack_info
-        return json.dumps(data, ensure_ascii=False)
+        return json.dumps(data, ensure_ascii=False, default=repr)
 
 
 class _SteadyLogger(logging.Logger):
