@@ -54,6 +54,7 @@ class Call:
     # where it runs: the context of its defer(); None (made elsewhere: a journal's
     # takeover) runs it in a fresh, empty one
     context: contextvars.Context | None = None
+    span: Any = None  # its OpenTelemetry span while it runs (wsgi_app.runtime.tracing)
 
     @property
     def name(self) -> str:

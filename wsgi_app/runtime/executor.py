@@ -22,9 +22,9 @@ start and end back here, where the counts stay.
 
 Every call ends exactly once, as done, failed or abandoned (``wsgi_app.calls``).
 Each runs inside the context it was deferred in (a plain function through
-``Context.run``, a coroutine as a task of its own given that context), and so
-do the lines logged about it (a logging filter reading context variables sees
-the request's).
+``Context.run``, a coroutine as a task of its own given that context), inside an
+OpenTelemetry span when OpenTelemetry is installed (``wsgi_app.runtime.tracing``);
+the lines logged about it carry its request id and trace id as ``extra=`` fields.
 Hooks for a journal: ``on_accept`` callbacks see each batch the executor
 takes, ``on_start`` each call as it starts, ``on_end`` each call as it ends
 (``call.state`` is its outcome).
@@ -50,6 +50,7 @@ from collections.abc import Callable
 from types import FrameType, FunctionType
 from typing import Any
 
+from . import tracing
 from .calls import Batch, Call, State
 from .cpus import background
 from .helper_process import Helper
@@ -161,6 +162,7 @@ class DeferredExecutor:
         self.on_accept: list[Hook] = []  # hook(batch): the executor took it
         self.on_start: list[Hook] = []  # hook(batch, call): call started running
         self.on_end: list[Hook] = []  # hook(batch, call): call.state is its outcome
+        self.tracer = tracing.tracer()  # each call's span comes from it; None: no spans
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a batch ended
         self._draining = 0  # drains waiting on _changed (notified only when there are some)
@@ -299,6 +301,7 @@ class DeferredExecutor:
             waiting,
             len(batch.calls),
             batch.label(),
+            extra=tracing.log_fields(batch, batch.calls[0]),
         )
 
     def skip(self, count: int) -> None:
@@ -330,6 +333,8 @@ class DeferredExecutor:
         if not self._start(batch, call, None):
             return _ABANDONED
         call.thread = threading.get_ident()
+        if self.tracer is not None:
+            tracing.begin(self.tracer, batch, call)
         try:
             result = call.func(*call.args, **call.kwargs)
         except BaseException:
@@ -383,6 +388,8 @@ class DeferredExecutor:
         """The call's task: start it, await it, record its end; False if a stop took it."""
         if not self._start(batch, call, asyncio.current_task()):
             return False
+        if self.tracer is not None:
+            tracing.begin(self.tracer, batch, call)
         try:
             coro = call.func(*call.args, **call.kwargs)
         except BaseException:
@@ -399,13 +406,15 @@ class DeferredExecutor:
             else:
                 await awaitable
         except TimeoutError:
+            reason = f"cancelled after {self.timeout:g} s"
             log.error(
-                "deferred %s cancelled after %g s %s",
+                "deferred %s %s %s",
                 call.describe(),
-                self.timeout,
+                reason,
                 batch.label(),
+                extra=tracing.log_fields(batch, call),
             )
-            self._end(batch, call, State.FAILED)
+            self._end(batch, call, State.FAILED, reason=reason)
         except BaseException:  # SystemExit too: log it, go on with the next call
             self._end(batch, call, State.FAILED, sys.exc_info())
         else:
@@ -439,10 +448,11 @@ class DeferredExecutor:
         state: State,
         exc_info: Any = None,
         seconds: float | None = None,
+        reason: str = "",
     ) -> None:
         """Record the end of a running call (``seconds``: how long it ran, when measured
-        elsewhere); a call abandoned at a stop keeps that end. Runs in the call's context
-        when it ran here."""
+        elsewhere; ``reason``: why it failed, without an exception); a call abandoned at
+        a stop keeps that end. Runs in the call's context when it ran here."""
         now = time.monotonic()
         with self._lock:
             batch.next += 1
@@ -460,6 +470,7 @@ class DeferredExecutor:
                 "deferred %s ended after the stop had abandoned it %s",
                 call.describe(),
                 batch.label(),
+                extra=tracing.log_fields(batch, call),
             )
             return
         if exc_info is not None:
@@ -468,7 +479,10 @@ class DeferredExecutor:
                 call.describe(),
                 batch.label(),
                 exc_info=exc_info,
+                extra=tracing.log_fields(batch, call),
             )
+        if call.span is not None:
+            tracing.end(call, exc_info[1] if exc_info is not None else None, reason)
         for hook in self.on_end:
             self._hook(hook, batch, call)
 
@@ -529,6 +543,7 @@ class DeferredExecutor:
                 now - call.began,
                 batch.label(),
                 "".join(stack).rstrip(),
+                extra=tracing.log_fields(batch, call),
             )
 
     # -- stopping ------------------------------------------------------------------------
@@ -600,14 +615,16 @@ class DeferredExecutor:
         return abandoned_here
 
     def _abandoned(self, batch: Batch, call: Call, running: bool) -> None:
-        """Log a call a stop abandoned and tell the hooks."""
+        """Log a call a stop abandoned, close its span and tell the hooks."""
         how = "still running" if running else "never started"
         log.error(
             "deferred %s abandoned at stop, %s %s",
             call.describe(),
             how,
             batch.label(),
+            extra=tracing.log_fields(batch, call),
         )
+        tracing.abandon(self.tracer, batch, call, f"abandoned at stop, {how}")
         for hook in self.on_end:
             self._hook(hook, batch, call)
 

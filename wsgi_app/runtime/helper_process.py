@@ -17,7 +17,9 @@ and its writes to module state stay in the helper.
 A ``contextvars.Context`` does not pickle, so a call here runs in a fresh, empty
 context: the request's context variables (structlog's bound fields, Sentry's
 scope, your own) are at their defaults. What crosses is the request (its origin
-and id, in every line logged about the call).
+and id, in every line logged about the call) and its place in the trace: the
+W3C ``traceparent`` of the span current at ``defer()``, from which the call's
+span is a child of the request's, as in the worker.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from . import tracing
 from .calls import Batch, Call, State
 from .cpus import background, use_every_cpu
 
@@ -88,7 +91,10 @@ class Helper:
         with self._lock:
             self._seq += 1
             bid = self._seq
-        calls = [(call.func, call.args, call.kwargs) for call in batch.calls]
+        calls = [
+            (call.func, call.args, call.kwargs, tracing.traceparent(call.context))
+            for call in batch.calls
+        ]
         message = ("batch", bid, batch.origin, batch.request_id, calls)
         try:
             data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
@@ -176,6 +182,7 @@ class Helper:
                     self.pid,
                     "while it ran" if running else "not reported started",
                     batch.label(),
+                    extra=tracing.log_fields(batch, call),
                 )
                 self.report(batch, index, State.FAILED if running else State.ABANDONED, now)
             self.report(batch, len(batch.calls), State.DONE, now)
@@ -234,11 +241,16 @@ def _helper_main(sock: socket.socket, settings: dict[str, Any], executor_class: 
                 timeout = message[1]
                 break
             _, bid, origin, request_id, calls = message
-            batch = Batch(origin, request_id, [Call(*call) for call in calls])
+            batch = Batch(
+                origin,
+                request_id,
+                [Call(f, a, k, context=tracing.context_from(tp)) for f, a, k, tp in calls],
+            )
             batch.on_done = lambda *_, b=batch: note(b)
             ids[id(batch)] = bid
             executor.submit(batch)
         executor.drain(timeout)
+        tracing.flush()  # os._exit below runs no exit hook: the spans go now
         stopping.set()
         flush()
         with contextlib.suppress(OSError):
