@@ -52,6 +52,7 @@ from .runtime.callpath import Unrecordable, volatile
 from .runtime.calls import Batch, Call
 from .runtime.cpus import set_allowed
 from .runtime.executor import DeferredExecutor
+from .runtime.tracing import log_fields
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -350,6 +351,7 @@ class DeferredMiddleware:
                 batch.label(),
                 failure,
                 len(batch.calls),
+                extra=log_fields(batch, batch.calls[0]),
             )
             return
         kept = [call for call in batch.calls if call.always]
@@ -362,6 +364,7 @@ class DeferredMiddleware:
             failure,
             ", ".join(call.describe() for call in skipped),
             f"; running {len(kept)} registered with defer_always" if kept else "",
+            extra=log_fields(batch, (skipped or kept)[0]),
         )
 
     def stats(self) -> dict[str, Any]:
