@@ -147,6 +147,21 @@ def test_a_timeout_and_a_stop_end_the_spans_as_failed_and_abandoned(serve, provi
     assert len({s["parent_id"] for s in calls.values()}) == 1  # all under the request's
 
 
+def test_a_failed_requests_skipped_calls_are_logged_with_its_trace(serve, provider, caplog):
+    def view(environ, start_response):
+        defer(environ, welcome, "ada@example.org")
+        start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+        return [environ["fcgi.request_id"].encode()]
+
+    _, app = traced(view, provider)
+    with caplog.at_level(logging.WARNING, "wsgi_app.deferred"):
+        request_id = serve(app).client().request("/signup").body.decode()
+        [request] = wait_for(lambda: provider.spans(), what="the request's span")
+    [skipped] = [r for r in caplog.records if "skipping its deferred" in r.getMessage()]
+    assert (skipped.request_id, skipped.trace_id) == (request_id, request["trace_id"])
+    assert skipped.span_id == request["span_id"]  # the span the call was deferred under
+
+
 def test_a_traceparent_carries_a_contexts_span_and_reads_back(provider):
     with provider.get_tracer("tests").start_as_current_span("GET /signup") as span:
         captured = contextvars.copy_context()
