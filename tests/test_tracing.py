@@ -22,8 +22,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from tests.apps_tracing import as_dict
 from tests.fcgi_client import Client
+from tests.inprocess import call_app
 from tests.procs import HTTP, ROOT, lines, nginx, python_env, wait_for, worker
 from wsgi_app.deferred import DeferredMiddleware, defer
+from wsgi_app.runtime import tracing
 from wsgi_app.runtime.tracing import context_from, traceparent
 
 
@@ -160,6 +162,34 @@ def test_a_failed_requests_skipped_calls_are_logged_with_its_trace(serve, provid
     [skipped] = [r for r in caplog.records if "skipping its deferred" in r.getMessage()]
     assert (skipped.request_id, skipped.trace_id) == (request_id, request["trace_id"])
     assert skipped.span_id == request["span_id"]  # the span the call was deferred under
+
+
+class RaisingTracer:
+    """A stub tracer whose spans cannot start (a broken span processor or exporter)."""
+
+    def start_span(self, *args, **kwargs):
+        raise RuntimeError("exporter down")
+
+
+def test_a_tracer_that_raises_costs_no_call_its_run(caplog, monkeypatch):
+    monkeypatch.setattr(tracing, "_failed", set())  # what logged once already: nothing yet
+    ran: list[str] = []
+
+    def view(environ, start_response):
+        for tag in ("first", "second"):
+            defer(environ, ran.append, tag)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    app = DeferredMiddleware(view)
+    app.executor.tracer = RaisingTracer()
+    with caplog.at_level(logging.WARNING, "wsgi_app.deferred"):
+        call_app(app)
+        assert app.executor.drain(5) == 0
+    assert ran == ["first", "second"] and app.stats()["done"] == 2
+    warned = [r for r in caplog.records if "tracing a deferred call failed" in r.getMessage()]
+    assert len(warned) == 1
+    assert "exporter down" in caplog.text  # logged once, with its traceback
 
 
 def test_a_traceparent_carries_a_contexts_span_and_reads_back(provider):

@@ -18,7 +18,10 @@ trace as a W3C ``traceparent`` string and ``context_from()`` reads it back.
 from __future__ import annotations
 
 import contextvars
-from typing import TYPE_CHECKING, Any
+import functools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .calls import State
 
@@ -38,6 +41,29 @@ else:
 ENABLED = _trace is not None
 TRACER = "wsgi_app.deferred"
 
+log = logging.getLogger("wsgi_app.deferred")
+F = TypeVar("F", bound=Callable[..., Any])
+_failed: set[str] = set()  # what already logged its failure (once each, not per call)
+
+
+def _guarded(func: F) -> F:
+    """A tracer that raises (an SDK's span processor, an exporter) must not cost a call
+    its run or its count: log it once and go on without that span."""
+
+    @functools.wraps(func)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except Exception:
+            if func.__name__ not in _failed:
+                _failed.add(func.__name__)
+                log.warning(
+                    "tracing a deferred call failed (%s); going on", func.__name__, exc_info=True
+                )
+            return None
+
+    return run  # type: ignore[return-value]
+
 
 def tracer() -> Any:
     """The tracer deferred calls' spans come from (the app's global provider, looked up
@@ -45,6 +71,7 @@ def tracer() -> Any:
     return _trace.get_tracer(TRACER) if _trace is not None else None
 
 
+@_guarded
 def begin(tracer: Any, batch: Batch, call: Call) -> None:
     """Inside the call's context: open its span, a child of the span current there,
     and make it current, so spans the call opens are its children."""
@@ -56,6 +83,7 @@ def begin(tracer: Any, batch: Batch, call: Call) -> None:
     _otel.attach(_trace.set_span_in_context(span))  # the call's own context: no detach
 
 
+@_guarded
 def end(call: Call, error: BaseException | None = None, reason: str = "") -> None:
     """Close the call's span with its outcome (``call.state``); a failure or an
     abandonment is an error, with ``error`` recorded or ``reason`` as the status."""
@@ -71,6 +99,7 @@ def end(call: Call, error: BaseException | None = None, reason: str = "") -> Non
     span.end()
 
 
+@_guarded
 def abandon(tracer: Any, batch: Batch, call: Call, reason: str) -> None:
     """A stop abandoned ``call``: end its span, or (never started) open and end one in
     the current context (the call's), so the trace shows the call that never ran."""
