@@ -6,8 +6,10 @@ import asyncio
 import itertools
 import json
 import os
+import time
 
-from wsgi_app.deferred import DeferredMiddleware, defer
+from wsgi_app.deferred import ENVIRON_KEY, DeferredMiddleware, defer
+from wsgi_app.runtime.calls import Call
 
 HELLO = b"Hello world\n"
 MEGABYTE = bytes(range(256)) * 4096
@@ -76,12 +78,59 @@ def _sleepy(environ, start_response):
     return hello(environ, start_response)
 
 
+def blocking_work(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _blocking(environ, start_response):
+    """/defer?S defers S seconds of a plain blocking call; every path answers hello."""
+    if environ["PATH_INFO"] == "/defer":
+        defer(environ, blocking_work, float(environ["QUERY_STRING"] or 1))
+    return hello(environ, start_response)
+
+
+def _uncaptured(environ, start_response):
+    """``_blocking`` with defer() as it was before calls carried a context: the same Call
+    appended to the batch, no context captured (the executor gives it an empty one)."""
+    if environ["PATH_INFO"] == "/defer":
+        environ[ENVIRON_KEY].calls.append(
+            Call(blocking_work, (float(environ["QUERY_STRING"] or 1),), {})
+        )
+    return hello(environ, start_response)
+
+
+def _traced(app):
+    """``app`` under the middleware, each deferred call in a span of an SDK tracer whose
+    spans are batched and dropped (no exporter's I/O): what tracing costs the worker."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Dropped(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    # exported every 50 ms, not 5 s: the work stays in the traced side's own rounds
+    provider.add_span_processor(BatchSpanProcessor(Dropped(), schedule_delay_millis=50))
+    middleware = DeferredMiddleware(app, journal="", celery="")
+    middleware.executor.tracer = provider.get_tracer("wsgi_app.deferred")
+    return middleware
+
+
 def _kept():
     """Where deferred work is kept, side by side in one worker: /memory/... in memory,
     /journal/... in the journal at $BENCH_JOURNAL, /celery/... handed to Celery at
     $BENCH_CELERY (each when set). One worker for both sides of a comparison: two
-    workers differ by a few percent on their own (string hashing is seeded per process)."""
-    sides = {"memory": DeferredMiddleware(_sleepy, journal="", celery="")}
+    workers differ by a few percent on their own (string hashing is seeded per process).
+    /plain/..., /uncaptured/..., /traced/...: a plain blocking call in memory, deferred
+    as users do, without its context, and in an OpenTelemetry span. /SIDE/count: the
+    side's deferred counters."""
+    sides = {
+        "memory": DeferredMiddleware(_sleepy, journal="", celery=""),
+        "plain": DeferredMiddleware(_blocking, journal="", celery=""),
+        "uncaptured": DeferredMiddleware(_uncaptured, journal="", celery=""),
+        "traced": _traced(_blocking),
+    }
     if os.environ.get("BENCH_JOURNAL"):
         sides["journal"] = DeferredMiddleware(_sleepy, journal=os.environ["BENCH_JOURNAL"])
     if os.environ.get("BENCH_CELERY"):
@@ -89,6 +138,10 @@ def _kept():
 
     def app(environ, start_response):
         side, _, rest = environ["PATH_INFO"][1:].partition("/")
+        if rest == "count":  # /SIDE/count: that side's deferred counters
+            body = json.dumps(sides[side].stats()).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
         environ["PATH_INFO"] = "/" + rest
         return sides[side](environ, start_response)
 

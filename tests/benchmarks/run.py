@@ -444,6 +444,55 @@ def journal_cost(tmp: Path) -> None:
     )
 
 
+def context_cost(tmp: Path) -> None:
+    """7. What running each call in its request's context costs: one request in twenty
+    deferring a plain 0.1 s call in memory, three sides of one worker: deferred as users
+    do (the context captured), appended without a context (defer() before contexts), and
+    in an OpenTelemetry span (an SDK tracer, spans batched and dropped), each of the
+    last two in rounds against the first."""
+    with contextlib.ExitStack() as es:
+        port, pid = ours(es, tmp, f"{APPS}:kept")
+        sides = {name: (port, pid, f"/{name}") for name in ("uncaptured", "plain", "traced")}
+        # the goal's pair alone, then the traced side against the same baseline: spans
+        # leave work (their export, their garbage) that would land in the next side's round
+        res = _paired_rounds({name: sides[name] for name in ("uncaptured", "plain")})
+        again = _paired_rounds({name: sides[name] for name in ("uncaptured", "traced")})
+        res["uncaptured (again)"], res["traced"] = again["uncaptured"], again["traced"]
+
+        def drained() -> dict[str, dict]:
+            counts = {name: get_json(port, f"/{name}/count") for name in sides}
+            idle = all(c["queued"] + c["running"] == 0 for c in counts.values())
+            return counts if idle else {}
+
+        counts = wait_for(drained, 60, "deferred work to finish")
+    ran = all(c["done"] == c["registered"] and not c["failed"] for c in counts.values())
+    table("7. The request's context for each call, 1 in 20 deferring (req/s)", res, "rps", "req/s")
+
+    def ratio(name: str, base: str) -> float:
+        pairs = zip(res[name], res[base], strict=True)
+        return statistics.median(r.rps / b.rps for r, b in pairs)
+
+    captured, traced = ratio("plain", "uncaptured"), ratio("traced", "uncaptured (again)")
+    cpu = {name: med(runs, "cpu_us") for name, runs in res.items()}
+    sections.append(
+        f"Median of the rounds' ratios against no context: context captured {captured:.3f}x, "
+        f"with an OpenTelemetry span per call {traced:.3f}x. Worker CPU per request (µs): "
+        + ", ".join(f"{name} {us:.0f}" for name, us in cpu.items())
+        + ". Calls run: "
+        + ", ".join(f"{name} {c['done']:,} of {c['registered']:,}" for name, c in counts.items())
+        + ".\n"
+    )
+    goal(
+        "7. context capture cost, 1 in 20 deferring a plain call",
+        captured,
+        ">= 0.98x, all deferred run",
+        captured >= 0.98 and ran,
+        ("all run" if ran else "NOT all run")
+        + f"; traced {traced:.3f}x; CPU ratio {cpu['uncaptured'] / cpu['plain']:.3f}, "
+        f"traced {cpu['uncaptured (again)'] / cpu['traced']:.3f}",
+    )
+
+
 def _paired_rounds(sides: dict[str, tuple[int, int, str]]) -> dict[str, list[Run]]:
     """Alternating rounds of each side (port, worker pid, path prefix), more and shorter
     than the other scenarios, after a warm-up: the goal is the median of each round's
@@ -476,6 +525,7 @@ SCENARIOS = {
     "bodies": large_bodies,
     "memory": memory,
     "journal": journal_cost,
+    "context": context_cost,
 }
 
 
