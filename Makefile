@@ -69,7 +69,8 @@ test-quick: install test-packages
 	$(PY) -m pytest -m "not e2e and not slow" $(ARGS)
 
 # Speed and memory goals, as ratios against baselines measured in the same run.
-# uWSGI and PHP-FPM run beside gunicorn as baselines; BENCH_SECONDS, BENCH_ROUNDS;
+# Granian, uWSGI, PHP-FPM and gunicorn run beside ours as baselines (Granian from PyPI
+# through the bench extra); BENCH_SECONDS, BENCH_ROUNDS;
 # `make bench ARGS=hello` runs one scenario.
 bench: install $(VENV)/.bench
 	@./conf/install-packages.sh wrk:wrk php-fpm8.2:php8.2-fpm

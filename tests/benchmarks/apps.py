@@ -7,6 +7,8 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 from wsgi_app.deferred import ENVIRON_KEY, DeferredMiddleware, defer
 from wsgi_app.runtime.calls import Call
@@ -149,3 +151,28 @@ def _kept():
 
 
 kept = _kept()
+
+
+def _flask_page() -> Callable[..., Any]:
+    from flask import Flask, render_template
+    from jinja2 import DictLoader
+
+    app = Flask(__name__)
+    template = """<!doctype html>
+<title>{{ title }}</title>
+<h1>{{ title }}</h1>
+<ul>{% for item in items %}<li class="{{ loop.cycle('odd', 'even') }}">{{ item.name }}:
+{{ "%.2f"|format(item.price) }}</li>{% endfor %}</ul>
+<p>{{ items|length }} items, {{ items|sum(attribute='price')|round(2) }} in all.</p>"""
+    items = [{"name": f"item {i}", "price": i * 1.25} for i in range(20)]
+    app.jinja_loader = DictLoader({"page.html": template})  # compiled once, then cached
+
+    @app.route("/")
+    @app.route("/defer")
+    def page():
+        return render_template("page.html", title="A real page", items=items)
+
+    return app.wsgi_app
+
+
+flask_page = _flask_page()  # a real page: a Flask view rendering a 20-row Jinja template

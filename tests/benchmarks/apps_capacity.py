@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tests.benchmarks.apps import flask_page
 from wsgi_app.deferred import DeferredMiddleware, defer
 
 HELLO = b"Hello world\n"
@@ -81,31 +82,9 @@ def _hello(environ, start_response):
     return [HELLO]
 
 
-def _flask_page() -> Callable[..., Any]:
-    from flask import Flask, render_template
-    from jinja2 import DictLoader
-
-    app = Flask(__name__)
-    template = """<!doctype html>
-<title>{{ title }}</title>
-<h1>{{ title }}</h1>
-<ul>{% for item in items %}<li class="{{ loop.cycle('odd', 'even') }}">{{ item.name }}:
-{{ "%.2f"|format(item.price) }}</li>{% endfor %}</ul>
-<p>{{ items|length }} items, {{ items|sum(attribute='price')|round(2) }} in all.</p>"""
-    items = [{"name": f"item {i}", "price": i * 1.25} for i in range(20)]
-    app.jinja_loader = DictLoader({"page.html": template})  # compiled once, then cached
-
-    @app.route("/")
-    @app.route("/defer")
-    def page():
-        return render_template("page.html", title="A real page", items=items)
-
-    return app.wsgi_app
-
-
 plain = _Counted(blocking_work, _hello).middleware
 coroutine = _Counted(sleeping_work, _hello).middleware
-page = _Counted(blocking_work, _flask_page()).middleware
+page = _Counted(blocking_work, flask_page).middleware
 # The same in a helper process (DEFERRED_PROCESS=1): outside the serving GIL.
 plain_helper = _Counted(blocking_work, _hello, process=True).middleware
 coroutine_helper = _Counted(sleeping_work, _hello, process=True).middleware

@@ -127,10 +127,11 @@ def flup_server(tmp: Path, app: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def gunicorn_behind_nginx(tmp: Path, app: str, workers: int = 1) -> Iterator[tuple[int, int]]:
-    """gunicorn sync workers, with nginx proxy_pass in front; yields (nginx port, master pid)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    gport, port = free_port(), free_port()
+def http_proxy(tmp: Path, backend: str) -> Iterator[int]:
+    """nginx proxy_pass in front of an HTTP server at ``backend`` (``127.0.0.1:PORT`` or
+    ``unix:PATH``), keeping connections to it alive (HTTP/1.1, as fastcgi_keep_conn does
+    for ours); yields nginx's port."""
+    port = free_port()
     var = tmp / "var"
     for sub in ("log", "tmp", "run"):
         (var / sub).mkdir(parents=True, exist_ok=True)
@@ -147,12 +148,31 @@ http {{
     fastcgi_temp_path {var}/tmp/fastcgi; uwsgi_temp_path {var}/tmp/uwsgi;
     scgi_temp_path {var}/tmp/scgi;
     client_max_body_size 100m;
+    upstream backend {{ server {backend}; keepalive 32; }}
     server {{
         listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://127.0.0.1:{gport}; }}
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
     }}
 }}
 """)
+    with running(
+        nginx_command(tmp, conf),
+        tmp / "nginx.out",
+        lambda: connectable(("127.0.0.1", port)),
+        f"nginx in front of {backend}",
+    ):
+        yield port
+
+
+@contextlib.contextmanager
+def gunicorn_behind_nginx(tmp: Path, app: str, workers: int = 1) -> Iterator[tuple[int, int]]:
+    """gunicorn sync workers, with nginx proxy_pass in front; yields (nginx port, master pid)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    gport = free_port()
     gunicorn = [
         sys.executable,
         "-m",
@@ -167,7 +187,6 @@ http {{
         "warning",
         app,
     ]
-    nginx_cmd = nginx_command(tmp, conf)
     with (
         running(
             gunicorn,
@@ -177,14 +196,45 @@ http {{
             cwd=ROOT,
             env=python_env(),
         ) as gun,
-        running(
-            nginx_cmd,
-            tmp / "nginx.out",
-            lambda: connectable(("127.0.0.1", port)),
-            "nginx for gunicorn",
-        ),
+        http_proxy(tmp, f"127.0.0.1:{gport}") as port,
     ):
         yield port, gun.pid
+
+
+@contextlib.contextmanager
+def granian_behind_nginx(tmp: Path, app: str) -> Iterator[tuple[int, int]]:
+    """Granian (Rust) serving WSGI on a unix socket, one worker process, its default
+    threads, with nginx proxy_pass in front; yields (nginx port, Granian's pid)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    sock = tmp / "granian.sock"
+    cmd = [
+        str(Path(sys.executable).parent / "granian"),
+        "--interface",
+        "wsgi",
+        "--workers",
+        "1",
+        "--http",
+        "1",
+        "--no-ws",
+        "--uds",
+        str(sock),
+        "--log-level",
+        "warning",
+        app,
+    ]
+    with (
+        running(
+            cmd,
+            tmp / "granian.log",
+            lambda: connectable(str(sock)),
+            "granian",
+            signal.SIGINT,
+            cwd=ROOT,
+            env=python_env(),
+        ) as proc,
+        http_proxy(tmp, f"unix:{sock}") as port,
+    ):
+        yield port, proc.pid
 
 
 @contextlib.contextmanager

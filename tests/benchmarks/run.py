@@ -4,12 +4,14 @@ Every comparison runs as alternating rounds (A, B, A, B, ...) so a noisy,
 shared machine slows both sides alike; goals are ratios, never absolute
 numbers. Writes var/bench/report.md and var/bench/bench.png and prints the
 goals with PASS/FAIL. BENCH_SECONDS (5) and BENCH_ROUNDS (3) set the length.
-Hello world runs against gunicorn sync, flup, uWSGI (C) and PHP-FPM side by side.
+Hello world runs against Granian (Rust), uWSGI (C), gunicorn sync, PHP-FPM and flup
+side by side; a Flask page against the first three.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -96,49 +98,72 @@ def ours(
     return stack_.enter_context(nginx(tmp, sock)), proc.pid
 
 
-def hello_world(tmp: Path) -> None:
-    with contextlib.ExitStack() as es:
-        port, _ = ours(es, tmp / "ours", f"{APPS}:hello")
-        gport, _ = es.enter_context(
-            harness.gunicorn_behind_nginx(tmp / "gunicorn", f"{APPS}:hello")
-        )
-        fsock = es.enter_context(harness.flup_server(tmp / "flup", f"{APPS}:hello"))
-        fport = es.enter_context(nginx(tmp / "flup", fsock))
-        usock = es.enter_context(harness.uwsgi_server(tmp / "uwsgi", f"{APPS}:hello"))
-        uport = es.enter_context(nginx(tmp / "uwsgi", usock))
-        psock, script = es.enter_context(harness.php_fpm(tmp / "php"))
-        pport = es.enter_context(nginx(tmp / "php", psock, harness.php_nginx_edit(script)))
-        res = alternate(
-            {
-                "fcgi-finish": lambda: wrk(url(port), SECONDS),
-                "uWSGI": lambda: wrk(url(uport), SECONDS),
-                "PHP-FPM": lambda: wrk(url(pport), SECONDS),
-                "gunicorn sync": lambda: wrk(url(gport), SECONDS),
-                "flup WSGIServer": lambda: wrk(url(fport), SECONDS),
-            }
-        )
+def python_servers(es: contextlib.ExitStack, tmp: Path, app: str) -> dict[str, str]:
+    """Ours and the Python servers users pick, each one process behind the same nginx,
+    serving ``app``: name -> URL."""
+    port, _ = ours(es, tmp / "ours", app)
+    gport, _ = es.enter_context(harness.granian_behind_nginx(tmp / "granian", app))
+    usock = es.enter_context(harness.uwsgi_server(tmp / "uwsgi", app))
+    uport = es.enter_context(nginx(tmp / "uwsgi", usock))
+    cport, _ = es.enter_context(harness.gunicorn_behind_nginx(tmp / "gunicorn", app))
+    return {
+        "fcgi-finish": url(port),
+        "Granian": url(gport),
+        "uWSGI": url(uport),
+        "gunicorn sync": url(cport),
+    }
+
+
+def served(urls: dict[str, str], tmp: Path, what: str) -> dict[str, list[Run]]:
+    """Alternating wrk rounds against each of ``urls``; a server failing its requests
+    answers fast, so it is no baseline: that stops the run."""
+    res = alternate({name: functools.partial(wrk, u, SECONDS) for name, u in urls.items()})
     for name, runs in res.items():
         errors = sum(r.errors for r in runs)
-        if errors > len(runs) * 10:  # a server failing its requests answers fast: no baseline
+        if errors > len(runs) * 10:
             raise RuntimeError(
-                f"{name} answered {errors:,} hello-world requests with errors, so its req/s "
+                f"{name} answered {errors:,} {what} requests with errors, so its req/s "
                 f"mean nothing; its log is under {tmp}"
             )
-    table("1. Hello world, one process, nginx keep-conn (req/s)", res, "rps", "req/s")
+    return res
+
+
+def hello_world(tmp: Path) -> None:
+    with contextlib.ExitStack() as es:
+        urls = python_servers(es, tmp, f"{APPS}:hello")
+        fsock = es.enter_context(harness.flup_server(tmp / "flup", f"{APPS}:hello"))
+        psock, script = es.enter_context(harness.php_fpm(tmp / "php"))
+        urls["PHP-FPM"] = url(
+            es.enter_context(nginx(tmp / "php", psock, harness.php_nginx_edit(script)))
+        )
+        urls["flup WSGIServer"] = url(es.enter_context(nginx(tmp / "flup", fsock)))
+        res = served(urls, tmp, "hello-world")
+    table("1. Hello world, one process, the same nginx (req/s)", res, "rps", "req/s")
     chart["hello world req/s"] = {
         name: summary([r.rps for r in runs]) for name, runs in res.items()
     }
     ours_rps = med(res["fcgi-finish"], "rps")
-    ratio = ours_rps / med(res["uWSGI"], "rps")
-    goal("1. hello world vs uWSGI", ratio, ">= 1.0x", ratio >= 1.0)
-    ratio = ours_rps / med(res["gunicorn sync"], "rps")
-    goal("1. hello world vs gunicorn sync", ratio, ">= 5.0x", ratio >= 5.0)
+    for name, target in (("Granian", 1.0), ("uWSGI", 1.0), ("gunicorn sync", 5.0)):
+        ratio = ours_rps / med(res[name], "rps")
+        goal(f"1. hello world vs {name}", ratio, f">= {target:.1f}x", ratio >= target)
     php = ours_rps / med(res["PHP-FPM"], "rps")
     flup = ours_rps / med(res["flup WSGIServer"], "rps")
     sections.append(
         f"fcgi-finish is {php:.2f}x PHP-FPM (one child, the same hello world in PHP) "
-        f"and {flup:.2f}x flup's WSGIServer.\n"
+        f"and {flup:.2f}x flup's WSGIServer. Granian and gunicorn are proxied over HTTP/1.1 "
+        "with kept-alive upstream connections, uWSGI and ours over FastCGI (keep-conn).\n"
     )
+
+
+def flask_page(tmp: Path) -> None:
+    """A real page (Flask, a Jinja template of 20 rows) on the same servers."""
+    with contextlib.ExitStack() as es:
+        res = served(python_servers(es, tmp, f"{APPS}:flask_page"), tmp, "Flask page")
+    table("1b. Flask + Jinja page, one process, the same nginx (req/s)", res, "rps", "req/s")
+    ours_rps = med(res["fcgi-finish"], "rps")
+    for name in ("Granian", "uWSGI", "gunicorn sync"):
+        ratio = ours_rps / med(res[name], "rps")
+        goal(f"1b. Flask page vs {name}", ratio, ">= 1.0x", ratio >= 1.0)
 
 
 def pool_scaling(tmp: Path) -> None:
@@ -519,6 +544,7 @@ def _made(path: Path) -> Path:
 
 SCENARIOS = {
     "hello": hello_world,
+    "page": flask_page,
     "pool": pool_scaling,
     "finish": finish_overhead,
     "capacity": capacity,
