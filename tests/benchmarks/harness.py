@@ -43,10 +43,12 @@ def wrk(
     connections: int = 16,
     script: str | None = None,
     env: dict[str, str] | None = None,
+    threads: int = 1,
 ) -> Run:
     """Run wrk against ``url`` (``env``: variables its Lua script reads); non-2xx
     responses and socket errors count as errors."""
-    cmd = [require("wrk", "wrk"), "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
+    cmd = [require("wrk", "wrk"), f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s"]
+    cmd.append("--latency")
     if script:
         cmd += ["-s", script]
     out = subprocess.run(
