@@ -22,11 +22,13 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import affinity
 from .io.listener import Listener, ListenError, open_listener
 from .ops import logs
+from .ops.scoreboard import pool_folder, runtime_dir
 from .options import Options
 from .reload import exec_in_place, take_handover
 from .server import Server
@@ -130,12 +132,16 @@ def drop_privileges(user: str, socket_path: str | None = None) -> None:
     log.debug("running as user %s, group %s", user, group)
 
 
+def cpu_pool(options: Options, listener: Listener) -> Path:
+    """Where ``--cpu-affinity auto`` claims a CPU: the pool's folder (beside its
+    scoreboard), or one folder for every worker of this user alone on its own socket."""
+    folder = pool_folder(options.scoreboard, listener.sock, inherited=options.bind is None)
+    return folder or Path(runtime_dir(), f"fcgi-cpus-{os.geteuid()}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = Options.parse(sys.argv[1:] if argv is None else argv)
     logs.setup(options.log_level, options.log_format)
-    cpu = affinity.bind(options.cpu_affinity)  # before any thread starts: they inherit it
-    if cpu is not None:
-        logging.getLogger("fcgi").debug("bound to CPU %d (--cpu-affinity)", cpu)
     # Until the server installs its handlers, TERM/INT while the app loads end the
     # worker cleanly: the socket is already there for the web server to see.
     signal.signal(signal.SIGTERM, _stop_while_starting)
@@ -159,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except _Stopped:
         return 0
+    # before any thread starts: they inherit it
+    cpu = affinity.bind(options.cpu_affinity, cpu_pool(options, listener))
+    if cpu is not None:
+        logging.getLogger("fcgi").debug("bound to CPU %d (--cpu-affinity)", cpu)
     try:
         drop_privileges(options.user, listener.path)
         app = load_app(options.app)

@@ -390,9 +390,10 @@ OPTIONS: tuple[Option, ...] = (
         "auto",
         "bind the worker to one CPU, so its threads hand the GIL over on one core (a "
         "deferred call's thread on another core costs the serving thread several times the "
-        "call's work): auto picks one by pid, N the Nth allowed (modulo their number; give "
-        "a pool's workers their index), off leaves the process free to move (for an app "
-        "whose threads run C code in parallel, e.g. numpy)",
+        "call's work): auto claims one no other worker of the pool holds (a lock per CPU in "
+        "the pool's scoreboard folder; unbound when it cannot make one), N the Nth allowed "
+        "(modulo their number), off leaves the process free to move (for an app whose "
+        "threads run C code in parallel, e.g. numpy)",
         "CPU",
     ),
     Option(

@@ -7,8 +7,10 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from tests.fcgi_client import Client
-from tests.procs import python_env, run_fcgi, wait_for, worker
+from tests.procs import python_env, run_fcgi, stack, wait_for, worker
 
 ALL = sorted(os.sched_getaffinity(0))
 
@@ -44,7 +46,7 @@ def test_by_default_every_thread_of_the_worker_shares_one_cpu(tmp_path: Path) ->
         tids = threads(proc.pid)
         assert len(tids) > 1, "the worker should have started threads of its own"
         mine = {tuple(cpus(proc.pid, tid)) for tid in tids}
-        assert mine == {(ALL[proc.pid % len(ALL)],)}
+        assert len(mine) == 1 and len(mine.pop()) == 1, "every thread on the same one CPU"
 
 
 def test_a_number_picks_that_cpu_modulo_and_off_leaves_the_worker_free(tmp_path: Path) -> None:
@@ -128,3 +130,59 @@ def test_a_reloads_import_check_may_use_every_cpu(tmp_path: Path) -> None:
     imports = [line.split() for line in text.splitlines()]
     checks = [cpus for pid, cpus in imports if int(pid) != proc.pid]
     assert checks == [",".join(map(str, ALL))]
+
+
+def _pool_pids(ctl) -> dict[str, int]:
+    """The pool's running workers by name, from supervisorctl."""
+    found = {}
+    for line in ctl("status").splitlines():
+        name, state, *rest = line.split()
+        if name.startswith("app:") and state == "RUNNING":
+            found[name] = int(rest[1].rstrip(","))
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_auto_never_puts_two_workers_of_a_pool_on_one_cpu(tmp_path: Path) -> None:
+    """The shipped supervisord pool with --cpu-affinity auto (what a supervisor config of
+    one's own gets by default): the second worker restarted eight times lands beside the
+    first, never on its CPU; a reload in place keeps the worker's CPU claimed, so a
+    restarted neighbour still goes elsewhere."""
+    assert len(ALL) >= 2, "this test needs a machine with two CPUs or more"
+    with stack(tmp_path, numprocs=2, FCGI_CPU_AFFINITY="auto") as (_, ctl):
+        seen = []
+
+        def placed() -> tuple[int, int]:
+            pids = wait_for(lambda: len(p := _pool_pids(ctl)) == 2 and p, 30, "two workers")
+            first, second = (cpus(pids[f"app:app_0{i}"]) for i in (0, 1))
+            assert len(first) == 1 and len(second) == 1, (first, second)
+            assert first != second, f"both workers on CPU {first}: {seen}"
+            seen.append((pids["app:app_01"], second[0]))
+            return pids["app:app_00"], pids["app:app_01"]
+
+        placed()
+        for _ in range(8):
+            assert "started" in ctl("restart", "app:app_01")
+            placed()
+        assert len({pid for pid, _ in seen}) == 9, "each restart is a new process"
+
+        # a reload in place (same pid): the new interpreter keeps the CPU's lock
+        _, second = placed()
+        log = tmp_path / "var" / "log" / "app_01.log"
+        served = log.read_text().count("serving on")
+        os.kill(second, signal.SIGHUP)
+        wait_for(lambda: log.read_text().count("serving on") > served, 60, "the reload")
+        kept = cpus(second)
+        assert "started" in ctl("restart", "app:app_00")
+        _, again = placed()
+        assert again == second and cpus(second) == kept
+
+
+def test_auto_binds_nothing_when_the_pool_folder_is_unusable(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = ("--cpu-affinity", "auto", "--scoreboard", str(blocker / "pool"))
+    with worker(tmp_path, "tests.apps:hello", *args) as (proc, _):
+        assert cpus(proc.pid) == ALL
+    assert "not bound to a CPU" in (tmp_path / "app.log").read_text()

@@ -132,14 +132,10 @@ class Scoreboard:
     def for_socket(cls, directory: str, sock: Any, inherited: bool, threads: int = 1) -> Scoreboard:
         """``directory`` if given; else shared by the workers of an inherited socket, else
         private to this worker (see the module's docstring)."""
-        if directory:
-            return cls(directory, threads=threads)
-        if inherited:
-            st = os.fstat(sock.fileno())
-            if stat.S_ISSOCK(st.st_mode):
-                name = f"fcgi-scoreboard-{os.geteuid()}-{st.st_dev}-{st.st_ino}"
-                return cls(os.path.join(runtime_dir(), name), shared=True, threads=threads)
-        return cls(tempfile.mkdtemp(prefix="fcgi-status-"), private=True, threads=threads)
+        folder = pool_folder(directory, sock, inherited)
+        if folder is None:
+            return cls(tempfile.mkdtemp(prefix="fcgi-status-"), private=True, threads=threads)
+        return cls(folder, shared=not directory, threads=threads)
 
     def accepted(self) -> None:
         """A connection was accepted (PHP-FPM's "accepted conn" counts requests instead)."""
@@ -332,6 +328,19 @@ def read_reload(directory: str | Path, pid: int) -> dict[str, Any] | None:
         return json.loads((Path(directory) / f"{pid}.reload").read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
+
+
+def pool_folder(directory: str, sock: Any, inherited: bool) -> Path | None:
+    """The folder the workers of one pool share: ``directory`` if given, else one named
+    after an inherited listening socket; None for a worker alone on a socket it bound."""
+    if directory:
+        return Path(directory)
+    if inherited:
+        st = os.fstat(sock.fileno())
+        if stat.S_ISSOCK(st.st_mode):
+            name = f"fcgi-scoreboard-{os.geteuid()}-{st.st_dev}-{st.st_ino}"
+            return Path(runtime_dir(), name)
+    return None
 
 
 def runtime_dir() -> str:

@@ -208,6 +208,37 @@ def scaling(tmp: Path) -> None:
     )
 
 
+def cpu_affinity(tmp: Path) -> None:
+    """--cpu-affinity auto (the default) against off: two workers of the capacity app,
+    the same hash seed, alternating rounds of plain hello world and of the mix where
+    one request in twenty defers 0.1 s (where binding matters: the GIL's hand-overs)."""
+    script = str(SCRIPTS / "one_in_twenty.lua")
+    with contextlib.ExitStack() as es:
+        app = "tests.benchmarks.apps_capacity:plain"
+        sides = {
+            name: ours(es, tmp / name, app, "--cpu-affinity", name, PYTHONHASHSEED="1")[0]
+            for name in ("auto", "off")
+        }
+        res = alternate(
+            {
+                f"{name}, {kind}": functools.partial(
+                    wrk,
+                    url(port),
+                    SECONDS,
+                    8,
+                    script,
+                    {"DEFER_PATH": "/"} if kind == "plain" else {},
+                )
+                for kind in ("plain", "mix")
+                for name, port in sides.items()
+            }
+        )
+    table("2b. --cpu-affinity auto vs off, one worker, wrk -c8 (req/s)", res, "rps", "req/s")
+    for kind in ("plain", "mix"):
+        ratio = med(res[f"auto, {kind}"], "rps") / med(res[f"off, {kind}"], "rps")
+        goal(f"2b. cpu-affinity auto vs off, {kind}", ratio, ">= 1.0x", ratio >= 1.0)
+
+
 def finish_overhead(tmp: Path) -> None:
     with contextlib.ExitStack() as es:
         port, _ = ours(es, tmp, f"{APPS}:bench")
@@ -568,6 +599,7 @@ SCENARIOS = {
     "hello": hello_world,
     "page": flask_page,
     "scaling": scaling,
+    "affinity": cpu_affinity,
     "finish": finish_overhead,
     "capacity": capacity,
     "bodies": large_bodies,
