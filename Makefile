@@ -21,7 +21,7 @@ FF := $(VENV)/bin/fcgi-finish
 # `make help-settings`). The Makefile's own variables stay here.
 SETTINGS = $(filter-out PYTHON=% ARGS=%,$(MAKEOVERRIDES))
 
-.PHONY: install system-packages test-packages run start stop restart reload status logs demo config service help-settings test test-quick lint format bench clean
+.PHONY: install compiled pure system-packages test-packages run start stop restart reload status logs demo config service help-settings test test-quick lint format bench clean
 
 install: $(VENV)/.installed system-packages
 
@@ -37,6 +37,19 @@ $(VENV)/.python-%:
 	@$(PYTHON_EXE) -c 'import ensurepip' 2>/dev/null || ./conf/install-packages.sh no-ensurepip:python3-venv
 	$(PYTHON_EXE) -m venv --clear $(VENV)
 	touch $@
+
+# The optional compiled wire core (mypyc over fcgi/wire, see setup.py; needs a C
+# compiler): after `make compiled` every target (run, test, bench) uses it, and the
+# worker's first log line says so; `make pure` goes back to pure Python.
+compiled: install
+	@./conf/install-packages.sh gcc:gcc python3-config:python3-dev
+	$(VENV)/bin/pip install --quiet mypy
+	FCGI_FINISH_COMPILE=1 $(PY) setup.py -q build_ext --inplace
+	rm -rf build
+
+pure:
+	rm -f fcgi/wire/*.so
+	rm -rf build
 
 # Debian packages the stack runs: nginx. `make test` adds the other web servers
 # the end-to-end tests put in front of the worker (wrk comes with `make bench`).

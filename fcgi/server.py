@@ -36,6 +36,7 @@ from .ops.answers import Answers
 from .ops.watchdog import Watchdog
 from .options import Options
 from .reload import Handover, check_app, release_signals
+from .wire import connection as wire
 from .wire.connection import IncomingRequest
 from .wsgi.request import BAD_REQUEST, Request
 from .wsgi.runners import InlineRunner, ThreadRunner
@@ -282,10 +283,11 @@ class Server:
                 )
         self.loop.start_accepting()
         log.info(
-            "serving on %s with %d thread(s), pid %d",
+            "serving on %s with %d thread(s), pid %d%s",
             self.listener.describe(),
             self.options.threads,
             os.getpid(),
+            "" if wire.__file__.endswith(".py") else "; wire core compiled (mypyc)",
         )
         self._owner = token = object()
         self._run_loop(token)

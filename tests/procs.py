@@ -137,9 +137,15 @@ def running(
 
 @contextlib.contextmanager
 def worker(
-    tmp: Path, app: str, *args: str, env: dict[str, str] | None = None, name: str = "app"
+    tmp: Path,
+    app: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    name: str = "app",
+    cwd: Path = ROOT,
 ) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """``python -m fcgi`` on a unix socket in ``tmp``; yields the process and socket path."""
+    """``python -m fcgi`` on a unix socket in ``tmp``; yields the process and socket path.
+    ``python -m`` imports ``fcgi`` from ``cwd`` first."""
     sock = tmp / f"{name}.sock"
     cmd = [sys.executable, "-m", "fcgi", "--bind", f"unix:{sock}", *args, app]
     with running(
@@ -147,7 +153,7 @@ def worker(
         tmp / f"{name}.log",
         lambda: connectable(str(sock)),
         f"worker socket {sock}",
-        cwd=ROOT,
+        cwd=cwd,
         env=env or python_env(),
     ) as proc:
         yield proc, sock

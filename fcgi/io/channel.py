@@ -21,7 +21,7 @@ import time
 from typing import Protocol
 
 from ..wire.connection import Connection, ConnState, Event, IncomingRequest
-from ..wire.records import ProtocolError
+from ..wire.records import Chunk, ProtocolError
 
 log = logging.getLogger("fcgi")
 
@@ -179,7 +179,7 @@ class Channel:
     def is_active(self, rid: int, incoming: IncomingRequest | None = None) -> bool:
         return self.proto.is_active(rid, incoming)
 
-    def _push(self, parts: list[bytes]) -> bool:
+    def _push(self, parts: list[Chunk]) -> bool:
         """Under ``lock``: queue ``parts``, trying one non-blocking send first if nothing
         was queued; True when the loop must look at the connection (watch or close)."""
         if self.closed:

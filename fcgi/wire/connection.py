@@ -349,7 +349,7 @@ class Connection:
 
     def stdout(
         self, rid: int, chunks: list[bytes], incoming: IncomingRequest | None = None
-    ) -> list[bytes] | None:
+    ) -> list[records.Chunk] | None:
         """STDOUT records for ``chunks``; None when the request has ended (drop them)."""
         if self._current(rid, incoming) is None:
             return None
@@ -361,7 +361,7 @@ class Connection:
         chunks: list[bytes] | None = None,
         app_status: int = 0,
         incoming: IncomingRequest | None = None,
-    ) -> list[bytes] | None:
+    ) -> list[records.Chunk] | None:
         """The last STDOUT records, the end of the stream and END_REQUEST; None when the
         request had already ended (aborted, cut, or the connection broke)."""
         request = self._current(rid, incoming)

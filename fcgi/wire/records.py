@@ -37,11 +37,15 @@ CANT_MPX_CONN = 1
 OVERLOADED = 2
 UNKNOWN_ROLE = 3
 
-HEADER = struct.Struct("!BBHHBx")
-BEGIN_BODY = struct.Struct("!HB5x")
-END_BODY = struct.Struct("!LB3x")
-UNKNOWN_BODY = struct.Struct("!B7x")
-_LEN4 = struct.Struct("!L")
+# annotated for mypyc, which compiles this module when asked (see setup.py)
+HEADER: struct.Struct = struct.Struct("!BBHHBx")
+BEGIN_BODY: struct.Struct = struct.Struct("!HB5x")
+END_BODY: struct.Struct = struct.Struct("!LB3x")
+UNKNOWN_BODY: struct.Struct = struct.Struct("!B7x")
+_LEN4: struct.Struct = struct.Struct("!L")
+
+
+Chunk = bytes | memoryview  # a record's bytes, or a slice of a large body without a copy
 
 
 class ProtocolError(Exception):
@@ -53,12 +57,12 @@ def record(rtype: int, request_id: int, content: bytes = b"") -> bytes:
     return HEADER.pack(VERSION_1, rtype, request_id, len(content), 0) + content
 
 
-def stream_records(rtype: int, request_id: int, data: bytes) -> list[bytes]:
+def stream_records(rtype: int, request_id: int, data: bytes) -> list[Chunk]:
     """``data`` cut into records of at most 65535 bytes, headers and slices interleaved."""
     if len(data) <= MAX_CONTENT:
         return [HEADER.pack(VERSION_1, rtype, request_id, len(data), 0), data]
     view = memoryview(data)
-    parts: list[bytes] = []
+    parts: list[Chunk] = []
     for start in range(0, len(data), MAX_CONTENT):
         chunk = view[start : start + MAX_CONTENT]
         parts.append(HEADER.pack(VERSION_1, rtype, request_id, len(chunk), 0))
@@ -66,7 +70,7 @@ def stream_records(rtype: int, request_id: int, data: bytes) -> list[bytes]:
     return parts
 
 
-def stdout_records(request_id: int, chunks: list[bytes]) -> list[bytes]:
+def stdout_records(request_id: int, chunks: list[bytes]) -> list[Chunk]:
     """STDOUT records for ``chunks``: small pieces joined into one record, large ones
     sliced as they are, without a copy."""
     size = sum(map(len, chunks))
@@ -75,14 +79,14 @@ def stdout_records(request_id: int, chunks: list[bytes]) -> list[bytes]:
     if size <= MAX_CONTENT:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return [HEADER.pack(VERSION_1, STDOUT, request_id, size, 0), data]
-    parts: list[bytes] = []
+    parts: list[Chunk] = []
     for chunk in chunks:
         if chunk:
             parts += stream_records(STDOUT, request_id, chunk)
     return parts
 
 
-def last_records(request_id: int, chunks: list[bytes]) -> list[bytes]:
+def last_records(request_id: int, chunks: list[bytes]) -> list[Chunk]:
     """The last STDOUT records for ``chunks``, the end of the stream and END_REQUEST;
     a small response is one bytes object, ready for one send."""
     end = end_request(request_id)

@@ -16,7 +16,9 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,30 +89,75 @@ def url(port: int, path: str = "/") -> str:
 
 
 def ours(
-    stack_: contextlib.ExitStack, tmp: Path, app: str, *args: str, **env: str
+    stack_: contextlib.ExitStack,
+    tmp: Path,
+    app: str,
+    *args: str,
+    core: Path | None = None,
+    **env: str,
 ) -> tuple[int, int]:
     """Our worker with default options (and ``env``) behind the shipped nginx.conf:
-    (port, pid)."""
+    (port, pid). ``core``: a folder whose ``fcgi`` package the worker runs instead of
+    the checkout's (``cores``)."""
     tmp.mkdir(parents=True, exist_ok=True)
+    environ = python_env(**env)
+    if core is not None:
+        environ["PYTHONPATH"] = f"{core}{os.pathsep}{ROOT}"
     proc, sock = stack_.enter_context(
-        worker(tmp, app, "--log-level", "warning", *args, env=python_env(**env))
+        worker(tmp, app, "--log-level", "warning", *args, env=environ, cwd=core or ROOT)
     )
     return stack_.enter_context(nginx(tmp, sock)), proc.pid
 
 
+@functools.cache
+def cores() -> dict[str, Path]:
+    """The worker's package twice, side by side for one run: pure Python, and with the
+    wire core compiled by mypyc (setup.py's optional build), each a copy under var/bench
+    (made once per run; whatever ``make compiled`` left in the checkout is not copied)."""
+    made = {}
+    for name, compile_ in (("pure", False), ("compiled", True)):
+        folder = OUT / "cores" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(ROOT / "fcgi", folder / "fcgi", ignore=shutil.ignore_patterns("*.so"))
+        if compile_:
+            shutil.copy(ROOT / "setup.py", folder)
+            subprocess.run(
+                [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                cwd=folder,
+                env=dict(os.environ, FCGI_FINISH_COMPILE="1"),
+                check=True,
+                capture_output=True,
+            )
+        where = subprocess.run(
+            [sys.executable, "-c", "import fcgi.wire.connection as c; print(c.__file__)"],
+            cwd=folder,
+            env=dict(python_env(), PYTHONPATH=f"{folder}{os.pathsep}{ROOT}"),
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        if where.strip().endswith(".py") == compile_:
+            raise RuntimeError(f"the {name} core imports {where.strip()}")
+        made[name] = folder
+    return made
+
+
 def python_servers(es: contextlib.ExitStack, tmp: Path, app: str) -> dict[str, str]:
-    """Ours and the Python servers users pick, each one process behind the same nginx,
-    serving ``app``: name -> URL."""
-    port, _ = ours(es, tmp / "ours", app)
+    """Ours (pure Python, and with the optional compiled wire core) and the Python
+    servers users pick, each one process behind the same nginx, serving ``app``:
+    name -> URL."""
+    port, _ = ours(es, tmp / "ours", app, core=cores()["pure"])
+    cport, _ = ours(es, tmp / "compiled", app, core=cores()["compiled"])
     gport, _ = es.enter_context(harness.granian_behind_nginx(tmp / "granian", app))
     usock = es.enter_context(harness.uwsgi_server(tmp / "uwsgi", app))
     uport = es.enter_context(nginx(tmp / "uwsgi", usock))
-    cport, _ = es.enter_context(harness.gunicorn_behind_nginx(tmp / "gunicorn", app))
+    hport, _ = es.enter_context(harness.gunicorn_behind_nginx(tmp / "gunicorn", app))
     return {
         "fcgi-finish": url(port),
+        "fcgi-finish compiled": url(cport),
         "Granian": url(gport),
         "uWSGI": url(uport),
-        "gunicorn sync": url(cport),
+        "gunicorn sync": url(hport),
     }
 
 
@@ -146,11 +193,15 @@ def hello_world(tmp: Path) -> None:
     for name, target in (("Granian", 1.0), ("uWSGI", 1.0), ("gunicorn sync", 5.0)):
         ratio = ours_rps / med(res[name], "rps")
         goal(f"1. hello world vs {name}", ratio, f">= {target:.1f}x", ratio >= target)
+    ratio = med(res["fcgi-finish compiled"], "rps") / med(res["Granian"], "rps")
+    goal("1. hello world, compiled wire core, vs Granian", ratio, ">= 1.0x", ratio >= 1.0)
+    compiled = med(res["fcgi-finish compiled"], "rps") / ours_rps
     php = ours_rps / med(res["PHP-FPM"], "rps")
     flup = ours_rps / med(res["flup WSGIServer"], "rps")
     sections.append(
         f"fcgi-finish is {php:.2f}x PHP-FPM (one child, the same hello world in PHP) "
-        f"and {flup:.2f}x flup's WSGIServer. Granian and gunicorn are proxied over HTTP/1.1 "
+        f"and {flup:.2f}x flup's WSGIServer; the compiled wire core (make compiled) is "
+        f"{compiled:.2f}x the pure Python one. Granian and gunicorn are proxied over HTTP/1.1 "
         "with kept-alive upstream connections, uWSGI and ours over FastCGI (keep-conn).\n"
     )
 
@@ -160,10 +211,11 @@ def flask_page(tmp: Path) -> None:
     with contextlib.ExitStack() as es:
         res = served(python_servers(es, tmp, f"{APPS}:flask_page"), tmp, "Flask page")
     table("1b. Flask + Jinja page, one process, the same nginx (req/s)", res, "rps", "req/s")
-    ours_rps = med(res["fcgi-finish"], "rps")
-    for name in ("Granian", "uWSGI", "gunicorn sync"):
-        ratio = ours_rps / med(res[name], "rps")
-        goal(f"1b. Flask page vs {name}", ratio, ">= 1.0x", ratio >= 1.0)
+    for side in ("fcgi-finish", "fcgi-finish compiled"):
+        ours_rps = med(res[side], "rps")
+        for name in ("Granian", "uWSGI", "gunicorn sync"):
+            ratio = ours_rps / med(res[name], "rps")
+            goal(f"1b. Flask page, {side}, vs {name}", ratio, ">= 1.0x", ratio >= 1.0)
 
 
 def scaling(tmp: Path) -> None:
