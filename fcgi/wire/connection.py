@@ -68,6 +68,7 @@ class IncomingRequest:
 
     __slots__ = (
         "_params",
+        "_params_size",
         "body",
         "content_length",
         "error",
@@ -82,7 +83,8 @@ class IncomingRequest:
         self.id = request_id
         self.keep_conn = keep_conn
         self.state = RequestState.PARAMS
-        self._params = bytearray()
+        self._params: list[bytes] = []  # the records' contents (one, usually: never copied)
+        self._params_size = 0
         self.params: dict[str, str] = {}
         self.body: Any = None  # the consumer's, made from the BodyReceived events
         self.received = 0  # body bytes received
@@ -182,8 +184,9 @@ class Connection:
                         self._record(rtype, rid, data[start:stop], events)
                 elif rtype == _PARAMS and request.state is RequestState.PARAMS:
                     if clen:
-                        request._params += data[start:stop]
-                        if len(request._params) > self.max_params:
+                        request._params.append(data[start:stop])
+                        request._params_size += clen
+                        if request._params_size > self.max_params:
                             raise records.ProtocolError(f"params exceed {self.max_params} bytes")
                     else:
                         self._params_ended(request, events)
@@ -240,8 +243,8 @@ class Connection:
         # DATA belongs to the FILTER role, which is refused: nothing to do.
 
     def _params_ended(self, request: IncomingRequest, events: list[Event]) -> None:
-        request.params = params = records.decode_pairs(request._params)
-        request._params = bytearray()
+        request.params = params = records.decode_pairs(b"".join(request._params))
+        request._params = []
         length = params.get("CONTENT_LENGTH")
         if length:
             try:

@@ -141,7 +141,7 @@ def encode_pairs(pairs: dict[str, str]) -> bytes:
     return bytes(out)
 
 
-def decode_pairs(data: bytes | bytearray) -> dict[str, str]:
+def decode_pairs(data: bytes) -> dict[str, str]:
     """Parse name-value pairs; names and values become latin-1 str as PEP 3333 wants.
 
     The buffer is decoded once: latin-1 maps byte offsets to the same str offsets,
