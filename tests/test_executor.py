@@ -84,8 +84,8 @@ def test_the_pool_grows_while_calls_block_and_shrinks_when_idle():
     pool = ElasticPool(lambda item: gate.wait(5), max_threads=5, idle_timeout=0.2)
     for _ in range(8):
         pool.submit(None)
-    wait_for(lambda: pool.threads == 5, what="five threads")
-    assert pool.waiting == 3  # past max_threads, work waits its turn
+    # past max_threads, work waits its turn
+    wait_for(lambda: pool.threads == 5 and pool.waiting == 3, what="five threads, three waiting")
     gate.set()
     wait_for(lambda: pool.threads == 0, what="the idle threads to end")
 
