@@ -1,6 +1,7 @@
 """Instructions and system calls per request of one worker, repeatable on a busy machine.
 
-``python -m tests.benchmarks.profile [APP] [--requests N]`` (default: hello world, 4,000)
+``python -m tests.benchmarks.profile [APP] [--requests N] [--every K]`` (default: hello
+world, 4,000 requests; ``--every 20``: every 20th to /defer?0.1)
 captures the request nginx sends with the shipped nginx.conf, then replays it over one
 kept connection to a worker run under ``valgrind --tool=callgrind`` and under
 ``strace -c -f``, twice: with N and with 2N requests. The difference divided by N is
@@ -30,8 +31,10 @@ END_REQUEST = 3
 STDIN = 5
 
 
-def captured_request(tmp: Path) -> bytes:
-    """The records nginx sends for ``GET /`` through the shipped nginx.conf."""
+def captured_request(tmp: Path, path: str = "/") -> bytes:
+    """The records nginx sends for ``GET path`` through the shipped nginx.conf."""
+    tmp = tmp / f"capture-{len(list(tmp.glob('capture-*')))}"
+    tmp.mkdir()
     sock_path = tmp / "capture.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(sock_path))
@@ -63,7 +66,7 @@ def captured_request(tmp: Path) -> bytes:
     thread.start()
     with nginx(tmp / "nginx", sock_path) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/", headers={"User-Agent": "wrk"})
+        conn.request("GET", path, headers={"User-Agent": "wrk"})
         conn.getresponse().read()
         conn.close()
     thread.join(10)
@@ -71,10 +74,12 @@ def captured_request(tmp: Path) -> bytes:
     return got[0]
 
 
-def replay(sock: Path, request: bytes, count: int) -> None:
+def replay(sock: Path, request: bytes, count: int, every: tuple[int, bytes] | None = None) -> None:
+    """``count`` requests over one kept connection, one after the other; ``every``:
+    (n, other) sends ``other`` instead as every nth request."""
     client = Client(str(sock), timeout=600)
-    for _ in range(count):
-        client.send(request)
+    for i in range(1, count + 1):
+        client.send(every[1] if every and i % every[0] == 0 else request)
         response = client.read_response()
         assert response.status == 200, response.head
     client.close()
@@ -101,20 +106,20 @@ def worker_under(tool: list[str], tmp: Path, app: str, args: list[str]):
         log.close()
 
 
-def instructions(tmp: Path, app: str, args: list[str], request: bytes, count: int) -> int:
+def instructions(tmp: Path, app: str, args: list[str], request: bytes, count: int, every) -> int:
     out = tmp / f"callgrind.{count}"
     tool = [require("valgrind", "valgrind"), "--tool=callgrind", f"--callgrind-out-file={out}"]
     with worker_under(tool, tmp, app, args) as sock:
-        replay(sock, request, count)
+        replay(sock, request, count, every)
     text = out.read_text(errors="replace")
     return int(re.search(r"^(?:summary|totals): (\d+)", text, re.M).group(1))
 
 
-def syscalls(tmp: Path, app: str, args: list[str], request: bytes, count: int) -> dict[str, int]:
+def syscalls(tmp: Path, app: str, args: list[str], request: bytes, count: int, every):
     out = tmp / f"strace.{count}"
     tool = [require("strace", "strace"), "-f", "-c", "-o", str(out)]
     with worker_under(tool, tmp, app, args) as sock:
-        replay(sock, request, count)
+        replay(sock, request, count, every)
     calls = {}
     for line in out.read_text().splitlines():
         fields = line.split()
@@ -129,6 +134,10 @@ def main() -> int:
     parser.add_argument("app", nargs="?", default="tests.benchmarks.apps:hello")
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--no-strace", action="store_true")
+    parser.add_argument(
+        "--every", type=int, default=0, help="every Nth request goes to --other-path instead"
+    )
+    parser.add_argument("--other-path", default="/defer?0.1")
     parser.add_argument("worker_args", nargs="*", help="after --: options for the worker")
     opts = parser.parse_args()
     n = opts.requests
@@ -136,10 +145,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fcgi-profile-") as name:
         tmp = Path(name)
         request = captured_request(tmp)
-        low, high = (instructions(tmp, opts.app, args, request, c) for c in (n, 2 * n))
+        every = (opts.every, captured_request(tmp, opts.other_path)) if opts.every else None
+        low, high = (instructions(tmp, opts.app, args, request, c, every) for c in (n, 2 * n))
         print(f"{opts.app}: {(high - low) / n:,.0f} instructions per request (callgrind)")
         if not opts.no_strace:
-            few, many = (syscalls(tmp, opts.app, args, request, c) for c in (n, 2 * n))
+            few, many = (syscalls(tmp, opts.app, args, request, c, every) for c in (n, 2 * n))
             per = {k: (many.get(k, 0) - few.get(k, 0)) / n for k in many}
             per = {k: v for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.01}
             print(
