@@ -115,7 +115,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "threads",
         "DEFERRED_THREADS",
-        128,
+        512,
         _count,
         "most plain functions running at once: the pool grows while calls block and "
         "shrinks when idle, so blocking calls (mail, HTTP) overlap without holding requests",

@@ -140,7 +140,7 @@ class DeferredExecutor:
 
     def __init__(
         self,
-        threads: int = 128,
+        threads: int = 512,
         concurrency: int = 1000,
         backlog: int = 1000,
         slow: float = 0,
