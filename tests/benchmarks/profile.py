@@ -4,9 +4,10 @@
 world, 4,000 requests; ``--every 20``: every 20th to /defer?0.1)
 captures the request nginx sends with the shipped nginx.conf, then replays it over one
 kept connection to a worker run under ``valgrind --tool=callgrind`` and under
-``strace -c -f``, twice: with N and with 2N requests. The difference divided by N is
-what one request costs, with startup and shutdown taken out. Wall-clock figures on a
-shared machine swing with the neighbours; these do not.
+``strace -c -f``. callgrind counts only while N requests are served, after 200 to warm
+up (twice, to show it repeats); strace runs with N and with 2N requests, and the
+difference divided by N is what one request costs, with startup and shutdown out.
+Wall-clock figures on a shared machine swing with the neighbours; these do not.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def worker_under(tool: list[str], tmp: Path, app: str, args: list[str]):
     try:
         wait_for(lambda: proc.poll() is not None or connectable(str(sock)), 300, "the worker")
         assert proc.poll() is None, (tmp / "worker.log").read_text()
-        yield sock
+        yield sock, proc.pid
     finally:
         # strace runs the worker as its child: the signal goes to the worker itself
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
@@ -107,18 +108,26 @@ def worker_under(tool: list[str], tmp: Path, app: str, args: list[str]):
 
 
 def instructions(tmp: Path, app: str, args: list[str], request: bytes, count: int, every) -> int:
+    """Instructions the worker ran while it served ``count`` requests (after 200 to warm
+    up): callgrind collects only in that window (``callgrind_control -i``), so neither
+    startup nor what runs by the clock while a slow valgrind starts counts."""
     out = tmp / f"callgrind.{count}"
-    tool = [require("valgrind", "valgrind"), "--tool=callgrind", f"--callgrind-out-file={out}"]
-    with worker_under(tool, tmp, app, args) as sock:
+    valgrind = require("valgrind", "valgrind")
+    tool = [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    control = str(Path(valgrind).with_name("callgrind_control"))
+    with worker_under(tool, tmp, app, args) as (sock, pid):
+        replay(sock, request, 200, every)
+        subprocess.run([control, "-i", "on", str(pid)], check=True, capture_output=True)
         replay(sock, request, count, every)
+        subprocess.run([control, "-i", "off", str(pid)], check=True, capture_output=True)
     text = out.read_text(errors="replace")
-    return int(re.search(r"^(?:summary|totals): (\d+)", text, re.M).group(1))
+    return int(re.search(r"^totals: (\d+)", text, re.M).group(1))
 
 
 def syscalls(tmp: Path, app: str, args: list[str], request: bytes, count: int, every):
     out = tmp / f"strace.{count}"
     tool = [require("strace", "strace"), "-f", "-c", "-o", str(out)]
-    with worker_under(tool, tmp, app, args) as sock:
+    with worker_under(tool, tmp, app, args) as (sock, _):
         replay(sock, request, count, every)
     calls = {}
     for line in out.read_text().splitlines():
@@ -146,8 +155,11 @@ def main() -> int:
         tmp = Path(name)
         request = captured_request(tmp)
         every = (opts.every, captured_request(tmp, opts.other_path)) if opts.every else None
-        low, high = (instructions(tmp, opts.app, args, request, c, every) for c in (n, 2 * n))
-        print(f"{opts.app}: {(high - low) / n:,.0f} instructions per request (callgrind)")
+        runs = [instructions(tmp, opts.app, args, request, n, every) / n for _ in range(2)]
+        print(
+            f"{opts.app}: {min(runs):,.0f} instructions per request (callgrind, "
+            f"{n:,} requests, two runs: {', '.join(f'{r:,.0f}' for r in runs)})"
+        )
         if not opts.no_strace:
             few, many = (syscalls(tmp, opts.app, args, request, c, every) for c in (n, 2 * n))
             per = {k: (many.get(k, 0) - few.get(k, 0)) / n for k in many}
