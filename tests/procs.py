@@ -199,13 +199,18 @@ def nginx(
     var = tmp / "var"
     conf = tmp / "nginx.conf"
     conf.write_text(edit(render("nginx.conf", f"127.0.0.1:{port}", socket_path, var, **values)))
-    with running(
+    with running_nginx(tmp, conf, port):
+        yield port
+
+
+def running_nginx(tmp: Path, conf: Path, port: int) -> contextlib.AbstractContextManager:
+    """nginx in the foreground with ``conf`` (listening on ``port``), files under ``tmp``."""
+    return running(
         nginx_command(tmp, conf),
         tmp / "nginx.out",
         lambda: connectable(("127.0.0.1", port)),
         f"nginx on port {port}",
-    ):
-        yield port
+    )
 
 
 def fcgi_finish(*args: str, env: dict[str, str] | None = None, **kwargs):

@@ -15,7 +15,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.procs import ROOT, connectable, free_port, nginx_command, python_env, require, running
+from tests.procs import (
+    ROOT,
+    connectable,
+    free_port,
+    python_env,
+    require,
+    running,
+    running_nginx,
+)
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
@@ -161,12 +169,7 @@ http {{
     }}
 }}
 """)
-    with running(
-        nginx_command(tmp, conf),
-        tmp / "nginx.out",
-        lambda: connectable(("127.0.0.1", port)),
-        f"nginx in front of {backend}",
-    ):
+    with running_nginx(tmp, conf, port):
         yield port
 
 
@@ -224,18 +227,7 @@ def granian_behind_nginx(tmp: Path, app: str) -> Iterator[tuple[int, int]]:
         "warning",
         app,
     ]
-    with (
-        running(
-            cmd,
-            tmp / "granian.log",
-            lambda: connectable(str(sock)),
-            "granian",
-            signal.SIGINT,
-            cwd=ROOT,
-            env=python_env(),
-        ) as proc,
-        http_proxy(tmp, f"unix:{sock}") as port,
-    ):
+    with on_socket(cmd, tmp, "granian", sock) as proc, http_proxy(tmp, f"unix:{sock}") as port:
         yield port, proc.pid
 
 
@@ -261,16 +253,22 @@ def uwsgi_server(tmp: Path, app: str) -> Iterator[Path]:
         "--disable-logging",
         "--chmod-socket=660",
     ]
-    with running(
+    with on_socket(cmd, tmp, "uwsgi", sock):
+        yield sock
+
+
+def on_socket(cmd: list[str], tmp: Path, name: str, sock: Path):
+    """A baseline server ``cmd`` from the checkout, ready once ``sock`` takes connections;
+    stopped with SIGINT (its graceful stop)."""
+    return running(
         cmd,
-        tmp / "uwsgi.log",
+        tmp / f"{name}.log",
         lambda: connectable(str(sock)),
-        "uwsgi",
+        name,
         signal.SIGINT,
         cwd=ROOT,
         env=python_env(),
-    ):
-        yield sock
+    )
 
 
 HELLO_PHP = '<?php header("Content-Type: text/plain"); echo "Hello world\\n";\n'
