@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda signum, frame: reload_asked.append(signum))
     handover = take_handover()  # this process's previous interpreter, after a reload
     start_dir = os.getcwd()  # where a relative --chdir starts from, after a reload too
+    # A stop while the socket is made waits until the listener exists to be closed (its
+    # file removed): the mask is given back at the top of the try that closes it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         setup_path(options.chdir, options.pythonpath)
         if handover is not None:
@@ -163,13 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AppLoadError, ListenError) as exc:
         print(f"fcgi-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except _Stopped:
-        return 0
-    # before any thread starts: they inherit it
-    cpu = affinity.bind(options.cpu_affinity, cpu_pool(options, listener))
-    if cpu is not None:
-        logging.getLogger("fcgi").debug("bound to CPU %d (--cpu-affinity)", cpu)
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # before any thread starts: they inherit it
+        cpu = affinity.bind(options.cpu_affinity, cpu_pool(options, listener))
+        if cpu is not None:
+            logging.getLogger("fcgi").debug("bound to CPU %d (--cpu-affinity)", cpu)
         drop_privileges(options.user, listener.path)
         app = load_app(options.app)
     except AppRaised as exc:
