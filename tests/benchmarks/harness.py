@@ -252,6 +252,12 @@ def uwsgi_server(tmp: Path, app: str) -> Iterator[Path]:
         "--master",
         "--disable-logging",
         "--chmod-socket=660",
+        # a worker still in a request at the stop is killed after 5 s, not the default 60
+        # (past the harness's 30 s: a bench run on a busy machine failed so at its end)
+        "--worker-reload-mercy",
+        "5",
+        "--reload-mercy",
+        "5",
     ]
     with on_socket(cmd, tmp, "uwsgi", sock):
         yield sock
