@@ -5,7 +5,11 @@ Every failure a user can fix (bad option, module not found, socket that cannot
 be bound) ends with one line on stderr that says how, and exit status 2. An app
 that raises while it loads gets its full traceback on stderr, as gunicorn
 prints it, and the same exit status at once: supervisord's log shows it and
-``make start`` fails in seconds.
+``make start`` fails in seconds. An exception raised while the app loads that
+has a true ``setup_error`` attribute is a setting the user can fix (the
+deferred-work middleware's settings, a journal the worker cannot write): its
+message alone, one line, exit status 2. The attribute is the whole contract: the
+worker imports nothing of the app's libraries.
 """
 
 from __future__ import annotations
@@ -177,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AppRaised as exc:
         with contextlib.suppress(OSError):
             listener.close()
+        if getattr(exc.__cause__, "setup_error", False) is True:
+            print(f"fcgi-serve: error: {exc.__cause__}", file=sys.stderr)
+            return EXIT_USAGE
         logging.getLogger("fcgi").error(
             "%s; the app's traceback:\n%s",
             exc,

@@ -90,6 +90,7 @@ class Server:
         # every request handed to the runner -> the id of the thread running it (0: queued)
         self.in_progress: dict[Request, int] = {}
         self._overdue: threading.Timer | None = None  # bounds a real stop, once begun
+        self._draining: DrainHook | None = None  # the drain hook running, for that bound's log
         self.watchdog = (
             Watchdog(self.in_progress, options.slow_request) if options.slow_request else None
         )
@@ -240,16 +241,47 @@ class Server:
     def _stop_overdue(self) -> None:
         if self._stopped.is_set():
             return
-        for request in list(self.in_progress):
+        running = list(self.in_progress)
+        for request in running:
             log.error("%s still running at the graceful deadline; abandoned", request)
         log.error(
-            "not stopped %.0f s after the stop began: the loop's thread is held (by a request "
-            "on --threads 1); exiting %d",
+            "not stopped %.0f s after the stop began: %s; exiting %d",
             self.options.graceful_timeout + 2.0,
+            self._holding(running),
             EXIT_ABANDONED,
         )
+        totals = self._totals_now()
+        if totals:
+            log.error("deferred work at the hard exit: %s", totals)
         logging.shutdown()
         os._exit(EXIT_ABANDONED)
+
+    def _holding(self, running: list[Request]) -> str:
+        """What keeps the stop from its end, for the overdue line."""
+        hook = self._draining
+        if hook is not None:
+            name = getattr(hook, "__qualname__", None) or repr(hook)
+            return f"the drain hook {name} (deferred work's stop) has not returned"
+        if running and self.options.threads == 1:
+            return f"the loop's thread is held by {running[0]} (--threads 1)"
+        if running:
+            return f"{len(running)} request(s) still running"
+        return "the loop's thread has not finished the stop (no request is running)"
+
+    def _totals_now(self) -> str:
+        """The deferred-work counters of the stats hooks that answer within a second (one
+        may be stuck behind what holds the stop)."""
+        answers: list[dict[str, Any]] = []
+        hooks = list(self.stats_hooks)
+        reader = threading.Thread(target=lambda: answers.extend(h() for h in hooks), daemon=True)
+        reader.start()
+        reader.join(1.0)
+        counts: dict[str, Any] = {}
+        for answer in list(answers):
+            for key, value in answer.items():
+                counts[key] = counts.get(key, 0) + value
+        shown = ("registered", "done", "failed", "abandoned", "queued", "running")
+        return ", ".join(f"{key} {counts[key]}" for key in shown if key in counts)
 
     def handle_quit(self, signum: int, frame: Any) -> None:
         log.warning("SIGQUIT: stopping at once, dropping running requests and deferred work")
@@ -269,6 +301,7 @@ class Server:
         # takes milliseconds, a request's own garbage is young).
         gc.collect()
         gc.freeze()
+        self._offer_extensions()
         self.runner.start()
         if self.watchdog is not None:
             self.watchdog.start()
@@ -295,6 +328,21 @@ class Server:
         if self.handover is not None:
             os.environ[SEQ_ENV] = str(self.seq_base + self.requests)
         return self.exit_code
+
+    def _offer_extensions(self) -> None:
+        """Offer the app, before any request, the ``fcgi.*`` keys every request's environ
+        carries: an app object with an ``fcgi_startup(extensions)`` method (the
+        deferred-work middleware has one) takes its hooks now, so a worker that has
+        served nothing yet (just reloaded, no traffic) still drains its deferred work at
+        a stop and shows it on the status page. Apps without it get them per request."""
+        startup = getattr(self.app, "fcgi_startup", None)
+        if not callable(startup):
+            return
+        extensions = {k: v for k, v in self.base_environ.items() if k.startswith("fcgi.")}
+        try:
+            startup(extensions)
+        except Exception:  # the app's problem: the hooks still come with each request
+            log.exception("the app's fcgi_startup() failed")
 
     def hand_over_loop(self) -> bool:
         """Move the I/O loop to a new thread, so this one can go on with a detached request.
@@ -374,10 +422,13 @@ class Server:
                 log.error("%s still running at the graceful deadline; abandoned", request)
                 abandoned += 1
         for hook in self.drain_hooks:
+            self._draining = hook
             try:
                 abandoned += hook(max(0.0, deadline - time.monotonic()))
             except Exception:
                 log.exception("drain hook %r failed", hook)
+            finally:
+                self._draining = None
         if self.reloading:
             log.info("drained after %d request(s); reloading", self.requests)
         else:
