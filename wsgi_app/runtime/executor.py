@@ -62,6 +62,7 @@ TICK = 0.02  # seconds: how often a busy loop takes new work and fires timers
 SLOW_CHECK = 0.25  # seconds between looks for slow calls, when ``slow`` is on
 IDLE_TIMEOUT = 10.0  # seconds an idle pool thread waits for work before it ends
 LATENCY_SAMPLES = 2000  # recent finish-to-start delays kept for ``start_delays()``
+ABANDON_LINES = 100  # calls a stop names one by one; the rest are summed up per callable
 
 Hook = Callable[..., None]
 
@@ -163,6 +164,8 @@ class DeferredExecutor:
         self.on_start: list[Hook] = []  # hook(batch, call): call started running
         self.on_end: list[Hook] = []  # hook(batch, call): call.state is its outcome
         self.tracer = tracing.tracer()  # each call's span comes from it; None: no spans
+        # whether a call a stop abandons is kept elsewhere (a journal), so not named here
+        self.keeps: Callable[[Call], bool] = lambda call: False
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a batch ended
         self._draining = 0  # drains waiting on _changed (notified only when there are some)
@@ -587,18 +590,19 @@ class DeferredExecutor:
             self._workers = None
             abandoned: list[tuple[Batch, Call, State]] = []
             for batch in leftover:
-                for call in batch.calls:
+                for call in batch.calls[batch.next :]:  # those before it ended
                     if call.state.ended:
                         continue
                     abandoned.append((batch, call, call.state))
-                    self.stats[call.state.value] -= 1
-                    self.stats["abandoned"] += 1
                     call.state = State.ABANDONED
                     batch.failed += 1
+            for _, call, was in abandoned:  # a few running, the others queued
+                self.stats[was.value] -= 1
+                if was is State.RUNNING:
                     self._running.pop(call, None)
+            self.stats["abandoned"] += len(abandoned)
         workers.retire()
-        for batch, call, was in abandoned:  # in (a copy of) each call's context
-            _context(call).copy().run(self._abandoned, batch, call, was is State.RUNNING)
+        self._abandoned(abandoned)
         for batch in leftover:
             self._hook(batch.finished)
         with self._lock:
@@ -614,8 +618,24 @@ class DeferredExecutor:
         )
         return abandoned_here
 
-    def _abandoned(self, batch: Batch, call: Call, running: bool) -> None:
-        """Log a call a stop abandoned, close its span and tell the hooks."""
+    def _abandoned(self, abandoned: list[tuple[Batch, Call, State]]) -> None:
+        """Log the calls a stop abandoned, end their spans and tell the hooks. The first
+        ``ABANDON_LINES`` not kept elsewhere are named, each in (a copy of) its context,
+        with a span if it never started; the rest are summed up per callable: a stop
+        with 200,000 calls queued must leave a log that fits in a rotated file, written
+        before the worker's hard exit."""
+        named = [item for item in abandoned if not self.keeps(item[1])]
+        for batch, call, was in named[:ABANDON_LINES]:
+            _context(call).copy().run(self._abandoned_one, batch, call, was is State.RUNNING)
+        _sum_up(named[ABANDON_LINES:])
+        shown = {id(call) for _, call, _ in named[:ABANDON_LINES]}
+        for batch, call, _ in abandoned:
+            if call.span is not None and id(call) not in shown:  # still running: its span
+                tracing.end(call, reason="abandoned at stop, still running")
+            for hook in self.on_end:
+                self._hook(hook, batch, call)
+
+    def _abandoned_one(self, batch: Batch, call: Call, running: bool) -> None:
         how = "still running" if running else "never started"
         log.error(
             "deferred %s abandoned at stop, %s %s",
@@ -625,20 +645,22 @@ class DeferredExecutor:
             extra=tracing.log_fields(batch, call),
         )
         tracing.abandon(self.tracer, batch, call, f"abandoned at stop, {how}")
-        for hook in self.on_end:
-            self._hook(hook, batch, call)
 
     # -- figures --------------------------------------------------------------------------
 
+    def load(self) -> int:
+        """Batches taken and not yet over (each runs one call at a time)."""
+        return len(self._batches)
+
     def snapshot(self) -> dict[str, Any]:
         """The counters for the status page; queued + running + done + failed +
-        abandoned == every call ever taken."""
-        with self._lock:
-            return {
-                **self.stats,
-                "registered": self.registered,
-                "last_duration": round(self.last_duration, 6),
-            }
+        abandoned == every call ever taken. Read without the lock (a copy of a dict is
+        one step for the GIL): a stop's last log line must not wait for a drain."""
+        return {
+            **self.stats,
+            "registered": self.registered,
+            "last_duration": round(self.last_duration, 6),
+        }
 
     def start_delays(self) -> list[float]:
         """Seconds from the finish to the first call's start, for recent batches."""
@@ -655,6 +677,32 @@ def _context(call: Call) -> contextvars.Context:
     if call.context is None:
         call.context = contextvars.Context()
     return call.context
+
+
+def _sum_up(abandoned: list[tuple[Batch, Call, State]]) -> None:
+    """One line per callable for abandoned calls past the first ``ABANDON_LINES``: how
+    many (how many running), and the oldest with its request."""
+    rest: dict[str, list[Any]] = {}  # callable: [count, running, oldest batch]
+    for batch, call, was in abandoned:
+        name = call.name
+        seen = rest.get(name)
+        if seen is None:
+            rest[name] = [1, was is State.RUNNING, batch]
+        else:
+            seen[0] += 1
+            seen[1] += was is State.RUNNING
+    now = time.monotonic()
+    for name, (count, running, oldest) in rest.items():
+        log.error(
+            "deferred %s: %d more call(s) abandoned at stop (%d still running, %d never "
+            "started), the oldest taken %.1f s before %s",
+            name,
+            count,
+            running,
+            count - running,
+            now - oldest.accepted,
+            oldest.label(),
+        )
 
 
 def _is_async(func: Any) -> bool:
