@@ -12,7 +12,7 @@ import time
 from urllib.parse import parse_qs
 
 from tests.gate import wait_at
-from wsgi_app.deferred import DeferredMiddleware, defer, volatile
+from wsgi_app.deferred import DeferredMiddleware, defer, finish_request, volatile
 
 
 def append(path: str, text: str, seconds: float = 0.0) -> None:
@@ -46,16 +46,64 @@ class Page:
         append(path, "saved")
 
 
+def defer_n(environ, query: dict[str, str]) -> None:
+    """Defer ``n`` appends tagged ``tag-0``... to ``out``, each sleeping ``s`` first (or
+    waiting for the test to open ``gate``)."""
+    out, tag = query.get("out", "/dev/null"), query.get("tag", "call")
+    for i in range(int(query.get("n", 1))):
+        if "gate" in query:
+            defer(environ, append_after, out, f"{tag}-{i}", query["gate"])
+        else:
+            defer(environ, append, out, f"{tag}-{i}", float(query.get("s", 0)))
+
+
+def ending(environ, start_response):
+    """Each way a response ends, calls deferred before (or after) it: ``/finish`` (PHP
+    style: defer, finish_request(), then ``work`` seconds more), ``/after-finish``
+    (finish, then defer and say so in ``out``.deferred, then ``work``), ``/stream``
+    (defer while the body streams), ``/write`` (write() a page, then defer), anything
+    else a list body; ``/pid``: the worker's pid."""
+    query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    what, work = environ["PATH_INFO"], float(query.get("work", 0))
+    if what == "/pid":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(os.getpid()).encode()]
+    if what == "/stream":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _streamed(environ, query)
+    if what == "/write":
+        write = start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
+        write(b"ok\n")
+        defer_n(environ, query)
+        time.sleep(work)
+        return []
+    if what in ("/finish", "/after-finish"):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "0")])
+        if what == "/finish":
+            defer_n(environ, query)
+        finish_request(environ)  # the visitor has the page: then the slow part
+        if what == "/after-finish":
+            defer_n(environ, query)
+            with open(query["out"] + ".deferred", "a") as f:
+                f.write(f"{query.get('tag', 'call')}\n")
+        time.sleep(work)
+        return []
+    defer_n(environ, query)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok\n"]
+
+
+def _streamed(environ, query):
+    yield b"first\n"
+    defer_n(environ, query)
+    yield b"second\n"
+
+
 def app(environ, start_response):
     query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
     out, what = query.get("out", "/dev/null"), environ["PATH_INFO"]
     if what == "/defer":
-        for i in range(int(query.get("n", 1))):
-            text = f"{query.get('tag', 'call')}-{i}"
-            if "gate" in query:
-                defer(environ, append_after, out, text, query["gate"])
-            else:
-                defer(environ, append, out, text, float(query.get("s", 0)))
+        defer_n(environ, query)
     elif what == "/async":
         defer(environ, append_async, out, query.get("tag", "async"))
     elif what == "/poison":
@@ -73,3 +121,4 @@ def app(environ, start_response):
 
 
 application = DeferredMiddleware(app)
+endings = DeferredMiddleware(ending)

@@ -22,7 +22,10 @@ from tests import apps_journal
 from tests.fcgi_client import Client
 from tests.procs import ROOT, lines, python_env, stack, stop, wait_for, worker
 from wsgi_app.journal import Journal
+from wsgi_app.journal import log as journal_log
 from wsgi_app.journal import store as journal_module
+from wsgi_app.journal import sweeper as sweeper_module
+from wsgi_app.journal.sweeper import Sweeper
 from wsgi_app.runtime.callpath import Unrecordable, dumps_args, path_of, resolve
 
 # -- what can travel -------------------------------------------------------------------
@@ -74,7 +77,7 @@ def record_and_die(path: Path, *batches: list[str]) -> None:
         journal = Journal({str(path)!r})
         for i, texts in enumerate({list(batches)!r}):
             journal.record(f"GET /{{i}}", [
-                ("tests.apps_journal:append", dumps_args("", ("out", t), {{}})) for t in texts
+                ("tests.apps_journal:append", dumps_args("", ("out", t), {{}}), None) for t in texts
             ])
         os.kill(os.getpid(), 9)
         """
@@ -97,7 +100,7 @@ def test_calls_of_a_dead_process_are_claimed_oldest_first_in_request_order(
     journal = Journal(path)
     groups = journal.claim()
     assert [texts(g) for g in groups] == [["a1", "a2", "a3"], ["b1"], ["c1", "c2"]]
-    assert {r.attempts for g in groups for r in g} == {2}  # the claim is a second attempt
+    assert {r.attempts for g in groups for r in g} == {0}  # none was running: no attempt used
     assert journal.claim() == []  # ours now, and we are alive
     assert journal.counts() == {"journal_pending": 6, "journal_dead": 0}
     for group in groups:
@@ -110,13 +113,13 @@ def test_calls_of_a_dead_process_are_claimed_oldest_first_in_request_order(
 
 def test_calls_that_end_within_a_turn_never_reach_sqlite_and_others_move(tmp_path: Path) -> None:
     with contextlib.closing(Journal(tmp_path / "j.sqlite3")) as journal:
-        quick, slow = journal.record("GET /", [("m:quick", b"1"), ("m:slow", b"2")])
+        quick, slow = journal.record("GET /", [("m:quick", b"1", None), ("m:slow", b"2", None)])
         journal.done(quick)
         assert journal.move() == 0  # the file just started: not due yet
         assert journal.counts()["journal_pending"] == 1
         assert journal.move() == 1  # a turn later: the slow call is still pending
         assert [r.path for r in journal.rows()] == ["m:slow"]
-        assert list(journal.logs.iterdir()) == []
+        assert journal_log.files(journal.logs) == []
         journal.done(slow)
         wait_for(lambda: journal.rows() == [], what="the moved call's row deleted")
         assert journal.counts() == {"journal_pending": 0, "journal_dead": 0}
@@ -132,10 +135,11 @@ def test_calls_that_ended_before_a_kill_do_not_run_again(tmp_path: Path) -> None
         from wsgi_app.journal import log as journal_log
         from wsgi_app.journal import Journal
         journal = Journal({str(path)!r})
-        first, second, third = journal.record("GET /", [("m:a", b""), ("m:b", b""), ("m:c", b"")])
+        calls = [("m:a", b"", None), ("m:b", b"", None), ("m:c", b"", None)]
+        first, second, third = journal.record("GET /", calls)
         journal.done(first)
         journal.done(third)
-        [log] = journal.logs.iterdir()
+        [log] = journal_log.files(journal.logs)
         while not any(f[0] == "ended" for f in journal_log.read(log, warn=False)):
             time.sleep(0.001)  # the flusher writes them within DONE_DELAY
         os.kill(os.getpid(), 9)
@@ -151,12 +155,12 @@ def test_calls_that_ended_before_a_kill_do_not_run_again(tmp_path: Path) -> None
 def test_a_log_cut_short_at_a_kill_gives_every_whole_frame(tmp_path: Path, caplog) -> None:
     path = tmp_path / "j.sqlite3"
     record_and_die(path, ["a1"], ["b1", "b2"])
-    [log] = (tmp_path / "j.sqlite3.logs").iterdir()
+    [log] = journal_log.files(tmp_path / "j.sqlite3.logs")
     log.write_bytes(log.read_bytes()[:-3])  # the last frame's write cut short
     with contextlib.closing(Journal(path)) as journal:
         assert [texts(g) for g in journal.claim()] == [["a1"]]
         assert f"{log.name}: " in caplog.text and "at its end cut short or damaged" in caplog.text
-        assert list(journal.logs.iterdir()) == []
+        assert journal_log.files(journal.logs) == []
 
 
 def test_a_log_already_moved_is_not_read_twice_after_a_kill(tmp_path: Path) -> None:
@@ -167,9 +171,10 @@ def test_a_log_already_moved_is_not_read_twice_after_a_kill(tmp_path: Path) -> N
         f"""
         import os
         from wsgi_app.journal import Journal
+        from wsgi_app.journal import log as journal_log
         journal = Journal({str(path)!r})
-        journal.record("GET /", [("m:a", b"1"), ("m:b", b"2")])
-        [log] = journal.logs.iterdir()
+        journal.record("GET /", [("m:a", b"1", None), ("m:b", b"2", None)])
+        [log] = journal_log.files(journal.logs)
         kept = log.read_bytes()
         journal._unmark = lambda names: None  # killed before the file and its mark go
         assert journal.move(everything=True) == 2
@@ -181,7 +186,7 @@ def test_a_log_already_moved_is_not_read_twice_after_a_kill(tmp_path: Path) -> N
     assert proc.returncode == -signal.SIGKILL
     with contextlib.closing(Journal(path)) as journal:
         assert [[r.path for r in g] for g in journal.claim()] == [["m:a", "m:b"]]
-        assert list(journal.logs.iterdir()) == []
+        assert journal_log.files(journal.logs) == []
         assert journal._db().execute("SELECT count(*) FROM moved_logs").fetchone() == (0,)
 
 
@@ -205,12 +210,12 @@ def test_a_live_workers_calls_are_left_alone_until_its_lease_runs_out(tmp_path: 
 def test_a_failing_call_is_retried_then_kept_as_dead_for_the_cli(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     journal = Journal(path, attempts=3, retry=0)
-    [key] = journal.record("GET /poison", [("tests.apps_journal:poisoned", b"x")])
+    [key] = journal.record("GET /poison", [("tests.apps_journal:poisoned", b"x", None)])
     call_id = key  # only in the log until it fails: then a row, claimed by its id
-    for attempt in (2, 3):
+    for failures in (1, 2):  # attempts count failures
         assert journal.failed(call_id, "RuntimeError: poisoned call") == 0
         [[row]] = journal.claim()
-        assert row.attempts == attempt
+        assert row.attempts == failures
         call_id = row.id
     assert journal.failed(call_id, "RuntimeError: poisoned call") is None
     assert journal.claim() == []
@@ -231,7 +236,7 @@ def test_a_failing_call_is_retried_then_kept_as_dead_for_the_cli(tmp_path: Path)
     assert "GET /poison\ttests.apps_journal:poisoned\tRuntimeError: poisoned call" in listed
     assert cli("retry", str(call_id)) == "1 call(s) will run again\n"
     [[row]] = journal.claim()
-    assert row.id == call_id and row.attempts == 1
+    assert row.id == call_id and row.attempts == 0
     journal.failed(call_id, "again")
     assert journal.counts()["journal_dead"] == 0  # a fresh set of attempts
     db = sqlite3.connect(path, isolation_level=None)
@@ -246,7 +251,8 @@ def test_a_failing_call_is_retried_then_kept_as_dead_for_the_cli(tmp_path: Path)
 
 
 def counts(path: Path) -> dict[str, int]:
-    with contextlib.closing(Journal(path)) as journal:
+    """Every app's calls in the journal at ``path``."""
+    with contextlib.closing(Journal(path, app=None)) as journal:
         return journal.counts()
 
 
@@ -293,7 +299,7 @@ def test_a_poisoned_call_ends_dead_after_its_attempts(tmp_path: Path) -> None:
     assert lines(out).count(f"attempt {_proc.pid}") == 3
     log = (tmp_path / "app.log").read_text()
     assert log.count("will be retried") == 2
-    assert "dead after 3 attempts (request GET /poison" in log
+    assert "dead after 3 failed attempt(s) (request GET /poison" in log
 
 
 def send_batches(sock: Path, out: Path, requests: int, calls: int, seconds: float) -> None:
@@ -418,13 +424,13 @@ def test_the_shipped_stack_keeps_a_journal_under_var_lib(tmp_path: Path) -> None
 
 def test_a_request_with_thousands_of_calls_is_recorded_in_order(tmp_path: Path) -> None:
     with contextlib.closing(Journal(tmp_path / "j.sqlite3")) as journal:
-        calls = [("tests.apps_journal:append", str(i).encode()) for i in range(2500)]
+        calls = [("tests.apps_journal:append", str(i).encode(), None) for i in range(2500)]
         keys = journal.record("GET /many", calls)
         assert len(set(keys)) == 2500
         assert journal.rows() == []  # in the worker's log until it moves them
         assert journal.move(everything=True) == 2500  # all still pending: into SQLite
         assert [r.payload for r in journal.rows()] == [str(i).encode() for i in range(2500)]
-        assert list(journal.logs.iterdir()) == []
+        assert journal_log.files(journal.logs) == []
 
 
 @pytest.mark.slow
@@ -435,7 +441,7 @@ def test_calls_left_at_a_graceful_stops_deadline_run_in_the_next_worker(tmp_path
     with worker(tmp_path, app, "--graceful-timeout", "0.3", env=env) as (first, sock):
         send_batches(sock, out, 1, 10, 0.2)  # 2 s of work, 0.3 s to stop
     assert first.returncode == 3  # some deferred work abandoned
-    assert "kept in" in (tmp_path / "app.log").read_text()
+    assert "left pending for the next worker" in (tmp_path / "app.log").read_text()
     assert len(lines(out)) < 10
     with worker(tmp_path, app, env=env, name="b"):
         check_all_ran(out, 10)
@@ -455,7 +461,7 @@ def test_calls_left_at_a_reloads_deadline_run_once_in_the_reloaded_worker(
         proc.send_signal(signal.SIGHUP)
         runs = check_all_ran(out, 10)
         wait_for(lambda: counts(path)["journal_pending"] == 0, what="an empty journal")
-    assert "kept in" in (tmp_path / "app.log").read_text()
+    assert "left pending for the next worker" in (tmp_path / "app.log").read_text()
     assert {ln.split()[1] for ln in lines(out)} == {str(proc.pid)}
     assert sum(runs.values()) <= 11, runs  # only the call running at the exec twice
 
@@ -503,13 +509,13 @@ def test_a_log_ending_in_zeros_is_read_up_to_them_and_takeovers_go_on(tmp_path: 
     empty frame's CRC matches, its pickle does not load; the takeover must go on."""
     path = tmp_path / "j.sqlite3"
     record_and_die(path, ["a1"], ["b1"])
-    [log] = (tmp_path / "j.sqlite3.logs").iterdir()
+    [log] = journal_log.files(tmp_path / "j.sqlite3.logs")
     with log.open("ab") as f:
         f.write(bytes(4096))
     with contextlib.closing(Journal(path)) as journal:
         assert journal.counts()["journal_pending"] == 2
         assert [texts(g) for g in journal.claim()] == [["a1"], ["b1"]]
-        assert list(journal.logs.iterdir()) == []
+        assert journal_log.files(journal.logs) == []
 
 
 def test_a_call_failing_while_its_log_moves_survives_a_kill(tmp_path: Path) -> None:
@@ -524,7 +530,7 @@ def test_a_call_failing_while_its_log_moves_survives_a_kill(tmp_path: Path) -> N
         from wsgi_app.journal import Journal
         path = {str(path)!r}
         journal = Journal(path)
-        call = ("tests.apps_journal:append", dumps_args("", ("out", "f1"), {{}}))
+        call = ("tests.apps_journal:append", dumps_args("", ("out", "f1"), {{}}), None)
         [key] = journal.record("GET /", [call])
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # another worker's long write
@@ -547,17 +553,17 @@ def test_a_move_failing_at_its_commit_moves_again_and_deletes_no_other_row(
     next rows) are not theirs."""
     path = tmp_path / "j.sqlite3"
     with contextlib.closing(Journal(path)) as journal:
-        [a] = journal.record("GET /a", [("m:a", b"1")])
+        [a] = journal.record("GET /a", [("m:a", b"1", None)])
         db = failing(path, "INSERT ON moved_logs", "database or disk is full")
         with pytest.raises(sqlite3.DatabaseError, match="disk is full"):
             journal.move(everything=True)
         db.execute("DROP TRIGGER fault")
         db.close()
-        journal.record("GET /b", [("m:b", b"2")])
+        journal.record("GET /b", [("m:b", b"2", None)])
         assert journal.move(everything=True) == 2  # a again, and b
         journal.done(a)
         wait_for(lambda: [r.path for r in journal.rows()] == ["m:b"], 2, "only a's row deleted")
-        assert list(journal.logs.iterdir()) == []
+        assert journal_log.files(journal.logs) == []
 
 
 def test_claimed_calls_are_handed_over_even_if_tidying_the_log_fails(tmp_path: Path) -> None:
@@ -579,7 +585,7 @@ def test_a_call_ending_during_a_move_whose_tidying_fails_is_still_forgotten(
 ) -> None:
     path = tmp_path / "j.sqlite3"
     with contextlib.closing(Journal(path)) as journal:
-        [a] = journal.record("GET /a", [("m:a", b"1")])
+        [a] = journal.record("GET /a", [("m:a", b"1", None)])
         db = failing(path, "DELETE ON moved_logs", "database is locked")
         db.execute("BEGIN IMMEDIATE")  # the move waits for SQLite's write lock
         mover = threading.Thread(target=journal.move, kwargs={"everything": True})
@@ -589,7 +595,7 @@ def test_a_call_ending_during_a_move_whose_tidying_fails_is_still_forgotten(
         db.execute("COMMIT")
         mover.join()
         wait_for(lambda: journal.rows() == [], 2, "the ended call's row deleted")
-        assert list(journal.logs.iterdir()) == []
+        assert journal_log.files(journal.logs) == []
         db.close()
 
 
@@ -625,12 +631,13 @@ def test_a_write_cut_short_by_a_full_disk_is_refused_and_hides_no_later_call(
         import os, resource, signal
         from wsgi_app.runtime.callpath import dumps_args
         from wsgi_app.journal import Journal
+        from wsgi_app.journal import log as journal_log
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         journal = Journal({str(path)!r})
         def calls(text):
-            return [("tests.apps_journal:append", dumps_args("", ("out", text), {{}}))]
+            return [("tests.apps_journal:append", dumps_args("", ("out", text), {{}}), None)]
         journal.record("GET /0", calls("a1"))
-        [log] = journal.logs.iterdir()
+        [log] = journal_log.files(journal.logs)
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (log.stat().st_size + 20, hard))  # full
         try:
@@ -657,14 +664,15 @@ def test_a_clean_exit_without_a_drain_runs_no_ended_call_again(tmp_path: Path) -
         f"""
         from wsgi_app.journal import Journal
         journal = Journal({str(path)!r})
-        ended, pending = journal.record("GET /", [("m:ended", b"1"), ("m:pending", b"2")])
+        calls = [("m:ended", b"1", None), ("m:pending", b"2", None)]
+        ended, pending = journal.record("GET /", calls)
         journal.done(ended)
         """
     )
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=python_env(), check=True)
     with contextlib.closing(Journal(path)) as journal:
         assert [[r.path for r in g] for g in journal.claim()] == [["m:pending"]]
-        assert list(journal.logs.iterdir()) == []
+        assert journal_log.files(journal.logs) == []
 
 
 def test_a_journal_named_through_a_symlink_shares_its_log(tmp_path: Path) -> None:
@@ -682,9 +690,9 @@ def test_a_journal_named_through_a_symlink_shares_its_log(tmp_path: Path) -> Non
 def test_counts_see_the_log_of_another_middleware_in_the_same_process(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     with contextlib.closing(Journal(path)) as one, contextlib.closing(Journal(path)) as two:
-        [key] = one.record("GET /one", [("m:one", b"1")])
+        [key] = one.record("GET /one", [("m:one", b"1", None)])
         one.done(key)
-        two.record("GET /two", [("m:two", b"2")])
+        two.record("GET /two", [("m:two", b"2", None)])
         assert one.worker == two.worker
         assert one.counts()["journal_pending"] == 1
         assert two.counts()["journal_pending"] == 1
@@ -706,12 +714,12 @@ def test_a_move_failing_again_and_again_does_not_stop_the_heartbeat(
     tmp_path: Path, monkeypatch
 ) -> None:
     """Without heartbeats other workers take this live worker for gone after LEASE."""
-    monkeypatch.setattr(journal_module, "HEARTBEAT", 0.05)
+    monkeypatch.setattr(sweeper_module, "HEARTBEAT", 0.05)
     path = tmp_path / "j.sqlite3"
     with contextlib.closing(Journal(path)) as journal:
-        journal.record("GET /", [("m:a", b"1")])
+        journal.record("GET /", [("m:a", b"1", None)])
         db = failing(path, "INSERT ON moved_logs", "database or disk is full")
-        sweeper = journal_module.Sweeper(journal, lambda rows: None)
+        sweeper = Sweeper(journal, lambda rows: None)
         start = time.time()
         sweeper.start()
         try:

@@ -1,11 +1,18 @@
-"""Where deferred calls go when they must outlive the worker: the journal, or Celery.
+"""Where deferred calls go when they must outlive the worker: the journal, Celery, or both.
 
-The middleware asks an backend twice per request that deferred work: ``encode``
-at each ``defer()`` (so a call that cannot travel is refused there, naming it),
-and ``accept`` once the app is done, before the response is finished. The
-journal backend appends the batch to the worker's journal log there and lets the
-worker's own executor run it; the Celery backend swaps the batch's calls for one call that
-publishes them as a single task, which the executor runs after the response.
+The middleware asks a backend three things per request that defers work:
+``encode`` at each ``defer()`` (so a call that cannot travel is refused there,
+naming it), ``record`` before any part of the response that follows the calls can
+reach the visitor (one write for the calls deferred until then; at once for a call
+deferred after the finish), and ``accept`` once the response is over, which says
+what of the batch the worker's executor still runs. ``forget`` drops recorded
+calls of a request that failed.
+
+- ``JournalBackend``: the calls are appended to the worker's journal log, and run by
+  the worker's own executor; another worker takes them over if this one dies.
+- ``CeleryBackend``: the calls are handed to Celery by a background publisher. With
+  a journal too (the outbox), they are recorded first, in the same one write, and
+  marked sent once published: a worker killed before publishing loses nothing.
 """
 
 from __future__ import annotations
@@ -13,11 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .journal.store import Journal, Row, Sweeper
+from .journal.store import CLAIM_REQUESTS, Journal, Row
+from .journal.sweeper import Sweeper
 from .runtime.callpath import Unrecordable, dumps_args, loads_args, path_of, resolve
 from .runtime.calls import Batch, Call, State
 from .runtime.executor import DeferredExecutor
@@ -25,7 +32,7 @@ from .runtime.executor import DeferredExecutor
 log = logging.getLogger("wsgi_app.deferred")
 
 # each call that must travel, with what the backend made of it at defer()
-Records = list[tuple[Call, Any]]
+Records = Sequence[tuple[Call, Any]]
 
 
 def _one_line(error: BaseException | None) -> str:
@@ -39,77 +46,117 @@ def _origin(batch: Batch) -> str:
     return f"{batch.origin} id={batch.request_id}" if batch.request_id else batch.origin
 
 
-def _kept(batch: Batch, records: Records) -> Records:
-    """The records of calls still in the batch (a failed request drops some)."""
-    present = set(batch.calls)
-    return [(call, record) for call, record in records if call in present]
-
-
 class JournalBackend:
-    """Calls recorded in an SQLite journal before the response is finished, run by this
-    worker's executor, taken over by another worker when this one dies."""
+    """Calls recorded in an SQLite journal before the visitor has the response, run by
+    this worker's executor, taken over by another worker of the app when this one dies."""
 
-    def __init__(self, path: str, executor: DeferredExecutor, attempts: int, retry: float):
-        self.journal = Journal(path, attempts=attempts, retry=retry)
+    def __init__(
+        self,
+        path: str,
+        executor: DeferredExecutor,
+        attempts: int,
+        retry: float,
+        app: str,
+        take_over: Callable[[list[Row]], None] | None = None,
+        room: Callable[[], int] | None = None,
+    ) -> None:
+        slots = executor.threads + executor.concurrency + 64  # every call running at once
+        self.journal = Journal(path, attempts=attempts, retry=retry, app=app, slots=slots)
+        self.journal.join()  # a journal this worker cannot write stops it here, at start
         self.executor = executor
-        self.sweeper = Sweeper(self.journal, self._run, self._room)
-        self._ids: dict[Call, int] = {}  # journaled calls not yet ended: their row ids
-        self._lock = threading.Lock()
+        # what becomes of claimed calls (run here; the outbox publishes them)
+        self.sweeper = Sweeper(self.journal, take_over or self._run, room or self._room)
+        self._ids: dict[Call, int] = {}  # journaled calls not yet ended: their keys or row ids
+        self._slots: dict[Call, int] = {}  # running ones: their slot on the journal's board
+        self._kept = 0  # calls a stop left in the journal: one line at the flush
+        executor.on_start.append(self._started)
         executor.on_end.append(self._ended)
+        executor.keeps = self._ids.__contains__  # what a stop abandons, flush() counts
 
     def start(self) -> None:
         self.sweeper.start()
+
+    def serve(self) -> None:
+        """The app is served in this process: take calls over."""
+        self.sweeper.serve()
 
     def stop(self, seconds_left: float = 0.0) -> int:
         """A drain hook: stop taking calls over (what is left stays in the journal)."""
         return self.sweeper.stop(seconds_left)
 
     def flush(self, seconds_left: float = 0.0) -> int:
-        """A drain hook after the executor's: forget every call that ended."""
+        """A drain hook after the executor's: say which calls ended; what a stop cut
+        stays pending, with none of its attempts used."""
+        kept, self._kept = self._kept, 0
+        if kept:
+            log.warning(
+                "deferred journal %s: %d call(s) left pending for the next worker of the app "
+                "(none counted as an attempt)",
+                self.journal.path,
+                kept,
+            )
         return self.journal.flush(seconds_left)
 
-    def encode(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[str, bytes]:
+    def encode(
+        self, func: Callable[..., Any], args: tuple, kwargs: dict
+    ) -> tuple[str, bytes, None]:
         path = path_of(func)
-        return path, dumps_args(path, args, kwargs)
+        return path, dumps_args(path, args, kwargs), None
+
+    def record(self, batch: Batch, records: Records) -> None:
+        """On the serving thread: one write to the log for these calls."""
+        keys = self.journal.record(_origin(batch), [record for _, record in records])
+        self._ids.update(zip([call for call, _ in records], keys, strict=True))
 
     def accept(self, batch: Batch, records: Records) -> Batch:
-        """On the serving thread, before the finish: one write to the log for the batch."""
-        records = _kept(batch, records)
-        if records:
-            ids = self.journal.record(_origin(batch), [record for _, record in records])
-            self._track([call for call, _ in records], ids)
+        """The response is over: the executor runs the batch as it is."""
         return batch
+
+    def handed(self, calls: Sequence[Call]) -> list[int]:
+        """Recorded calls that leave this worker (to Celery): their keys, for ``sent``."""
+        return [self._ids.pop(call) for call in calls]
+
+    def sent(self, keys: Sequence[int]) -> None:
+        """Calls handed over are someone else's now: ended here."""
+        for key in keys:
+            self.journal.done(key)
+
+    def forget(self, calls: Sequence[Call]) -> None:
+        """Recorded calls of a request that failed: they will not run."""
+        for call in calls:
+            key = self._ids.pop(call, None)
+            if key is not None:
+                self.journal.done(key)
 
     def stats(self) -> dict[str, int]:
         return self.journal.counts()
 
-    def _track(self, calls: list[Call], ids: list[int]) -> None:
-        with self._lock:
-            self._ids.update(zip(calls, ids, strict=True))
+    def _started(self, batch: Batch, call: Call) -> None:
+        """The executor's on_start hook: the board says it runs (a store in memory)."""
+        key = self._ids.get(call)
+        if key is not None:
+            self._slots[call] = self.journal.running(key)
 
     def _ended(self, batch: Batch, call: Call) -> None:
-        """The executor's on_end hook: forget a call done, note a failure; a call
-        abandoned at a stop stays in the journal for the next worker."""
-        with self._lock:
-            call_id = self._ids.pop(call, None)
-        if call_id is None:  # a volatile() call: never recorded
+        """The executor's on_end hook: forget a call done, count a failure; a call
+        a stop abandoned stays pending in the journal, its attempts untouched."""
+        slot = self._slots.pop(call, None)
+        if slot is not None:
+            self.journal.stopped(slot)
+        key = self._ids.pop(call, None)
+        if key is None:  # a volatile() call: never recorded
             return
         if call.state is State.ABANDONED:  # a stop's deadline: the next worker runs it
-            log.warning(
-                "deferred %s kept in %s for the next worker %s",
-                call.describe(),
-                self.journal.path,
-                batch.label(),
-            )
+            self._kept += 1
             return
         if call.state is State.DONE:
-            self.journal.done(call_id)
+            self.journal.done(key)
             return
         # the hook runs inside the executor's except block: the exception is still current
-        delay = self.journal.failed(call_id, _one_line(sys.exc_info()[1]))
+        delay = self.journal.failed(key, _one_line(sys.exc_info()[1]))
         if delay is None:
             log.error(
-                "deferred %s dead after %d attempts %s: kept in %s, see "
+                "deferred %s dead after %d failed attempt(s) %s: kept in %s, see "
                 "python -m wsgi_app.journal list",
                 call.describe(),
                 self.journal.attempts,
@@ -121,8 +168,10 @@ class JournalBackend:
                 "deferred %s will be retried in %g s %s", call.describe(), delay, batch.label()
             )
 
-    def _room(self) -> bool:
-        return self.executor.snapshot().get("queued", 0) < self.executor.backlog // 2
+    def _room(self) -> int:
+        """Requests to take over now: as many as the executor can start at once, as it
+        would start new ones (each request's calls run in their order, one at a time)."""
+        return self.executor.threads - self.executor.load()
 
     def _run(self, rows: list[Row]) -> None:
         """Run a claimed request's calls (a dead worker's, or retries) in their order."""
@@ -139,67 +188,126 @@ class JournalBackend:
             ids.append(row.id)
             batch.calls.append(call)
         if batch.calls:
-            self._track(batch.calls, ids)
+            self._ids.update(zip(batch.calls, ids, strict=True))
             self.executor.submit(batch)
 
 
 class CeleryBackend:
-    """Calls handed to Celery: each request's calls as one task, run in order by
-    ``celery -A wsgi_app.celery worker``; the publishing happens after the response."""
+    """Calls handed to Celery by a background publisher: several requests per message,
+    each request's calls run in order by ``celery -A wsgi_app.celery worker``. With a
+    journal (the outbox) they are recorded first and marked sent once published;
+    without, a request's calls not yet published die with the worker."""
 
-    def __init__(self, broker: str, executor: DeferredExecutor) -> None:
-        from . import celery as celery_app
+    def __init__(
+        self, broker: str, executor: DeferredExecutor, journal: dict[str, Any] | None
+    ) -> None:
+        from . import celery as celery_app  # only then: Celery stays unimported
 
         self.broker = broker
         self.executor = executor
-        self._publish = celery_app.publish
+        self.publisher = celery_app.Publisher(broker, self._sent)
         self._check = celery_app.check_arguments
+        self.outbox = None
+        if journal is not None:  # claimed calls (a dead worker's) are published, not run
+            self.outbox = JournalBackend(
+                **journal, executor=executor, take_over=self._resend, room=self._room
+            )
 
     def start(self) -> None:
-        pass
+        if self.outbox is not None:
+            self.outbox.start()
+
+    def serve(self) -> None:
+        if self.outbox is not None:
+            self.outbox.serve()
 
     def stop(self, seconds_left: float = 0.0) -> int:
-        return 0
+        return 0 if self.outbox is None else self.outbox.stop(seconds_left)
 
     def flush(self, seconds_left: float = 0.0) -> int:
-        return 0
+        """A drain hook: publish what waits, up to the deadline; what is left stays in the
+        journal (the outbox), or is lost; either way it is counted."""
+        left = self.publisher.drain(seconds_left)
+        if self.outbox is None:
+            if left:
+                log.error("deferred: %d call(s) not handed to Celery by the stop, lost", left)
+            return left
+        if left:
+            log.warning(
+                "deferred journal %s: %d call(s) not yet handed to Celery left pending for "
+                "the next worker of the app",
+                self.outbox.journal.path,
+                left,
+            )
+        self.outbox.flush()
+        return left
 
-    def encode(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> list[Any]:
+    def encode(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         path = path_of(func)
         self._check(path, args, kwargs)
-        return [path, list(args), kwargs]
+        if self.outbox is not None:
+            return self.outbox.encode(func, args, kwargs)
+        return path, None, None
+
+    def record(self, batch: Batch, records: Records) -> None:
+        if self.outbox is not None:
+            self.outbox.record(batch, records)
 
     def accept(self, batch: Batch, records: Records) -> Batch:
-        """Swap the recorded calls for one that publishes them (where the first was)."""
-        records = _kept(batch, records)
+        """Hand the calls that travel to the publisher; the batch keeps the others
+        (``volatile()``), which this worker runs. Serving threads never publish."""
         if not records:
             return batch
-        durable = {call for call, _ in records}
-        first = min(batch.calls.index(call) for call in durable)
-        message = (self.broker, _origin(batch), [record for _, record in records])
-        send = Call(self._publish, message, {}, always=True)
-        batch.calls = [call for call in batch.calls if call not in durable]
-        batch.calls.insert(first, send)
+        durable = [call for call, _ in records]
+        calls = [[path, list(call.args), call.kwargs] for call, (path, *_) in records]
+        tokens = durable if self.outbox is None else self.outbox.handed(durable)
+        self.publisher.put(_origin(batch), calls, tokens)
+        travelled = set(durable)
+        batch.calls = [call for call in batch.calls if call not in travelled]
         return batch
 
+    def forget(self, calls: Sequence[Call]) -> None:
+        if self.outbox is not None:
+            self.outbox.forget(calls)
+
     def stats(self) -> dict[str, int]:
-        return {}
+        return {} if self.outbox is None else self.outbox.stats()
+
+    def _sent(self, tokens: Sequence[Any]) -> None:
+        """The publisher's: these calls are Celery's now."""
+        if self.outbox is not None:
+            self.outbox.sent(tokens)
+
+    def _room(self) -> int:
+        """Requests to take over now: while the publisher has few waiting."""
+        return max(0, CLAIM_REQUESTS - self.publisher.waiting())
+
+    def _resend(self, rows: list[Row]) -> None:
+        """A claimed request of the outbox (a dead worker's, never published): publish it."""
+        calls = []
+        for row in rows:
+            args, kwargs = loads_args(row.payload)
+            calls.append([row.path, list(args), kwargs])
+        self.publisher.put(f"{rows[0].origin}, taken over", calls, [row.id for row in rows])
 
 
 def backend_for(
     settings: dict[str, Any], executor: DeferredExecutor
 ) -> JournalBackend | CeleryBackend | None:
-    """The backend the settings ask for (journal or Celery, not both), or None: memory."""
-    journal, broker = settings.get("journal"), settings.get("celery")
-    if journal and broker:
-        raise ValueError(
-            "journal (DEFERRED_JOURNAL) and celery (DEFERRED_CELERY) are both set: "
-            "deferred work runs in one place, choose one"
-        )
-    if journal:
-        return JournalBackend(os.fspath(journal), executor, settings["attempts"], settings["retry"])
-    if broker:
-        return CeleryBackend(broker, executor)
+    """The backend the settings ask for, or None (memory): the journal, Celery, or
+    both (Celery with the journal as its outbox)."""
+    journal = None
+    if settings.get("journal"):
+        journal = {
+            "path": os.fspath(settings["journal"]),
+            "attempts": settings["attempts"],
+            "retry": settings["retry"],
+            "app": settings["app"],
+        }
+    if settings.get("celery"):
+        return CeleryBackend(settings["celery"], executor, journal)
+    if journal is not None:
+        return JournalBackend(executor=executor, **journal)
     return None
 
 

@@ -4,12 +4,16 @@ Start its workers (any number, on any machine that has the app's code)::
 
     DEFERRED_CELERY=redis://localhost:6379/0 celery -A wsgi_app.celery worker
 
-Each request's deferred calls arrive as one task, ``wsgi_app.deferred_batch``,
-carrying ``(import path, args, kwargs)`` for each call; they run in the order the
-request registered them, coroutine functions included. A failing call is logged
-with its traceback and the request it came from, and the rest of the batch goes
-on, as in the worker. Tasks are acknowledged after they ran (``acks_late``), so a
-Celery worker killed mid-batch leaves the batch to another: at least once.
+The web worker's publisher (``Publisher``, a background thread: serving threads
+never publish) sends the calls of the requests that ended in the last
+``SEND_EVERY`` seconds as one task, ``wsgi_app.deferred_batches``, carrying
+``(origin, [(import path, args, kwargs), ...])`` for each request: a publish costs
+the web worker about 0.4 ms of Python (kombu), so one per request would take a
+large part of its capacity. Each request's calls run in the order it registered
+them, coroutine functions included. A failing call is logged with its traceback
+and the request it came from, and the rest go on, as in the worker. Tasks are
+acknowledged after they ran (``acks_late``), so a Celery worker killed mid-task
+leaves it to another: at least once.
 """
 
 from __future__ import annotations
@@ -19,16 +23,23 @@ import inspect
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
 from kombu.utils.json import dumps
 
 from .runtime.callpath import Unrecordable, resolve
+from .runtime.cpus import background
 
 log = logging.getLogger("wsgi_app.deferred")
 
-TASK = "wsgi_app.deferred_batch"
+TASK = "wsgi_app.deferred_batch"  # one request's calls (what earlier versions sent)
+BATCHES_TASK = "wsgi_app.deferred_batches"  # several requests' calls
+SEND_EVERY = 0.02  # seconds a request's calls wait to travel with the next requests'
+MESSAGE_CALLS = 1000  # calls per task at most
+RETRY_MAX = 30.0  # seconds between tries at most while the broker is unreachable
 
 app = Celery("wsgi_app", broker=os.environ.get("DEFERRED_CELERY") or None)
 app.conf.update(
@@ -56,6 +67,12 @@ def deferred_batch(origin: str, calls: list[list[Any]]) -> int:
     return failed
 
 
+@app.task(name=BATCHES_TASK)
+def deferred_batches(batches: list[list[Any]]) -> int:
+    """Run several requests' calls, each request's in order; returns how many failed."""
+    return sum(deferred_batch(origin, calls) for origin, calls in batches)
+
+
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
@@ -64,15 +81,118 @@ _producers: dict[str, Celery] = {}
 _lock = threading.Lock()
 
 
-def publish(broker: str, origin: str, calls: list[list[Any]]) -> None:
-    """Send one request's calls as one task (the serving worker runs this after the
-    response, as a deferred call of its own: a broker outage is logged with the request)."""
+def _producer(broker: str) -> Celery:
     with _lock:
         producer = _producers.get(broker)
         if producer is None:
             producer = _producers[broker] = Celery("wsgi_app-producer", broker=broker)
             producer.conf.update(task_serializer="json", broker_connection_retry=False)
-    producer.send_task(TASK, args=(origin, calls))
+    return producer
+
+
+def publish(broker: str, batches: list[list[Any]]) -> None:
+    """Send several requests' calls, ``[origin, calls]`` each, as one task."""
+    _producer(broker).send_task(BATCHES_TASK, args=(batches,))
+
+
+class Publisher:
+    """Hands requests' calls to Celery from a background thread, several requests per
+    task; ``sent(tokens)`` is told once they are the broker's. While the broker cannot
+    be reached it tries again (1 s, doubling up to ``RETRY_MAX``), keeping their order."""
+
+    def __init__(self, broker: str, sent: Callable[[Sequence[Any]], None]) -> None:
+        self.broker = broker
+        self.sent = sent
+        self._waiting: list[tuple[str, list[list[Any]], Sequence[Any]]] = []
+        self._calls = 0  # in _waiting
+        self._changed = threading.Condition()
+        self._pid = 0
+        self._hurry = False  # a drain: publish at once
+        self._failing_since = 0.0
+
+    def put(self, origin: str, calls: list[list[Any]], tokens: Sequence[Any]) -> None:
+        """Queue one request's calls (``tokens``: what ``sent`` gets back for them)."""
+        with self._changed:
+            if self._pid != os.getpid():  # first use in this process (or a forked child)
+                self._pid = os.getpid()
+                self._waiting, self._calls = [], 0
+                threading.Thread(target=self._loop, name="deferred-celery", daemon=True).start()
+            self._waiting.append((origin, calls, tokens))
+            self._calls += len(calls)
+            if len(self._waiting) == 1:
+                self._changed.notify_all()
+
+    def waiting(self) -> int:
+        """Requests not yet published."""
+        return len(self._waiting)
+
+    def drain(self, seconds_left: float) -> int:
+        """Publish what waits, for up to ``seconds_left``; returns the calls left."""
+        deadline = time.monotonic() + seconds_left
+        with self._changed:
+            if self._pid != os.getpid():
+                return 0
+            self._hurry = True
+            self._changed.notify_all()
+            while self._waiting and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
+            return self._calls
+
+    def _loop(self) -> None:
+        background()
+        delay = 1.0
+        while True:
+            with self._changed:
+                while not self._waiting:
+                    self._changed.wait()
+                hurry = self._hurry
+            if not hurry:
+                time.sleep(SEND_EVERY)  # the requests ending meanwhile travel with these
+            with self._changed:
+                taken, count = [], 0
+                while self._waiting and (
+                    not taken or count + len(self._waiting[0][1]) <= MESSAGE_CALLS
+                ):
+                    item = self._waiting.pop(0)
+                    taken.append(item)
+                    count += len(item[1])
+            try:
+                publish(self.broker, [[origin, calls] for origin, calls, _ in taken])
+            except Exception:
+                with self._changed:
+                    self._waiting[:0] = taken
+                    self._changed.notify_all()
+                self._failed(count)
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            delay = 1.0
+            self._failing_since = 0.0
+            with self._changed:
+                self._calls -= count
+                self._changed.notify_all()
+            try:
+                self.sent([token for *_, tokens in taken for token in tokens])
+            except Exception:
+                log.exception("deferred: marking %d call(s) sent to Celery failed", count)
+
+    def _failed(self, count: int) -> None:
+        """Log a failed publish: with its traceback the first time, then once a minute."""
+        now = time.monotonic()
+        if not self._failing_since:
+            self._failing_since = now
+            log.exception(
+                "deferred: handing %d call(s) to Celery at %s failed; trying again",
+                count,
+                self.broker,
+            )
+        elif now - self._failing_since >= 60:
+            self._failing_since = now
+            log.error(
+                "deferred: Celery at %s still unreachable; %d call(s) waiting",
+                self.broker,
+                self._calls,
+            )
 
 
 def check_arguments(path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -26,6 +26,17 @@ Either way the choice is logged.
 The middleware knows nothing of the server beyond environ keys: it finishes
 through ``fcgi.finish_request`` and registers its drain through
 ``fcgi.add_drain_hook``; under gunicorn, call ``drain()`` from ``worker_exit``.
+The FastCGI worker offers the same keys before its first request to an app object
+with an ``fcgi_startup(extensions)`` method, as this middleware has: put it
+outermost, or its hooks reach the worker with the first request.
+
+With a journal (or Celery), a call is recorded before any part of the response
+that follows it can reach the visitor: the calls deferred so far are written (one
+write) when the app returns its list, before each chunk of a streamed body, before
+a ``write()``, and before a ``finish_request()`` (the app gets the middleware's
+own ``fcgi.finish_request``, which records first); once any of these has
+happened, a ``defer()`` is recorded at once. So "the visitor has the page" always
+means "the calls are in the journal", whichever way the response ends.
 
 Code with no environ at hand (a helper deep inside a view, a Django Tasks
 backend) calls ``add_task(func, *args, **kwargs)``: the middleware keeps the
@@ -42,6 +53,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -60,8 +72,7 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 
 ENVIRON_KEY = "wsgi_app.deferred"
-DURABLE_KEY = "wsgi_app.deferred.durable"  # the backend, when a journal or Celery is on
-RECORDS_KEY = "wsgi_app.deferred.records"  # what the backend made of each call, once one defers
+DURABLE_KEY = "wsgi_app.deferred.durable"  # the request's _Recorder, when a backend is on
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -70,6 +81,13 @@ log = logging.getLogger("wsgi_app.deferred")
 _current_environ: contextvars.ContextVar[WSGIEnvironment | None] = contextvars.ContextVar(
     "wsgi_app.deferred.current_environ", default=None
 )
+
+
+class SettingError(ValueError):
+    """A setting with a value it cannot take; the message names the setting and why.
+    ``setup_error``: a worker loading the app prints it as one line and exits 2."""
+
+    setup_error = True
 
 
 def _count(text: str) -> int:
@@ -170,15 +188,25 @@ SETTINGS: tuple[Setting, ...] = (
         "DEFERRED_JOURNAL",
         "",
         _text,
-        "SQLite file recording each call before the response is finished, so it survives "
-        "the worker's death (empty: memory only)",
+        "SQLite file recording each call before the visitor has the response, so it "
+        "survives the worker's death; one per app, private to the workers' user (empty: "
+        "memory only)",
+    ),
+    Setting(
+        "app_name",
+        "DEFERRED_APP",
+        "",
+        _text,
+        "journal: the name of the app its calls belong to; a worker takes over only its "
+        "own app's calls (empty: the file of the module that built the middleware)",
     ),
     Setting(
         "attempts",
         "DEFERRED_ATTEMPTS",
         5,
         _count,
-        "journal: runs of a failing call before it is kept as dead",
+        "journal: failures of a call (it raised, or its worker died while it ran) before "
+        "it is kept as dead; a reload or a stop uses none",
     ),
     Setting(
         "retry",
@@ -192,11 +220,13 @@ SETTINGS: tuple[Setting, ...] = (
         "DEFERRED_CELERY",
         "",
         _text,
-        "Celery broker URL: hand the calls to `celery -A wsgi_app.celery worker` instead",
+        "Celery broker URL: hand the calls to `celery -A wsgi_app.celery worker` instead; "
+        "with a journal too, the journal is Celery's outbox (nothing lost before publishing)",
     ),
 )
 
 _executors: weakref.WeakSet[DeferredExecutor] = weakref.WeakSet()
+_middlewares: weakref.WeakSet[DeferredMiddleware] = weakref.WeakSet()
 
 
 def _settings(given: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -212,7 +242,7 @@ def _settings(given: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str,
                 value = setting.convert(str(value))
         except ValueError as exc:
             shown = environ.get(setting.env) if given.get(setting.name) is None else value
-            raise ValueError(f"{setting.name} ({setting.env}) = {shown!r}: {exc}") from None
+            raise SettingError(f"{setting.name} ({setting.env}) = {shown!r}: {exc}") from None
         values[setting.name] = value
     return values
 
@@ -233,6 +263,7 @@ class DeferredMiddleware:
         process: bool | None = None,
         run_on_error: bool | None = None,
         journal: str | os.PathLike[str] | None = None,
+        app_name: str | None = None,
         attempts: int | None = None,
         retry: float | None = None,
         celery: str | None = None,
@@ -247,13 +278,15 @@ class DeferredMiddleware:
             "process": process,
             "run_on_error": run_on_error,
             "journal": journal,
+            "app_name": app_name,
             "attempts": attempts,
             "retry": retry,
             "celery": celery,
         }
         values = _settings(given, os.environ)
         self.run_on_error: bool = values.pop("run_on_error")
-        durable = {k: values.pop(k) for k in ("journal", "attempts", "retry", "celery")}
+        durable = {k: values.pop(k) for k in ("journal", "app_name", "attempts", "retry", "celery")}
+        durable["app"] = durable.pop("app_name") or _builder()
         self.executor = DeferredExecutor(**values)
         _executors.add(self.executor)
         self.backend = None
@@ -264,14 +297,83 @@ class DeferredMiddleware:
             self.backend = backend_for(durable, self.executor)
             self.backend.start()
         self._server_limits: object = None
+        self._served = 0  # the pid in which the app was first served (the backend told)
+        _middlewares.add(self)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         batch = Batch(origin=_origin(environ), request_id=environ.get("fcgi.request_id", ""))
         environ[ENVIRON_KEY] = batch
         backend = self.backend
+        status: list[str] = []
+        recorder = None
+        if backend is not None:
+            recorder = _Recorder(backend, batch, status, self.run_on_error)
+            server_finish = environ.get("fcgi.finish_request")
+            if server_finish is not None:  # the app's finish records first
+                recorder.server_finish = server_finish
+                environ["fcgi.finish_request"] = recorder.finish
         # None too: a memory middleware inside a journaled one runs its batch in memory
-        environ[DURABLE_KEY] = backend
-        # The hooks go to each server once: ours offers the same callables to every request.
+        environ[DURABLE_KEY] = recorder
+        self._hook_server(environ, backend)
+        if backend is not None and self._served != os.getpid():
+            self._serving()
+        batch.on_done = environ.get("fcgi.log_deferred")  # the access log's second line
+
+        def watching_start_response(s: str, headers: Any, exc_info: Any = None) -> Any:
+            status.append(s)
+            write = start_response(s, headers, exc_info)
+            if recorder is None:
+                return write
+
+            def recorded_write(data: bytes) -> Any:
+                recorder.expose()
+                return write(data)
+
+            return recorded_write
+
+        try:
+            token = _current_environ.set(environ)
+            try:
+                result = self.app(environ, watching_start_response)
+            finally:
+                _current_environ.reset(token)
+        except BaseException as exc:
+            # the server answers the error (a 500, or a cut response): no finish here
+            self._after(environ, batch, recorder, f"the app raised {type(exc).__name__}", None)
+            raise
+
+        finish = environ.get("fcgi.finish_request")  # the recorder's, when there is one
+
+        def after(failure: str | None) -> None:
+            if failure is None and status and status[-1][:1] == "5":
+                failure = status[-1]
+            self._after(environ, batch, recorder, failure, finish)
+
+        if isinstance(result, list):
+            if recorder is not None:
+                recorder.expose()  # the server sends it next
+            return _ClosingList(result, after)
+        return _ClosingIterable(result, after, recorder)
+
+    def fcgi_startup(self, extensions: Mapping[str, Any]) -> None:
+        """The worker's ``fcgi.*`` extensions before its first request: the drain and
+        stats hooks reach it now (a worker that serves nothing yet must still drain its
+        deferred work); handed on to the wrapped app if it takes them too."""
+        self._hook_server(extensions, self.backend)
+        self._serving()
+        inner = getattr(self.app, "fcgi_startup", None)
+        if callable(inner):
+            inner(extensions)
+
+    def _serving(self) -> None:
+        """The app is served in this process: a journal takes calls over from now on (a
+        process that only imports the app, such as a reload's import check, takes none)."""
+        self._served = os.getpid()
+        if self.backend is not None:
+            self.backend.serve()
+
+    def _hook_server(self, environ: Mapping[str, Any], backend: Any) -> None:
+        """Give each server the hooks once (ours offers the same callables to every request)."""
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None and add_drain_hook is not self._hooked[0]:
             if backend is not None:
@@ -286,65 +388,41 @@ class DeferredMiddleware:
             if backend is not None:
                 add_stats_hook(backend.stats)
             self._hooked[1] = add_stats_hook
-        batch.on_done = environ.get("fcgi.log_deferred")  # the access log's second line
         limits = environ.get("fcgi.deferred_limits")
         if limits is not None and limits is not self._server_limits:
             self._server_limits = limits  # the worker's --slow-deferred, --deferred-timeout
             self.executor.configure(**{k: v for k, v in limits.items() if v})
             set_allowed(environ.get("fcgi.cpus", ()))  # for the helper and commands
-        status: list[str] = []
-
-        def watching_start_response(s: str, headers: Any, exc_info: Any = None) -> Any:
-            status.append(s)
-            return start_response(s, headers, exc_info)
-
-        try:
-            token = _current_environ.set(environ)
-            try:
-                result = self.app(environ, watching_start_response)
-            finally:
-                _current_environ.reset(token)
-        except BaseException as exc:
-            # the server answers the error (a 500, or a cut response): no finish here
-            self._after(environ, batch, f"the app raised {type(exc).__name__}", finish=False)
-            raise
-
-        def after(failure: str | None) -> None:
-            if failure is None and status and status[-1][:1] == "5":
-                failure = status[-1]
-            self._after(environ, batch, failure)
-
-        if isinstance(result, list):
-            return _ClosingList(result, after)
-        return _ClosingIterable(result, after)
 
     def _after(
-        self, environ: WSGIEnvironment, batch: Batch, failure: str | None, finish: bool = True
+        self,
+        environ: WSGIEnvironment,
+        batch: Batch,
+        recorder: _Recorder | None,
+        failure: str | None,
+        finish: Callable[[], Any] | None,
     ) -> None:
-        """The response is over (``failure`` says why it went wrong, if it did): free the
-        connection, then hand the request's calls to the executor."""
+        """The response is over (``failure`` says why it went wrong, if it did): record
+        what is not yet, free the connection (``finish``), then hand the request's calls
+        to the backend and the executor."""
         batch.closed = True
         fields = environ.get("fcgi.log_fields")
         if fields is not None:
             fields["deferred"] = len(batch.calls)
-        records = environ.get(RECORDS_KEY) if self.backend is not None else None
-        if records:  # recorded before the visitor has the page
-            if failure is not None:
-                self._failed_request(batch, failure)
-                failure = None
-            self.backend.start()  # once per process: again in a forked child
-            batch = self.backend.accept(batch, records)
-        finish_request = environ.get("fcgi.finish_request")
-        if finish and finish_request is not None:
-            finish_request()
-        if not batch.calls:
-            return
         if failure is not None:
             self._failed_request(batch, failure)
+        records = recorder.settle() if recorder is not None else ()
+        if finish is not None:
+            finish()
+        if recorder is not None and records:
+            self.backend.start()  # once per process: again in a forked child
+            batch = self.backend.accept(batch, records)
         self.executor.submit(batch)
 
     def _failed_request(self, batch: Batch, failure: str) -> None:
         """Keep only the calls that run anyway, and log the choice."""
+        if not batch.calls:
+            return
         if self.run_on_error:
             log.warning(
                 "%s failed (%s): running its %d deferred call(s) anyway (run_on_error)",
@@ -372,6 +450,78 @@ class DeferredMiddleware:
         return self.executor.snapshot()
 
 
+class _Recorder:
+    """A request's calls on their way to the backend (journal, Celery): each is recorded
+    before any part of the response that follows it can reach the visitor."""
+
+    __slots__ = (
+        "backend",
+        "batch",
+        "exposed",
+        "records",
+        "run_on_error",
+        "server_finish",
+        "status",
+        "unrecorded",
+    )
+
+    def __init__(self, backend: Any, batch: Batch, status: list[str], run_on_error: bool) -> None:
+        self.backend = backend
+        self.batch = batch
+        self.status = status
+        self.run_on_error = run_on_error
+        self.records: list[tuple[Call, Any]] = []  # every call that travels, in order
+        self.unrecorded = 0  # index of the first not yet recorded
+        self.exposed = False  # some of the response may be out: record each defer() at once
+        self.server_finish: Callable[[], Any] | None = None
+
+    def add(self, call: Call, record: Any) -> None:
+        self.records.append((call, record))
+        if self.exposed:
+            try:
+                self._record()
+            except BaseException:  # not recorded (a full disk): not deferred either
+                self.records.remove((call, record))
+                raise
+
+    def expose(self) -> None:
+        """Part of the response is about to go out: record what was deferred until now."""
+        self.exposed = True
+        if self.unrecorded < len(self.records):
+            self._record()
+
+    def finish(self) -> bool:
+        """``environ["fcgi.finish_request"]`` as the app sees it: record, then finish."""
+        self.expose()
+        assert self.server_finish is not None
+        return bool(self.server_finish())
+
+    def _record(self) -> None:
+        """One write for the calls not yet recorded; of a request that failed (a 5xx
+        status), only those that run anyway."""
+        failed = bool(self.status) and self.status[-1][:1] == "5" and not self.run_on_error
+        new = self.records[self.unrecorded :]
+        if failed:
+            new = [(call, record) for call, record in new if call.always]
+        if new:
+            self.backend.record(self.batch, new)
+        self.unrecorded = len(self.records)
+
+    def settle(self) -> list[tuple[Call, Any]]:
+        """The response is over: record what is left of the batch, forget what was
+        recorded of calls a failure dropped; the records of the calls that go on."""
+        kept = set(self.batch.calls)
+        recorded = self.records[: self.unrecorded]
+        dropped = [call for call, _ in recorded if call not in kept]
+        if dropped:
+            self.backend.forget(dropped)
+        rest = [(call, record) for call, record in self.records[self.unrecorded :] if call in kept]
+        if rest:
+            self.backend.record(self.batch, rest)
+        self.unrecorded = len(self.records)
+        return [(call, record) for call, record in self.records if call in kept]
+
+
 class _ClosingList(list):
     """A list result (so servers may send it in one go) whose ``close()`` runs a hook,
     after the list's own ``close()`` if it has one (an inner middleware's)."""
@@ -390,17 +540,30 @@ class _ClosingList(list):
 
 
 class _ClosingIterable:
-    """Any other result: iterate it as is, close it, then run the hook, telling it
-    whether the body was cut short (it raised, or the server stopped reading it)."""
+    """Any other result: iterate it as is (recording what was deferred before each
+    chunk goes out), close it, then run the hook, telling it whether the body was cut
+    short (it raised, or the server stopped reading it)."""
 
-    def __init__(self, result: Iterable[bytes], hook: Callable[[str | None], None]) -> None:
+    def __init__(
+        self,
+        result: Iterable[bytes],
+        hook: Callable[[str | None], None],
+        recorder: _Recorder | None,
+    ) -> None:
         self._result = result
         self._hook = hook
+        self._recorder = recorder
         self._failure: str | None = "the body was not sent to the end"
 
     def __iter__(self) -> Iterator[bytes]:
+        recorder = self._recorder
         try:
-            yield from self._result
+            if recorder is None:
+                yield from self._result
+            else:
+                for chunk in self._result:
+                    recorder.expose()
+                    yield chunk
         except BaseException as exc:
             self._failure = f"the body raised {type(exc).__name__}"
             raise
@@ -413,6 +576,28 @@ class _ClosingIterable:
                 close()
         finally:
             self._hook(self._failure)
+
+
+def _builder() -> str:
+    """The app a journal's calls belong to when no setting names it: the file of the
+    module that built the middleware (the app's own module under any server), or that
+    module's name and the working folder."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name not in _BUILDERS and not name.startswith(("importlib", "_frozen_importlib")):
+            break
+        frame = frame.f_back
+    if frame is None:
+        return f"? in {os.getcwd()}"
+    file = frame.f_globals.get("__file__")
+    if file:
+        return os.path.realpath(file)
+    return f"{frame.f_globals.get('__name__', '?')} in {os.getcwd()}"
+
+
+# modules that build a middleware for the app that calls them
+_BUILDERS = frozenset({__name__, "wsgi_app.flask_support", "wsgi_app.django_tasks"})
 
 
 def _origin(environ: WSGIEnvironment) -> str:
@@ -447,18 +632,20 @@ def _add(environ: WSGIEnvironment, func: Callable[..., Any], args: Any, kwargs: 
     context = contextvars.copy_context()  # the call runs in it (runtime/calls.py)
     context.run(_current_environ.set, None)  # there, no request's app call is running
     if isinstance(func, volatile):
-        call = Call(func.func, args, kwargs, always=always, context=context)
-    else:
-        call = Call(func, args, kwargs, always=always, context=context)
-        backend = environ.get(DURABLE_KEY)
-        if backend is not None:
-            record = (call, backend.encode(func, args, kwargs))
-            records = environ.get(RECORDS_KEY)
-            if records is None:
-                environ[RECORDS_KEY] = [record]
-            else:
-                records.append(record)
+        batch.calls.append(Call(func.func, args, kwargs, always=always, context=context))
+        return
+    call = Call(func, args, kwargs, always=always, context=context)
+    recorder = environ.get(DURABLE_KEY)
+    if recorder is None:
+        batch.calls.append(call)
+        return
+    record = recorder.backend.encode(func, args, kwargs)
     batch.calls.append(call)
+    try:
+        recorder.add(call, record)  # recorded at once after the finish
+    except BaseException:
+        batch.calls.remove(call)
+        raise
 
 
 def defer(
@@ -508,6 +695,14 @@ def finish_request(environ: WSGIEnvironment) -> bool:
     return bool(finish()) if finish is not None else False
 
 
+def started() -> None:
+    """Tell every middleware in this process that the app is being served: a journal
+    takes over its app's calls from now on, not from the first request. For gunicorn's
+    ``post_worker_init``; the FastCGI worker says so itself (``fcgi_startup``)."""
+    for middleware in list(_middlewares):
+        middleware._serving()
+
+
 def drain(timeout: float = 30.0) -> int:
     """Finish accepted deferred work of every middleware in this process, up to
     ``timeout`` seconds; returns the calls abandoned. For gunicorn's ``worker_exit``."""
@@ -524,5 +719,6 @@ __all__ = [
     "defer_always",
     "drain",
     "finish_request",
+    "started",
     "volatile",
 ]

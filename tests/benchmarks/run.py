@@ -536,7 +536,7 @@ def journal_cost(tmp: Path) -> None:
     with contextlib.ExitStack() as es:
         where = ours(es, tmp / "journal", f"{APPS}:kept", BENCH_JOURNAL=str(journal))
         res = _paired_rounds({"memory": (*where, "/memory"), "journal": (*where, "/journal")})
-        with contextlib.closing(Journal(journal)) as kept:
+        with contextlib.closing(Journal(journal, app=None)) as kept:
             wait_for(lambda: kept.counts()["journal_pending"] == 0, 120, "the journal to empty")
     with contextlib.ExitStack() as es:
         broker = es.enter_context(redis(_made(tmp / "redis")))

@@ -5,13 +5,16 @@
     python -m wsgi_app.journal purge ID... | --all-dead
 
 The journal file is ``--journal PATH``, or ``DEFERRED_JOURNAL`` as the workers have it.
-A retried call is run by the next worker that looks (within a second).
+A retried call is run by the next worker of its app that looks (within a second).
+Run it as the workers' user: a journal of another user is refused (files SQLite
+made for root would lock the workers out, and the calls' arguments are theirs).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import sys
 import time
 
@@ -45,11 +48,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no journal: give --journal PATH or set DEFERRED_JOURNAL")
     if not os.path.exists(args.journal):
         parser.error(f"no journal at {args.journal}")
-    journal = Journal(args.journal)
+    owner = os.stat(args.journal).st_uid
+    if owner != os.geteuid():
+        name = _user(owner)
+        print(
+            f"python -m wsgi_app.journal: error: {args.journal} belongs to {name} (uid {owner}),"
+            f" not to {_user(os.geteuid())}: run it as the workers' user, e.g. sudo -u {name}"
+            f" {sys.executable} -m wsgi_app.journal {' '.join(argv or sys.argv[1:])}",
+            file=sys.stderr,
+        )
+        return 2
+    journal = Journal(args.journal, app=None)  # every app's calls
     try:
         return _run(parser, args, journal)
     finally:
         journal.close()
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, journal: Journal) -> int:
@@ -59,7 +79,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, journal: Jou
         for row in rows:
             print(
                 f"{row.id}\t{row.state}\t{row.attempts} attempt(s)\t{now - row.created:.0f} s ago"
-                f"\t{row.origin}\t{row.path}\t{row.error or ''}"
+                f"\t{row.origin}\t{row.path}\t{row.error or ''}\t{row.app}"
             )
         print(f"{len(rows)} call(s)", file=sys.stderr)
         return 0

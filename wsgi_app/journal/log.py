@@ -13,11 +13,17 @@ the file before, those still waiting or running, into SQLite (``Journal.move``);
 a call that ended by then never touches SQLite. A worker taking over the calls of
 a dead one reads its files into SQLite first.
 
-A frame is a header (length, CRC-32) and a pickle: ``("calls", request, origin,
-created, [(path, payload), ...], keys)`` for a request's calls, ``("ended", keys)``
-for calls that ended since (written every ``DONE_DELAY`` by the journal's flusher,
-so a taken-over log runs again only what ended in the last moments). Reading stops
-at a frame cut short or damaged.
+A frame is a header (length, CRC-32) and a pickle: ``("batch", request, origin,
+created, app, [(path, payload, meta), ...], keys)`` for a request's calls (``app``
+names the app they belong to; ``meta`` is a call's own metadata beside its
+arguments, a dict or None), ``("ended", keys)`` for calls that ended since (written
+every ``DONE_DELAY`` by the journal's flusher, so a taken-over log runs again only
+what ended in the last moments). Reading stops at a frame cut short or damaged.
+Frames of the first version, ``("calls", ...)`` without app or metadata, are read
+as the app "".
+
+The files and their folder are private to the worker's user (0600, 0700), whatever
+the umask: the arguments of deferred calls are often secrets (tokens, addresses).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -40,7 +47,24 @@ MOVE_EVERY = 0.25  # seconds between new files; a call still running past one is
 HEADER = struct.Struct("<II")  # length of the pickle, its CRC-32
 SUFFIX = ".log"
 
-Pending = tuple[str, str, float, str, bytes]  # request, origin, created, path, payload
+FILE_MODE = 0o600  # what the journal creates: private to the workers' user
+FOLDER_MODE = 0o700
+
+Meta = dict[str, Any] | None  # a call's own metadata, beside its arguments
+
+
+class Logged(NamedTuple):
+    """A call found in a log file, not said to have ended."""
+
+    request: str
+    origin: str
+    created: float
+    app: str
+    path: str
+    payload: bytes
+    meta: Meta
+    key: int  # the writer's key for it (below 0)
+
 
 # the files' numbers, one sequence per process: two journals' logs (two middlewares on
 # one file) share the worker id, never a file
@@ -51,10 +75,11 @@ def encode(
     request: str,
     origin: str,
     created: float,
-    calls: Sequence[tuple[str, bytes]],
+    app: str,
+    calls: Sequence[tuple[str, bytes, Meta]],
     keys: Sequence[int],
 ) -> bytes:
-    return _frame(("calls", request, origin, created, list(calls), list(keys)))
+    return _frame(("batch", request, origin, created, app, calls, keys))
 
 
 def encode_ended(keys: Sequence[int]) -> bytes:
@@ -66,16 +91,16 @@ def _frame(value: tuple) -> bytes:
     return HEADER.pack(len(body), zlib.crc32(body)) + body
 
 
-def pending(paths: Sequence[Path], warn: bool = True) -> Iterator[Pending]:
+def pending(paths: Sequence[Path], warn: bool = True) -> Iterator[Logged]:
     """The calls in one worker's log files (in the order written) not said to have ended."""
     frames = [frame for path in paths for frame in read(path, warn)]
     ended = {key for frame in frames if frame[0] == "ended" for key in frame[1]}
     for frame in frames:
-        if frame[0] == "calls":
-            _, request, origin, created, calls, keys = frame
-            for key, (path, payload) in zip(keys, calls, strict=True):
+        if frame[0] == "batch":
+            _, request, origin, created, app, calls, keys = frame
+            for key, (path, payload, meta) in zip(keys, calls, strict=True):
                 if key not in ended:
-                    yield request, origin, created, path, payload
+                    yield Logged(request, origin, created, app, path, payload, meta, key)
 
 
 def read(path: Path, warn: bool = True) -> Iterator[tuple]:
@@ -107,18 +132,24 @@ def read(path: Path, warn: bool = True) -> Iterator[tuple]:
 
 
 def _decoded(body: bytes) -> tuple | None:
-    """The frame in ``body``, or None if it is not one (whatever its CRC says)."""
+    """The frame in ``body`` (a first version's as a batch of the app ""), or None if
+    it is not one (whatever its CRC says)."""
     try:
         frame = pickle.loads(body)
         if frame[0] == "ended" and len(frame) == 2:
             return frame if all(isinstance(key, int) for key in frame[1]) else None
-        kind, request, origin, created, calls, keys = frame
-        if kind != "calls" or not (isinstance(request, str) and isinstance(origin, str)):
+        if frame[0] == "calls":  # the first version's
+            _, request, origin, created, old, keys = frame
+            frame = ("batch", request, origin, created, "", [(*c, None) for c in old], keys)
+        kind, request, origin, created, app, calls, keys = frame
+        if kind != "batch" or not all(isinstance(v, str) for v in (request, origin, app)):
             return None
         if not isinstance(created, float) or len(calls) != len(keys):
             return None
-        for path, payload in calls:
+        for path, payload, meta in calls:
             if not (isinstance(path, str) and isinstance(payload, bytes)):
+                return None
+            if meta is not None and not isinstance(meta, dict):
                 return None
     except Exception:
         return None
@@ -211,6 +242,39 @@ class CallLog:
             self._older[:0] = due
 
     def _open(self) -> tuple[int, Path]:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_folder(self.directory)
         path = self.directory / f"{self.worker}.{next(_numbers)}{SUFFIX}"
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), path
+        return private_file(path, os.O_WRONLY | os.O_APPEND), path
+
+
+def private_folder(path: Path) -> None:
+    """Make ``path`` (and missing parents) 0700 whatever the umask; an existing folder of
+    ours that others may read is closed to them."""
+    if not path.is_dir():
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        path.mkdir(FOLDER_MODE, parents=True, exist_ok=True)
+        for folder in missing:
+            with contextlib.suppress(OSError):  # made by another worker meanwhile
+                os.chmod(folder, FOLDER_MODE)
+        return
+    make_private(path, FOLDER_MODE)
+
+
+def private_file(path: Path, flags: int) -> int:
+    """Open (creating it 0600 whatever the umask) ``path`` with ``flags``; a descriptor."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_private(path: Path, mode: int) -> None:
+    """``chmod`` a file or folder we own that group or others may read, to ``mode``."""
+    with contextlib.suppress(OSError):  # not ours, or gone: the owner's business
+        status = path.stat()
+        if status.st_uid == os.geteuid() and status.st_mode & 0o077:
+            os.chmod(path, mode)

@@ -1,8 +1,8 @@
 """The deferred-work journal: calls written to SQLite before the visitor has the response.
 
-One database file per machine (``DEFERRED_JOURNAL=var/lib/deferred.sqlite3``),
-shared by every worker of the pool. A request's calls are appended to the
-worker's log file before the response is finished (``wsgi_app.journal_log``: one
+One database file per app (``DEFERRED_JOURNAL=var/lib/deferred-APP.sqlite3``),
+shared by every worker of its pools. A request's calls are appended to the
+worker's log file before the response is finished (``journal.log``: one
 ``write``), moved into SQLite by the worker's sweeper if they are still pending a
 ``MOVE_EVERY`` later, deleted once they end, and claimed by another worker when
 theirs is gone: its pid no longer alive, or its heartbeat older than ``LEASE``
@@ -11,9 +11,21 @@ page, the calls run at least once even if the worker is SIGKILLed, OOM-killed or
 crashes; only a call running at that moment (or ended in the ``DONE_DELAY`` before)
 may run twice.
 
-A failing call is retried (after ``retry`` seconds, doubling) until it has been
-tried ``attempts`` times; then it stays in the journal as dead, for
+Each call carries the app it belongs to (``app``: the middleware's ``DEFERRED_APP``,
+or the module that built it and its folder); a worker claims only its own app's
+calls, so two pools of one app share a journal and two apps on one file never
+run, or burn the attempts of, each other's calls.
+
+Attempts count failures, not stops: a call that raised, or whose worker died while
+it ran (``journal.board`` says which were running), has used one; a call that had
+not started, or that a reload or graceful stop cut, goes back to pending as it
+was. A failing call is retried (after ``retry`` seconds, doubling) until it has
+failed ``attempts`` times; then it stays in the journal as dead, for
 ``python -m wsgi_app.journal`` to list, retry or purge.
+
+The files are private to the workers' user: 0600 (SQLite gives its -wal and -shm
+files the database's mode), folders 0700, whatever the umask; ``secure_delete`` is
+on, so a deleted call's arguments do not linger in the file's free pages.
 
 SQLite in WAL mode with ``synchronous=NORMAL``: a commit is a write to the WAL
 file without fsync, which survives the death of the process (the kernel has the
@@ -25,22 +37,27 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import json
 import logging
 import os
+import pwd
 import socket
 import sqlite3
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import wsgi_app.journal.board as journal_board
 import wsgi_app.journal.log as journal_log
 
 from ..runtime.cpus import background
-from .log import CallLog
+from .board import Board
+from .log import CallLog, Meta, make_private, private_file, private_folder
 
 log = logging.getLogger("wsgi_app.deferred")
 
@@ -49,7 +66,10 @@ HEARTBEAT = 5.0  # seconds between heartbeats (and between looks for orphaned ca
 POLL = 1.0  # seconds between looks for calls to claim
 DONE_DELAY = 0.02  # seconds an ended call may wait before it is deleted, with others
 INSERT_ROWS = 1000  # calls per INSERT statement (SQLite's limit on variables: 32766)
-CLAIM_ROWS = 500  # calls claimed at most per look (whole requests: their order is kept)
+CLAIM_REQUESTS = 128  # requests claimed at most per look (whole: their order is kept)
+CLAIM_ROWS = 5000  # and calls, unless a single request has more
+BOARD_SLOTS = 4096  # calls running at once that a death is counted against
+DIED = "its worker died while it ran"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -60,10 +80,13 @@ CREATE TABLE IF NOT EXISTS calls (
     payload BLOB NOT NULL,           -- pickle of (args, kwargs)
     owner TEXT,                      -- the worker running it; NULL: free for any worker
     state TEXT NOT NULL DEFAULT 'pending',  -- pending | dead
-    attempts INTEGER NOT NULL DEFAULT 1,    -- runs given to it (a claim counts as one)
+    attempts INTEGER NOT NULL DEFAULT 0,    -- failures so far (raised, or died with it)
     ready_at REAL NOT NULL DEFAULT 0,       -- not before this time (retry delay)
     created REAL NOT NULL,
-    error TEXT                       -- the last failure, one line
+    error TEXT,                      -- the last failure, one line
+    app TEXT NOT NULL DEFAULT '',    -- the app it belongs to: only its workers claim it
+    log_key INTEGER,                 -- its key in its owner's log (a running call's board entry)
+    meta TEXT                        -- the call's own metadata (JSON), beside its arguments
 );
 
 -- log files whose calls are in calls already (between that commit and the file's removal)
@@ -76,11 +99,27 @@ CREATE TABLE IF NOT EXISTS workers (
     heartbeat REAL NOT NULL
 );
 """
+VERSION = 2  # PRAGMA user_version: 2 added app, log_key, meta; attempts count failures
+MIGRATE = (  # a journal of version 0 (made before calls knew their app)
+    "ALTER TABLE calls ADD COLUMN app TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE calls ADD COLUMN log_key INTEGER",
+    "ALTER TABLE calls ADD COLUMN meta TEXT",
+    "UPDATE calls SET attempts = attempts - 1 WHERE state = 'pending' AND attempts > 0",
+)
+COLUMNS = "id, request, origin, path, payload, state, attempts, created, error, app, meta"
 
 
-# journal file -> (pid, worker id): one id per process and file, shared by every Journal
-# object on it (two middlewares in one process must not take each other's calls).
-_ids: dict[str, tuple[int, str]] = {}
+class JournalError(Exception):
+    """The journal cannot be used as set (a path the worker cannot write); the message
+    names the path and the fix. ``setup_error``: a worker that loads the app prints it
+    as one line and exits 2, as for its own options."""
+
+    setup_error = True
+
+
+# journal file -> (pid, worker id, board): one id per process and file, shared by every
+# Journal object on it (two middlewares in one process must not take each other's calls).
+_ids: dict[str, tuple[int, str, Board]] = {}
 _ids_lock = threading.Lock()
 # journal file -> the lock its writers in this process take: threads queue on it and
 # wake at once, instead of meeting SQLite's busy handler, which sleeps 1 ms and more
@@ -104,21 +143,43 @@ class Row:
     path: str
     payload: bytes
     state: str
-    attempts: int
+    attempts: int  # failures so far
     created: float
     error: str | None
+    app: str = ""
+    meta: Meta = None
+
+    @classmethod
+    def of(cls, values: Sequence[Any]) -> Row:
+        """A row from ``SELECT {COLUMNS}``."""
+        *head, meta = values
+        return cls(*head, meta=json.loads(meta) if meta else None)
 
 
 class Journal:
-    """The SQLite store of deferred calls; safe to share between threads and processes."""
+    """The SQLite store of deferred calls; safe to share between threads and processes.
 
-    def __init__(self, path: str | os.PathLike[str], attempts: int = 5, retry: float = 10.0):
+    ``app`` is the app whose calls this worker records and claims; None (the CLI, a
+    look from outside) sees every app's calls and claims none.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        attempts: int = 5,
+        retry: float = 10.0,
+        app: str | None = "",
+        slots: int = BOARD_SLOTS,
+    ):
         self.path = Path(path)
-        self.attempts = attempts  # runs before a failing call is declared dead
+        self.attempts = attempts  # failures before a call is declared dead
         self.retry = retry  # seconds before the first retry; doubles each time
+        self.app = app
+        self.slots = slots  # calls running at once that the board keeps track of
         self._local = threading.local()
         self._pid = 0
         self.worker = ""
+        self._board: Board | None = None
         self._requests = 0
         self._lock = threading.Lock()
         self._writing = _write_lock(self.path)
@@ -134,17 +195,55 @@ class Journal:
         self._log: CallLog | None = None
         self._keys = itertools.count(1)
         self._state = threading.Condition()
-        self._unmoved: dict[int, tuple] = {}  # key: the row it becomes
+        self._unmoved: dict[int, tuple] = {}  # key: the row it becomes (see _insert)
         self._moving: set[int] = set()
         self._ended_moving: set[int] = set()
         self._inserting: set[int] = set()  # failing calls whose row failed() is inserting
         self._rows: dict[int, int] = {}
         _journals.add(self)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._create()
+        except (OSError, sqlite3.Error) as exc:
+            raise self._unusable(exc) from exc
+
+    def _create(self) -> None:
+        """Make the file (private) and its tables, or bring an older journal's up to date."""
+        private_folder(self.path.parent)
+        if not self.path.exists():
+            os.close(private_file(self.path, os.O_RDWR))  # SQLite's -wal and -shm copy its mode
+        for suffix in ("", "-wal", "-shm"):  # an older journal's, made with the umask
+            make_private(self.path.with_name(self.path.name + suffix), journal_log.FILE_MODE)
         db = self._db()
         db.execute("PRAGMA page_size=1024")  # a new file only: rows are small, so are commits
         db.execute("PRAGMA journal_mode=WAL")
-        db.executescript(SCHEMA)
+        if db.execute("PRAGMA user_version").fetchone()[0] >= VERSION:
+            return  # the usual case: a look, no write
+        with self._writing:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                made = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'calls'").fetchone()
+                if made is not None and version == 0:
+                    for statement in MIGRATE:
+                        db.execute(statement)
+                for statement in _statements(SCHEMA):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _unusable(self, exc: BaseException) -> JournalError:
+        """The error for a journal this process cannot write, naming the path and the fix."""
+        user = _user_name(os.geteuid())
+        return JournalError(
+            f"deferred journal {self.path}: cannot write it ({type(exc).__name__}: {exc}); "
+            f"the workers' user ({user}) must own it, its -wal and -shm files, "
+            f"{self.logs.name}/ and the folder: chown -R {user} {self.path.parent}, or set "
+            "DEFERRED_JOURNAL to a path that user can write"
+        )
 
     # -- connections -------------------------------------------------------------------
 
@@ -156,6 +255,7 @@ class Journal:
                 owned.db = None
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA secure_delete=ON")  # deleted calls' arguments are zeroed
             # no checkpoint (its fsync) on a serving thread: the sweeper does them
             db.execute("PRAGMA wal_autocheckpoint=0")
             owned = self._local.owned = _Owned(db)
@@ -164,6 +264,14 @@ class Journal:
     def close(self) -> None:
         """Close this thread's connection (a CLI run, a test); another call reopens it."""
         self._local.owned = None
+
+    def join(self) -> None:
+        """Enter this process as a worker of the journal now: a write, so a journal it
+        cannot write fails here (``JournalError``), at start, not at each request."""
+        try:
+            self._register()
+        except (OSError, sqlite3.Error) as exc:
+            raise self._unusable(exc) from exc
 
     def _register(self) -> None:
         """Enter this process in ``workers`` (again after a fork or an exec)."""
@@ -181,39 +289,46 @@ class Journal:
                 self._log = None
             key = str(self.path.resolve())
             known = _ids.get(key)
-            if known is not None and known[0] == pid:
-                self.worker = known[1]
+            fresh = known is None or known[0] != pid
+            if not fresh:
+                _, self.worker, self._board = known
             else:
                 self.worker = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
-                _ids[key] = (pid, self.worker)
-            self._db().execute(
-                "INSERT OR REPLACE INTO workers (id, host, pid, heartbeat) VALUES (?, ?, ?, ?)",
-                (self.worker, socket.gethostname(), pid, time.time()),
-            )
+            with self._writing:
+                self._db().execute(
+                    "INSERT OR REPLACE INTO workers (id, host, pid, heartbeat) VALUES (?, ?, ?, ?)",
+                    (self.worker, socket.gethostname(), pid, time.time()),
+                )
+            if fresh:  # after the row: a board of a worker not in the table is tidied away
+                private_folder(self.logs)
+                self._board = Board(journal_board.path_for(self.logs, self.worker), self.slots)
+                _ids[key] = (pid, self.worker, self._board)
             if self._log is None:
                 self._log = CallLog(self.logs, self.worker)
                 # an exit with no drain hook (gunicorn's drain() runs the executors only):
-                # the ended calls leave the log, the pending ones go to SQLite
+                # the ended calls leave the log, the board goes
                 atexit.register(self.flush)
             self._pid = pid
 
     # -- the serving side ------------------------------------------------------------------
 
-    def record(self, origin: str, calls: Sequence[tuple[str, bytes]]) -> list[int]:
-        """Append one request's calls to this worker's log, owned by it; returns their
-        keys for ``done`` and ``failed`` (below 0: not row ids)."""
+    def record(self, origin: str, calls: Sequence[tuple[str, bytes, Meta]]) -> list[int]:
+        """Append one request's calls ``(path, payload, meta)`` to this worker's log, owned
+        by it; returns their keys for ``done`` and ``failed`` (below 0: not row ids)."""
         self._register()
         with self._lock:
             self._requests += 1
             request = f"{self.worker}:{self._requests}"
         now = time.time()
+        app = self.app or ""
         keys = [-next(self._keys) for _ in calls]
+        owner = self.worker
         with self._state:
-            for key, (path, payload) in zip(keys, calls, strict=True):
-                self._unmoved[key] = (request, origin, path, payload, self.worker, now)
+            for key, (path, payload, meta) in zip(keys, calls, strict=True):
+                self._unmoved[key] = (request, origin, path, payload, owner, now, app, key, meta)
         assert self._log is not None  # _register made it
         try:
-            self._log.append(journal_log.encode(request, origin, now, calls, keys), keys)
+            self._log.append(journal_log.encode(request, origin, now, app, calls, keys), keys)
         except BaseException:  # not recorded (a full disk): not pending either
             with self._state:
                 for key in keys:
@@ -221,16 +336,32 @@ class Journal:
             raise
         return keys
 
+    def running(self, key: int) -> int:
+        """The call ``key`` (or row id) starts: a slot of the board, for ``stopped``."""
+        board = self._board
+        return board.mark(key) if board is not None and self._pid == os.getpid() else -1
+
+    def stopped(self, slot: int) -> None:
+        """The call in ``slot`` ended, however it did."""
+        board = self._board
+        if board is not None and self._pid == os.getpid():
+            board.clear(slot)
+
     def _insert(self, db: sqlite3.Connection, rows: Sequence[tuple]) -> list[int]:
-        """Insert ``rows`` (request, origin, path, payload, owner, created); their ids.
-        More than ``INSERT_ROWS`` take several statements: the caller's transaction."""
+        """Insert ``rows`` (request, origin, path, payload, owner, created, app, log key,
+        meta); their ids. More than ``INSERT_ROWS`` take several statements: the caller's
+        transaction."""
         ids: list[int] = []
         for i in range(0, len(rows), INSERT_ROWS):
             chunk = rows[i : i + INSERT_ROWS]
             cur = db.execute(
-                "INSERT INTO calls (request, origin, path, payload, owner, created) VALUES "
-                + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
-                [value for row in chunk for value in row],
+                "INSERT INTO calls (request, origin, path, payload, owner, created, app, log_key,"
+                " meta) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                [
+                    value
+                    for *row, meta in chunk
+                    for value in (*row, None if meta is None else json.dumps(meta))
+                ],
             )
             # one statement holding the write lock numbers its rows one after another
             last = cur.lastrowid
@@ -346,14 +477,17 @@ class Journal:
                 self._done_lock.notify()
 
     def flush(self, _seconds_left: float = 0.0) -> int:
-        """A drain hook, after the executor's drain (and at exit): move what is left in
-        the log into SQLite for the next worker, and delete the rows of calls that ended."""
+        """A drain hook, after the executor's drain (and at exit): say in the log which
+        calls ended, delete the rows of those in SQLite, and remove the board. What is
+        still pending stays where it is, the log or SQLite, for the next worker (which
+        reads a gone worker's log as it would after a kill); nothing that runs now
+        counts as having died with the worker."""
         try:
-            self.move(everything=True)
-            with self._done_lock:
-                self._ended.clear()  # their log files are gone
-        finally:
             self._delete_ended()
+        finally:
+            board = self._board
+            if board is not None and self._pid == os.getpid():
+                board.close()
         return 0
 
     def _delete_ended(self) -> None:
@@ -415,20 +549,22 @@ class Journal:
         return row_id
 
     def _failed(self, db: sqlite3.Connection, call_id: int, error: str) -> float | None:
+        """(Under the write lock.) One more failure: a retry later, or dead."""
         row = db.execute("SELECT attempts FROM calls WHERE id = ?", (call_id,)).fetchone()
         if row is None:
             return None
-        attempts = row[0]
-        if attempts >= self.attempts:
+        failures = row[0] + 1
+        if failures >= self.attempts:
             db.execute(
-                "UPDATE calls SET state = 'dead', owner = NULL, error = ? WHERE id = ?",
-                (error, call_id),
+                "UPDATE calls SET state = 'dead', owner = NULL, attempts = ?, error = ?"
+                " WHERE id = ?",
+                (failures, error, call_id),
             )
             return None
-        delay = self.retry * 2 ** (attempts - 1)
+        delay = self.retry * 2 ** (failures - 1)
         db.execute(
-            "UPDATE calls SET owner = NULL, ready_at = ?, error = ? WHERE id = ?",
-            (time.time() + delay, error, call_id),
+            "UPDATE calls SET owner = NULL, attempts = ?, ready_at = ?, error = ? WHERE id = ?",
+            (failures, time.time() + delay, error, call_id),
         )
         return delay
 
@@ -450,86 +586,113 @@ class Journal:
             self._pid = 0
             self._register()
 
-    def claim(self, limit: int = CLAIM_ROWS) -> list[list[Row]]:
-        """Take the calls of gone workers and the calls due for a retry; return them
-        grouped by request, oldest request first, each in its request's order.
+    def claim(self, requests: int = CLAIM_REQUESTS) -> list[list[Row]]:
+        """Take this app's free calls (their worker gone, or due for a retry): up to
+        ``requests`` requests, whole, and ``CLAIM_ROWS`` calls unless one request has
+        more; return them grouped by request, oldest request first, each in its order.
 
-        A claim counts as an attempt: a call that kills its worker every time (a
-        segfault, an OOM) is declared dead after ``attempts`` claims like any other.
+        The log files of gone workers are read into SQLite first, whatever their app
+        (that app's workers claim them), and the calls a gone worker's board says were
+        running have failed once: one that kills its worker every time (a segfault, an
+        OOM) is dead after ``attempts`` deaths. A call that had not started, or that a
+        clean stop cut, has used no attempt. ``requests=0`` only does that reading.
         """
         self._register()
-        if not self._claimable(self._db(), time.time()):
+        assert self.app is not None, "a journal opened for every app claims nothing"
+        if not self._claimable(self._db(), time.time(), requests):
             return []  # the usual case: no write lock taken, serving threads never wait
         with self._writing:
-            claimed, worn, read = self._take(self._db(), time.time(), limit)
+            claimed, worn, read = self._take(self._db(), time.time(), requests)
         self._remove(read)  # committed: what fails here must not keep the calls from running
         for row in worn:
             log.error(
-                "deferred %s dead after %d attempts (request %s): %s",
+                "deferred %s dead after %d failed attempt(s) (request %s): %s",
                 row.path,
-                self.attempts,
+                row.attempts,
                 row.origin,
-                row.error or "its worker died while it ran",
+                row.error or DIED,
             )
         groups: dict[str, list[Row]] = {}
         for row in sorted(claimed, key=lambda r: r.id):
-            if row.attempts <= self.attempts:
-                groups.setdefault(row.request, []).append(row)
+            groups.setdefault(row.request, []).append(row)
         return list(groups.values())
 
-    def _claimable(self, db: sqlite3.Connection, now: float) -> bool:
-        """Whether a claim would find anything: calls, gone workers to forget, log files
-        of workers unknown (a read: no lock)."""
+    def _claimable(self, db: sqlite3.Connection, now: float, requests: int) -> bool:
+        """Whether a claim would find anything: gone workers, files of workers unknown
+        (a read: no lock), or (``requests``) this app's calls."""
         workers = {wid: row for wid, *row in db.execute("SELECT * FROM workers")}
         if any(wid != self.worker and _gone(*row, now) for wid, row in workers.items()):
             return True
         present = journal_log.files(self.logs)
-        if any(journal_log.owner(path) not in (*workers, self.worker) for path in present):
+        writers = {journal_log.owner(path) for path in present}
+        writers |= {journal_board.owner(path) for path in journal_board.files(self.logs)}
+        if writers - {*workers, self.worker}:
             return True
         if _moved(db) - {path.name for path in present}:
             return True  # a mark whose file is gone (its removal failed): to tidy
+        if requests <= 0:
+            return False
         found = db.execute(
-            "SELECT 1 FROM calls WHERE state = 'pending' AND ready_at <= ? AND (owner IS NULL"
-            " OR owner NOT IN (SELECT id FROM workers)) LIMIT 1",
-            (now,),
+            f"SELECT 1 FROM calls WHERE {_FREE} AND app = :app LIMIT 1",
+            {"now": now, "app": self.app},
         ).fetchone()
         return found is not None
 
     def _take(
-        self, db: sqlite3.Connection, now: float, limit: int
+        self, db: sqlite3.Connection, now: float, requests: int
     ) -> tuple[list[Row], list[Row], list[Path]]:
-        """In one transaction: read the log files of gone workers, forget them, own their
-        calls and the calls due; mark dead those past their attempts. Returns (claimed,
-        worn out, log files read or already moved, to remove)."""
+        """In one transaction: read the log files of gone workers, count a failure for
+        what they were running, forget them, mark this app's calls past their attempts
+        dead, own its free calls. Returns (claimed, worn out, files to remove)."""
         db.execute("BEGIN IMMEDIATE")
         try:
             workers = {wid: row for wid, *row in db.execute("SELECT * FROM workers")}
             gone = [w for w, row in workers.items() if w != self.worker and _gone(*row, now)]
-            read = self._read_logs(db, {w for w in workers if w not in gone} | {self.worker})
+            alive = {w for w in workers if w not in gone} | {self.worker}
+            read = self._read_logs(db, alive)
+            for writer in gone:
+                _count_deaths(db, writer, journal_board.running(self._board_of(writer)))
             db.executemany("DELETE FROM workers WHERE id = ?", [(w,) for w in gone])
-            free = (
-                "state = 'pending' AND ready_at <= :now AND (owner IS NULL"
-                " OR owner NOT IN (SELECT id FROM workers))"
-            )
-            rows = db.execute(
-                f"UPDATE calls SET owner = :me, attempts = attempts + 1 WHERE {free}"
-                f" AND request IN (SELECT request FROM calls WHERE {free} ORDER BY id LIMIT :n)"
-                " RETURNING id, request, origin, path, payload, state, attempts, created, error",
-                {"me": self.worker, "now": now, "n": limit},
+            boards = journal_board.files(self.logs)
+            read += [path for path in boards if journal_board.owner(path) not in alive]
+            params = {"now": now, "app": self.app, "me": self.worker, "most": self.attempts}
+            worn = db.execute(
+                f"UPDATE calls SET state = 'dead', owner = NULL WHERE {_FREE} AND app = :app"
+                f" AND attempts >= :most RETURNING {COLUMNS}",
+                params,
             ).fetchall()
-            claimed = [Row(*r) for r in rows]
-            worn = [r for r in claimed if r.attempts > self.attempts]
-            db.executemany(
-                "UPDATE calls SET state = 'dead', owner = NULL, attempts = attempts - 1,"
-                " error = coalesce(error, 'its worker died while it ran') WHERE id = ?",
-                [(r.id,) for r in worn],
-            )
+            chosen = self._choose(db, params, requests)
+            claimed = db.execute(
+                f"UPDATE calls SET owner = :me, log_key = NULL WHERE {_FREE} AND app = :app"
+                " AND request IN (SELECT value FROM json_each(:chosen))"
+                f" RETURNING {COLUMNS}",
+                {**params, "chosen": json.dumps(chosen)},
+            ).fetchall()
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return claimed, worn, read
+        return [Row.of(r) for r in claimed], [Row.of(r) for r in worn], read
+
+    def _choose(self, db: sqlite3.Connection, params: dict[str, Any], requests: int) -> list[str]:
+        """(In ``_take``.) The oldest free requests of this app to claim, whole."""
+        if requests <= 0:
+            return []
+        chosen, rows = [], 0
+        for request, count in db.execute(
+            f"SELECT request, count(*) FROM calls WHERE {_FREE} AND app = :app"
+            " GROUP BY request ORDER BY min(id) LIMIT :n",
+            {**params, "n": requests},
+        ):
+            if chosen and rows + count > CLAIM_ROWS:
+                break
+            chosen.append(request)
+            rows += count
+        return chosen
+
+    def _board_of(self, worker: str) -> Path:
+        return journal_board.path_for(self.logs, worker)
 
     def _read_logs(self, db: sqlite3.Connection, alive: set[str]) -> list[Path]:
         """(In ``_take``'s transaction.) Insert the calls not said to have ended in the
@@ -552,8 +715,8 @@ class Journal:
                 log.exception("deferred journal %s: reading %s failed", self.path, paths)
                 continue
             rows = [
-                (request, origin, call, payload, writer, created)
-                for request, origin, created, call, payload in calls
+                (c.request, c.origin, c.path, c.payload, writer, c.created, c.app, c.key, c.meta)
+                for c in calls
             ]
             self._insert(db, rows)
             marks = [(path.name,) for path in paths]
@@ -564,14 +727,19 @@ class Journal:
     # -- looking and tidying (status page, CLI) --------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        """Calls pending (in any worker, or waiting for a retry) and dead, journal-wide."""
+        """This app's calls (every app's, for a journal opened for all) pending in any
+        worker, waiting for a retry, or dead."""
         db = self._db()
-        found = dict(db.execute("SELECT state, count(*) FROM calls GROUP BY state"))
+        where, params = ("", ()) if self.app is None else ("WHERE app = ?", (self.app,))
+        found = dict(
+            db.execute(f"SELECT state, count(*) FROM calls {where} GROUP BY state", params)
+        )
         moved = _moved(db)
         logged = 0
         mine = {self.worker} if self.worker else set()
         for journal in list(_journals):  # this process's calls still only in its logs (two
-            if journal.logs == self.logs and journal.worker in mine:  # middlewares: two)
+            same = journal.logs == self.logs and journal.worker in mine  # middlewares: two)
+            if same and (self.app is None or journal.app == self.app):
                 with journal._state:
                     logged += len(journal._unmoved) + len(journal._moving)
         others = journal_log.by_owner(
@@ -581,20 +749,27 @@ class Journal:
         )
         for paths in others.values():  # recorded in the last half second, or a gone worker's
             with contextlib.suppress(OSError):  # unreadable: the claims' log says so
-                logged += sum(1 for _ in journal_log.pending(paths, warn=False))
+                logged += sum(
+                    1
+                    for call in journal_log.pending(paths, warn=False)
+                    if self.app is None or call.app == self.app
+                )
         pending = found.get("pending", 0) + logged
         return {"journal_pending": pending, "journal_dead": found.get("dead", 0)}
 
     def rows(self, state: str | None = None) -> list[Row]:
-        where, params = ("WHERE state = ?", (state,)) if state else ("", ())
-        return [
-            Row(*r)
-            for r in self._db().execute(
-                "SELECT id, request, origin, path, payload, state, attempts, created, error"
-                f" FROM calls {where} ORDER BY id",
-                params,
-            )
-        ]
+        """The calls in SQLite (this app's, or every app's), oldest first."""
+        where, params = [], []
+        if state:
+            where.append("state = ?")
+            params.append(state)
+        if self.app is not None:
+            where.append("app = ?")
+            params.append(self.app)
+        sql = f"SELECT {COLUMNS} FROM calls"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return [Row.of(r) for r in self._db().execute(sql + " ORDER BY id", params)]
 
     def retry_dead(self, ids: Iterable[int] | None = None) -> int:
         """Give dead calls (these, or all) a fresh set of attempts; a worker claims them."""
@@ -610,10 +785,54 @@ class Journal:
 
     def _dead_update(self, sql: str, ids: Iterable[int] | None) -> int:
         db = self._db()
+        params: list[Any] = []
+        if self.app is not None:
+            sql += " AND app = ?"
+            params.append(self.app)
         with self._writing:
             if ids is None:
-                return db.execute(sql).rowcount
-            return sum(db.execute(sql + " AND id = ?", (i,)).rowcount for i in ids)
+                return db.execute(sql, params).rowcount
+            return sum(db.execute(sql + " AND id = ?", (*params, i)).rowcount for i in ids)
+
+
+# A call any worker of its app may claim: pending, due, and its owner gone (or none).
+_FREE = (
+    "state = 'pending' AND ready_at <= :now"
+    " AND (owner IS NULL OR owner NOT IN (SELECT id FROM workers))"
+)
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of an SQL script (``executescript`` would commit our transaction)."""
+    found, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            found.append(current)
+            current = ""
+    return found
+
+
+def _count_deaths(db: sqlite3.Connection, writer: str, running: set[int]) -> None:
+    """(In ``_take``.) The calls ``writer`` was running when it died (keys in its log,
+    or row ids it claimed) have failed once."""
+    if not running:
+        return
+    keys = json.dumps([value for value in running if value < 0])
+    ids = json.dumps([value for value in running if value > 0])
+    db.execute(
+        "UPDATE calls SET attempts = attempts + 1, error = ? WHERE owner = ?"
+        " AND state = 'pending' AND (log_key IN (SELECT value FROM json_each(?))"
+        " OR id IN (SELECT value FROM json_each(?)))",
+        (DIED, writer, keys, ids),
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 class _Owned:
@@ -658,73 +877,3 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True
-
-
-class Sweeper:
-    """A worker's background thread: moves its log into SQLite, heartbeats, and hands
-    claimed calls to ``run`` (one list of rows per request) while ``room()`` says the
-    executor has space."""
-
-    def __init__(
-        self,
-        journal: Journal,
-        run: Callable[[list[Row]], None],
-        room: Callable[[], bool] = lambda: True,
-    ) -> None:
-        self.journal = journal
-        self.run = run
-        self.room = room
-        self._pid = 0
-        self._stop = threading.Event()  # no more claims
-        self._end = threading.Event()  # no more moves either: the thread ends
-
-    def start(self) -> None:
-        """Start (once per process: again in a forked child)."""
-        if self._pid == os.getpid():
-            return
-        self._pid = os.getpid()
-        self._stop = threading.Event()
-        self._end = threading.Event()
-        threading.Thread(target=self._loop, name="deferred-journal", daemon=True).start()
-
-    def stop(self, _seconds_left: float = 0.0) -> int:
-        """Stop claiming (a drain hook: abandons nothing, the journal keeps it all). The
-        thread goes on moving the log and beating while the process lives: a call that
-        ends during the drain must leave the log, or a kill then would run it again."""
-        self._stop.set()
-        return 0
-
-    def end(self) -> None:
-        """End the thread (a test, or an app done with this journal)."""
-        self._stop.set()
-        self._end.set()
-
-    def _loop(self) -> None:
-        background()
-        beat = looked = failed = 0.0
-        while not self._end.is_set():
-            try:
-                self.journal.move()
-            except Exception:  # the heartbeat goes on: others must not take this worker's
-                if time.monotonic() - failed >= HEARTBEAT:  # once a beat: a full disk
-                    failed = time.monotonic()  # is no place for 4 tracebacks a second
-                    log.exception("deferred journal %s: moving the log failed", self.journal.path)
-            try:
-                now = time.monotonic()
-                if now - beat >= HEARTBEAT:
-                    self.journal.heartbeat()
-                    self.journal.checkpoint()
-                    beat = now
-                if self._stop.is_set() or now - looked < POLL:
-                    continue
-                looked = now
-                while self.room() and not self._stop.is_set():
-                    groups = self.journal.claim()
-                    for rows in groups:
-                        self.run(rows)
-                    if not groups:
-                        break
-            except Exception:
-                log.exception("deferred journal %s: claiming failed", self.journal.path)
-            finally:
-                self._end.wait(journal_log.MOVE_EVERY)
