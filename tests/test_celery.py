@@ -23,12 +23,13 @@ from tests.procs import (
     wait_for,
     worker,
 )
+from wsgi_app.journal import Journal
 
 
 @contextlib.contextmanager
-def redis(tmp: Path) -> Iterator[str]:
-    """redis-server on a free port, persisting nothing; yields its URL."""
-    port = free_port()
+def redis(tmp: Path, port: int = 0) -> Iterator[str]:
+    """redis-server on ``port`` (or a free one), persisting nothing; yields its URL."""
+    port = port or free_port()
     cmd = [
         require("redis-server", "redis-server"),
         "--port",
@@ -93,3 +94,37 @@ def test_deferred_calls_run_in_a_celery_worker_in_request_order(tmp_path: Path) 
     assert "deferred tests.apps_journal:poisoned failed (request GET /poison" in celery_log
     assert "RuntimeError: poisoned call" in celery_log
     assert "is a lambda" in (tmp_path / "app.log").read_text()
+
+
+@pytest.mark.e2e
+def test_with_a_journal_calls_not_yet_published_survive_a_kill_and_are_published_once(
+    tmp_path: Path,
+) -> None:
+    """The journal is Celery's outbox: the broker is down, so the calls wait in the
+    worker's publisher; SIGKILL; with the broker back, the next worker on the journal
+    publishes them, and Celery runs each once."""
+    out, path = tmp_path / "out", tmp_path / "j.sqlite3"
+    port = free_port()
+    broker = f"redis://127.0.0.1:{port}/0"
+    env = python_env(DEFERRED_CELERY=broker, DEFERRED_JOURNAL=str(path))
+    app = "tests.apps_journal:application"
+    with worker(tmp_path, app, env=env) as (first, sock):
+        client = Client(str(sock))
+        for r in range(5):
+            assert client.request(f"/defer?out={out}&n=2&tag=r{r}").status == 200
+        client.close()
+        log = tmp_path / "app.log"
+        wait_for(lambda: "handing 10 call(s) to Celery" in log.read_text(), what="a failed publish")
+        first.kill()
+        first.wait()
+    with (
+        redis(tmp_path, port),
+        celery_worker(tmp_path, broker) as celery_pid,
+        worker(tmp_path, app, env=env, name="next"),
+        contextlib.closing(Journal(path, app=None)) as journal,
+    ):
+        wait_for(lambda: len(lines(out)) == 10, 30, "every call run by Celery")
+        wait_for(lambda: journal.counts()["journal_pending"] == 0, what="all sent")
+    runs = collections.Counter(line.split()[0] for line in lines(out))
+    assert runs == {f"r{r}-{i}": 1 for r in range(5) for i in range(2)}
+    assert {line.split()[1] for line in lines(out)} == {str(celery_pid)}

@@ -309,6 +309,12 @@ def test_a_journal_the_worker_cannot_write_stops_it_at_start_with_the_path_and_t
     assert line.startswith(f"fcgi-serve: error: deferred journal {path}: cannot write it (")
     assert "the workers' user (nobody) must own it" in line
     assert f"chown -R nobody {folder}, or set DEFERRED_JOURNAL" in line
+    bad = run_fcgi("--bind", f"unix:{tmp_path}/b.sock", APP, env=python_env(DEFERRED_THREADS="0"))
+    assert bad.returncode == 2  # the middleware's other settings: one line too
+    assert bad.stderr.splitlines()[-1] == (
+        "fcgi-serve: error: threads (DEFERRED_THREADS) = '0': must be 1 or more"
+    )
+    assert "Traceback" not in bad.stderr
 
 
 # -- one journal, one app ------------------------------------------------------------------

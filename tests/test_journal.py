@@ -23,8 +23,8 @@ from tests.fcgi_client import Client
 from tests.procs import ROOT, lines, python_env, stack, stop, wait_for, worker
 from wsgi_app.journal import Journal
 from wsgi_app.journal import log as journal_log
-from wsgi_app.journal import store as journal_module
 from wsgi_app.journal import sweeper as sweeper_module
+from wsgi_app.journal import takeover as takeover_module
 from wsgi_app.journal.sweeper import Sweeper
 from wsgi_app.runtime.callpath import Unrecordable, dumps_args, path_of, resolve
 
@@ -201,7 +201,7 @@ def test_a_live_workers_calls_are_left_alone_until_its_lease_runs_out(tmp_path: 
     )
     journal = Journal(path)
     assert journal.claim() == []  # another host: its pid says nothing here, its lease holds
-    db.execute("UPDATE workers SET heartbeat = ?", (time.time() - journal_module.LEASE - 1,))
+    db.execute("UPDATE workers SET heartbeat = ?", (time.time() - takeover_module.LEASE - 1,))
     assert [len(g) for g in journal.claim()] == [1]
     journal.close()
     db.close()
@@ -464,6 +464,31 @@ def test_calls_left_at_a_reloads_deadline_run_once_in_the_reloaded_worker(
     assert "left pending for the next worker" in (tmp_path / "app.log").read_text()
     assert {ln.split()[1] for ln in lines(out)} == {str(proc.pid)}
     assert sum(runs.values()) <= 11, runs  # only the call running at the exec twice
+
+
+def test_a_journal_of_the_first_version_is_brought_up_to_date(tmp_path: Path) -> None:
+    """Its calls keep their place, their runs become failures (a claim no longer counts),
+    and they belong to the app "" (no middleware's: the CLI lists them)."""
+    path = tmp_path / "j.sqlite3"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute(
+            "CREATE TABLE calls (id INTEGER PRIMARY KEY, request TEXT NOT NULL, origin TEXT"
+            " NOT NULL, path TEXT NOT NULL, payload BLOB NOT NULL, owner TEXT, state TEXT NOT"
+            " NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 1, ready_at REAL NOT"
+            " NULL DEFAULT 0, created REAL NOT NULL, error TEXT)"
+        )
+        db.execute(
+            "INSERT INTO calls (request, origin, path, payload, created) VALUES"
+            " ('r', 'GET /', 'm:a', x'', 1), ('r', 'GET /', 'm:b', x'', 1)"
+        )
+        db.execute("UPDATE calls SET attempts = 3 WHERE path = 'm:b'")
+    with contextlib.closing(Journal(path)) as journal:
+        [rows] = journal.claim()
+        assert [(r.path, r.attempts, r.app, r.meta) for r in rows] == [
+            ("m:a", 0, "", None),
+            ("m:b", 2, "", None),
+        ]
+        assert journal._db().execute("PRAGMA user_version").fetchone() == (2,)
 
 
 def test_gone_workers_are_forgotten_even_with_nothing_to_take(tmp_path: Path) -> None:

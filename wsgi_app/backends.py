@@ -23,8 +23,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .journal.store import CLAIM_REQUESTS, Journal, Row
+from .journal.store import Journal, Row
 from .journal.sweeper import Sweeper
+from .journal.takeover import CLAIM_REQUESTS
 from .runtime.callpath import Unrecordable, dumps_args, loads_args, path_of, resolve
 from .runtime.calls import Batch, Call, State
 from .runtime.executor import DeferredExecutor

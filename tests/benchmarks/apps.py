@@ -122,11 +122,12 @@ def _traced(app):
 def _kept():
     """Where deferred work is kept, side by side in one worker: /memory/... in memory,
     /journal/... in the journal at $BENCH_JOURNAL, /celery/... handed to Celery at
-    $BENCH_CELERY (each when set). One worker for both sides of a comparison: two
-    workers differ by a few percent on their own (string hashing is seeded per process).
-    /plain/..., /uncaptured/..., /traced/...: a plain blocking call in memory, deferred
-    as users do, without its context, and in an OpenTelemetry span. /SIDE/count: the
-    side's deferred counters."""
+    $BENCH_CELERY, /outbox/... to Celery through the journal at $BENCH_OUTBOX (each
+    when set). One worker for both sides of a comparison: two workers differ by a few
+    percent on their own (string hashing is seeded per process). /plain/...,
+    /uncaptured/..., /traced/...: a plain blocking call in memory, deferred as users do,
+    without its context, and in an OpenTelemetry span. /SIDE/count: the side's deferred
+    counters."""
     sides = {
         "memory": DeferredMiddleware(_sleepy, journal="", celery=""),
         "plain": DeferredMiddleware(_blocking, journal="", celery=""),
@@ -136,7 +137,11 @@ def _kept():
     if os.environ.get("BENCH_JOURNAL"):
         sides["journal"] = DeferredMiddleware(_sleepy, journal=os.environ["BENCH_JOURNAL"])
     if os.environ.get("BENCH_CELERY"):
-        sides["celery"] = DeferredMiddleware(_sleepy, celery=os.environ["BENCH_CELERY"])
+        broker = os.environ["BENCH_CELERY"]
+        sides["celery"] = DeferredMiddleware(_sleepy, journal="", celery=broker)
+        if os.environ.get("BENCH_OUTBOX"):
+            outbox = os.environ["BENCH_OUTBOX"]
+            sides["outbox"] = DeferredMiddleware(_sleepy, journal=outbox, celery=broker)
 
     def app(environ, start_response):
         side, _, rest = environ["PATH_INFO"][1:].partition("/")

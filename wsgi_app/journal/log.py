@@ -247,17 +247,18 @@ class CallLog:
         return private_file(path, os.O_WRONLY | os.O_APPEND), path
 
 
-def private_folder(path: Path) -> None:
-    """Make ``path`` (and missing parents) 0700 whatever the umask; an existing folder of
-    ours that others may read is closed to them."""
+def private_folder(path: Path, ours: bool = True) -> None:
+    """Make ``path`` (and missing parents) 0700 whatever the umask; an existing one is
+    closed to others if it is ``ours`` (the log folder; not the folder a journal file
+    was put in, which may hold other things)."""
     if not path.is_dir():
         missing = [p for p in (path, *path.parents) if not p.exists()]
         path.mkdir(FOLDER_MODE, parents=True, exist_ok=True)
         for folder in missing:
             with contextlib.suppress(OSError):  # made by another worker meanwhile
                 os.chmod(folder, FOLDER_MODE)
-        return
-    make_private(path, FOLDER_MODE)
+    elif ours:
+        make_private(path, FOLDER_MODE)
 
 
 def private_file(path: Path, flags: int) -> int:

@@ -48,7 +48,6 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,55 +57,16 @@ import wsgi_app.journal.log as journal_log
 from ..runtime.cpus import background
 from .board import Board
 from .log import CallLog, Meta, make_private, private_file, private_folder
+from .schema import COLUMNS, VERSION, Row, create, moved_logs
+from .takeover import Takeover
 
 log = logging.getLogger("wsgi_app.deferred")
 
-LEASE = 60.0  # seconds without a heartbeat after which a worker's calls are taken over
 HEARTBEAT = 5.0  # seconds between heartbeats (and between looks for orphaned calls: POLL)
 POLL = 1.0  # seconds between looks for calls to claim
 DONE_DELAY = 0.02  # seconds an ended call may wait before it is deleted, with others
 INSERT_ROWS = 1000  # calls per INSERT statement (SQLite's limit on variables: 32766)
-CLAIM_REQUESTS = 128  # requests claimed at most per look (whole: their order is kept)
-CLAIM_ROWS = 5000  # and calls, unless a single request has more
 BOARD_SLOTS = 4096  # calls running at once that a death is counted against
-DIED = "its worker died while it ran"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS calls (
-    id INTEGER PRIMARY KEY,          -- insertion order: oldest first, a request's order
-    request TEXT NOT NULL,           -- the calls of one request share it
-    origin TEXT NOT NULL,            -- "GET /signup" (and the request id) for the logs
-    path TEXT NOT NULL,              -- "package.module:function"
-    payload BLOB NOT NULL,           -- pickle of (args, kwargs)
-    owner TEXT,                      -- the worker running it; NULL: free for any worker
-    state TEXT NOT NULL DEFAULT 'pending',  -- pending | dead
-    attempts INTEGER NOT NULL DEFAULT 0,    -- failures so far (raised, or died with it)
-    ready_at REAL NOT NULL DEFAULT 0,       -- not before this time (retry delay)
-    created REAL NOT NULL,
-    error TEXT,                      -- the last failure, one line
-    app TEXT NOT NULL DEFAULT '',    -- the app it belongs to: only its workers claim it
-    log_key INTEGER,                 -- its key in its owner's log (a running call's board entry)
-    meta TEXT                        -- the call's own metadata (JSON), beside its arguments
-);
-
--- log files whose calls are in calls already (between that commit and the file's removal)
-CREATE TABLE IF NOT EXISTS moved_logs (name TEXT PRIMARY KEY);
-
-CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY,             -- host:pid:random, new at each start (exec keeps the pid)
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    heartbeat REAL NOT NULL
-);
-"""
-VERSION = 2  # PRAGMA user_version: 2 added app, log_key, meta; attempts count failures
-MIGRATE = (  # a journal of version 0 (made before calls knew their app)
-    "ALTER TABLE calls ADD COLUMN app TEXT NOT NULL DEFAULT ''",
-    "ALTER TABLE calls ADD COLUMN log_key INTEGER",
-    "ALTER TABLE calls ADD COLUMN meta TEXT",
-    "UPDATE calls SET attempts = attempts - 1 WHERE state = 'pending' AND attempts > 0",
-)
-COLUMNS = "id, request, origin, path, payload, state, attempts, created, error, app, meta"
 
 
 class JournalError(Exception):
@@ -133,30 +93,7 @@ def _write_lock(path: Path) -> threading.Lock:
         return _write_locks.setdefault(str(path.resolve()), threading.Lock())
 
 
-@dataclass
-class Row:
-    """One journaled call, as listed by the CLI or claimed for a run."""
-
-    id: int
-    request: str
-    origin: str
-    path: str
-    payload: bytes
-    state: str
-    attempts: int  # failures so far
-    created: float
-    error: str | None
-    app: str = ""
-    meta: Meta = None
-
-    @classmethod
-    def of(cls, values: Sequence[Any]) -> Row:
-        """A row from ``SELECT {COLUMNS}``."""
-        *head, meta = values
-        return cls(*head, meta=json.loads(meta) if meta else None)
-
-
-class Journal:
+class Journal(Takeover):
     """The SQLite store of deferred calls; safe to share between threads and processes.
 
     ``app`` is the app whose calls this worker records and claims; None (the CLI, a
@@ -208,7 +145,7 @@ class Journal:
 
     def _create(self) -> None:
         """Make the file (private) and its tables, or bring an older journal's up to date."""
-        private_folder(self.path.parent)
+        private_folder(self.path.parent, ours=False)
         if not self.path.exists():
             os.close(private_file(self.path, os.O_RDWR))  # SQLite's -wal and -shm copy its mode
         for suffix in ("", "-wal", "-shm"):  # an older journal's, made with the umask
@@ -221,14 +158,7 @@ class Journal:
         with self._writing:
             db.execute("BEGIN IMMEDIATE")
             try:
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                made = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'calls'").fetchone()
-                if made is not None and version == 0:
-                    for statement in MIGRATE:
-                        db.execute(statement)
-                for statement in _statements(SCHEMA):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {VERSION}")
+                create(db)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -586,144 +516,6 @@ class Journal:
             self._pid = 0
             self._register()
 
-    def claim(self, requests: int = CLAIM_REQUESTS) -> list[list[Row]]:
-        """Take this app's free calls (their worker gone, or due for a retry): up to
-        ``requests`` requests, whole, and ``CLAIM_ROWS`` calls unless one request has
-        more; return them grouped by request, oldest request first, each in its order.
-
-        The log files of gone workers are read into SQLite first, whatever their app
-        (that app's workers claim them), and the calls a gone worker's board says were
-        running have failed once: one that kills its worker every time (a segfault, an
-        OOM) is dead after ``attempts`` deaths. A call that had not started, or that a
-        clean stop cut, has used no attempt. ``requests=0`` only does that reading.
-        """
-        self._register()
-        assert self.app is not None, "a journal opened for every app claims nothing"
-        if not self._claimable(self._db(), time.time(), requests):
-            return []  # the usual case: no write lock taken, serving threads never wait
-        with self._writing:
-            claimed, worn, read = self._take(self._db(), time.time(), requests)
-        self._remove(read)  # committed: what fails here must not keep the calls from running
-        for row in worn:
-            log.error(
-                "deferred %s dead after %d failed attempt(s) (request %s): %s",
-                row.path,
-                row.attempts,
-                row.origin,
-                row.error or DIED,
-            )
-        groups: dict[str, list[Row]] = {}
-        for row in sorted(claimed, key=lambda r: r.id):
-            groups.setdefault(row.request, []).append(row)
-        return list(groups.values())
-
-    def _claimable(self, db: sqlite3.Connection, now: float, requests: int) -> bool:
-        """Whether a claim would find anything: gone workers, files of workers unknown
-        (a read: no lock), or (``requests``) this app's calls."""
-        workers = {wid: row for wid, *row in db.execute("SELECT * FROM workers")}
-        if any(wid != self.worker and _gone(*row, now) for wid, row in workers.items()):
-            return True
-        present = journal_log.files(self.logs)
-        writers = {journal_log.owner(path) for path in present}
-        writers |= {journal_board.owner(path) for path in journal_board.files(self.logs)}
-        if writers - {*workers, self.worker}:
-            return True
-        if _moved(db) - {path.name for path in present}:
-            return True  # a mark whose file is gone (its removal failed): to tidy
-        if requests <= 0:
-            return False
-        found = db.execute(
-            f"SELECT 1 FROM calls WHERE {_FREE} AND app = :app LIMIT 1",
-            {"now": now, "app": self.app},
-        ).fetchone()
-        return found is not None
-
-    def _take(
-        self, db: sqlite3.Connection, now: float, requests: int
-    ) -> tuple[list[Row], list[Row], list[Path]]:
-        """In one transaction: read the log files of gone workers, count a failure for
-        what they were running, forget them, mark this app's calls past their attempts
-        dead, own its free calls. Returns (claimed, worn out, files to remove)."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            workers = {wid: row for wid, *row in db.execute("SELECT * FROM workers")}
-            gone = [w for w, row in workers.items() if w != self.worker and _gone(*row, now)]
-            alive = {w for w in workers if w not in gone} | {self.worker}
-            read = self._read_logs(db, alive)
-            for writer in gone:
-                _count_deaths(db, writer, journal_board.running(self._board_of(writer)))
-            db.executemany("DELETE FROM workers WHERE id = ?", [(w,) for w in gone])
-            boards = journal_board.files(self.logs)
-            read += [path for path in boards if journal_board.owner(path) not in alive]
-            params = {"now": now, "app": self.app, "me": self.worker, "most": self.attempts}
-            worn = db.execute(
-                f"UPDATE calls SET state = 'dead', owner = NULL WHERE {_FREE} AND app = :app"
-                f" AND attempts >= :most RETURNING {COLUMNS}",
-                params,
-            ).fetchall()
-            chosen = self._choose(db, params, requests)
-            claimed = db.execute(
-                f"UPDATE calls SET owner = :me, log_key = NULL WHERE {_FREE} AND app = :app"
-                " AND request IN (SELECT value FROM json_each(:chosen))"
-                f" RETURNING {COLUMNS}",
-                {**params, "chosen": json.dumps(chosen)},
-            ).fetchall()
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        return [Row.of(r) for r in claimed], [Row.of(r) for r in worn], read
-
-    def _choose(self, db: sqlite3.Connection, params: dict[str, Any], requests: int) -> list[str]:
-        """(In ``_take``.) The oldest free requests of this app to claim, whole."""
-        if requests <= 0:
-            return []
-        chosen, rows = [], 0
-        for request, count in db.execute(
-            f"SELECT request, count(*) FROM calls WHERE {_FREE} AND app = :app"
-            " GROUP BY request ORDER BY min(id) LIMIT :n",
-            {**params, "n": requests},
-        ):
-            if chosen and rows + count > CLAIM_ROWS:
-                break
-            chosen.append(request)
-            rows += count
-        return chosen
-
-    def _board_of(self, worker: str) -> Path:
-        return journal_board.path_for(self.logs, worker)
-
-    def _read_logs(self, db: sqlite3.Connection, alive: set[str]) -> list[Path]:
-        """(In ``_take``'s transaction.) Insert the calls not said to have ended in the
-        log files of workers not ``alive``, owned by their writer (gone: the claim takes
-        them). Returns those files and the ones already moved, to remove once committed."""
-        moved = _moved(db)
-        present = journal_log.files(self.logs)
-        stale = moved - {path.name for path in present}  # files removed, not their marks
-        db.executemany("DELETE FROM moved_logs WHERE name = ?", [(name,) for name in stale])
-        done = [path for path in present if path.name in moved]
-        unread = journal_log.by_owner(
-            path
-            for path in present
-            if path.name not in moved and journal_log.owner(path) not in alive
-        )
-        for writer, paths in unread.items():
-            try:
-                calls = list(journal_log.pending(paths))
-            except OSError:  # left for a later claim: the others are taken meanwhile
-                log.exception("deferred journal %s: reading %s failed", self.path, paths)
-                continue
-            rows = [
-                (c.request, c.origin, c.path, c.payload, writer, c.created, c.app, c.key, c.meta)
-                for c in calls
-            ]
-            self._insert(db, rows)
-            marks = [(path.name,) for path in paths]
-            db.executemany("INSERT OR IGNORE INTO moved_logs VALUES (?)", marks)
-            done += paths
-        return done
-
     # -- looking and tidying (status page, CLI) --------------------------------------------
 
     def counts(self) -> dict[str, int]:
@@ -734,7 +526,7 @@ class Journal:
         found = dict(
             db.execute(f"SELECT state, count(*) FROM calls {where} GROUP BY state", params)
         )
-        moved = _moved(db)
+        moved = moved_logs(db)
         logged = 0
         mine = {self.worker} if self.worker else set()
         for journal in list(_journals):  # this process's calls still only in its logs (two
@@ -795,39 +587,6 @@ class Journal:
             return sum(db.execute(sql + " AND id = ?", (*params, i)).rowcount for i in ids)
 
 
-# A call any worker of its app may claim: pending, due, and its owner gone (or none).
-_FREE = (
-    "state = 'pending' AND ready_at <= :now"
-    " AND (owner IS NULL OR owner NOT IN (SELECT id FROM workers))"
-)
-
-
-def _statements(script: str) -> list[str]:
-    """The statements of an SQL script (``executescript`` would commit our transaction)."""
-    found, current = [], ""
-    for line in script.splitlines(keepends=True):
-        current += line
-        if sqlite3.complete_statement(current):
-            found.append(current)
-            current = ""
-    return found
-
-
-def _count_deaths(db: sqlite3.Connection, writer: str, running: set[int]) -> None:
-    """(In ``_take``.) The calls ``writer`` was running when it died (keys in its log,
-    or row ids it claimed) have failed once."""
-    if not running:
-        return
-    keys = json.dumps([value for value in running if value < 0])
-    ids = json.dumps([value for value in running if value > 0])
-    db.execute(
-        "UPDATE calls SET attempts = attempts + 1, error = ? WHERE owner = ?"
-        " AND state = 'pending' AND (log_key IN (SELECT value FROM json_each(?))"
-        " OR id IN (SELECT value FROM json_each(?)))",
-        (DIED, writer, keys, ids),
-    )
-
-
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -848,32 +607,3 @@ class _Owned:
         if self.db is not None and self.pid == os.getpid():
             with contextlib.suppress(Exception):
                 self.db.close()
-
-
-def _moved(db: sqlite3.Connection) -> set[str]:
-    """The log files marked as moved into SQLite already."""
-    return {name for (name,) in db.execute("SELECT name FROM moved_logs")}
-
-
-def _gone(host: str, pid: int, heartbeat: float, now: float) -> bool:
-    """A worker is gone when its lease ran out, or (on this host) its pid is not alive,
-    or is this very process under an earlier id (an exec in place keeps the pid)."""
-    if now - heartbeat > LEASE:
-        return True
-    if host != socket.gethostname():
-        return False
-    return pid == os.getpid() or not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) is gone too
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
