@@ -226,6 +226,8 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _executors: weakref.WeakSet[DeferredExecutor] = weakref.WeakSet()
+_pid = [os.getpid()]  # this process's, kept current across forks (getpid() is a system call)
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 _middlewares: weakref.WeakSet[DeferredMiddleware] = weakref.WeakSet()
 
 
@@ -315,7 +317,7 @@ class DeferredMiddleware:
         # None too: a memory middleware inside a journaled one runs its batch in memory
         environ[DURABLE_KEY] = recorder
         self._hook_server(environ, backend)
-        if backend is not None and self._served != os.getpid():
+        if backend is not None and self._served != _pid[0]:
             self._serving()
         batch.on_done = environ.get("fcgi.log_deferred")  # the access log's second line
 
@@ -324,12 +326,8 @@ class DeferredMiddleware:
             write = start_response(s, headers, exc_info)
             if recorder is None:
                 return write
-
-            def recorded_write(data: bytes) -> Any:
-                recorder.expose()
-                return write(data)
-
-            return recorded_write
+            recorder.server_write = write
+            return recorder.write  # records first
 
         try:
             token = _current_environ.set(environ)
@@ -368,7 +366,7 @@ class DeferredMiddleware:
     def _serving(self) -> None:
         """The app is served in this process: a journal takes calls over from now on (a
         process that only imports the app, such as a reload's import check, takes none)."""
-        self._served = os.getpid()
+        self._served = _pid[0]
         if self.backend is not None:
             self.backend.serve()
 
@@ -411,7 +409,7 @@ class DeferredMiddleware:
             fields["deferred"] = len(batch.calls)
         if failure is not None:
             self._failed_request(batch, failure)
-        records = recorder.settle() if recorder is not None else ()
+        records = recorder.settle(failure is not None) if recorder is not None else ()
         if finish is not None:
             finish()
         if recorder is not None and records:
@@ -461,6 +459,7 @@ class _Recorder:
         "records",
         "run_on_error",
         "server_finish",
+        "server_write",
         "status",
         "unrecorded",
     )
@@ -474,6 +473,7 @@ class _Recorder:
         self.unrecorded = 0  # index of the first not yet recorded
         self.exposed = False  # some of the response may be out: record each defer() at once
         self.server_finish: Callable[[], Any] | None = None
+        self.server_write: Callable[[bytes], Any] | None = None
 
     def add(self, call: Call, record: Any) -> None:
         self.records.append((call, record))
@@ -492,9 +492,17 @@ class _Recorder:
 
     def finish(self) -> bool:
         """``environ["fcgi.finish_request"]`` as the app sees it: record, then finish."""
-        self.expose()
+        self.exposed = True
+        if self.unrecorded < len(self.records):
+            self._record()
         assert self.server_finish is not None
         return bool(self.server_finish())
+
+    def write(self, data: bytes) -> Any:
+        """start_response's ``write`` as the app sees it: record, then write."""
+        self.expose()
+        assert self.server_write is not None
+        return self.server_write(data)
 
     def _record(self) -> None:
         """One write for the calls not yet recorded; of a request that failed (a 5xx
@@ -507,9 +515,16 @@ class _Recorder:
             self.backend.record(self.batch, new)
         self.unrecorded = len(self.records)
 
-    def settle(self) -> list[tuple[Call, Any]]:
-        """The response is over: record what is left of the batch, forget what was
-        recorded of calls a failure dropped; the records of the calls that go on."""
+    def settle(self, failed: bool) -> list[tuple[Call, Any]]:
+        """The response is over (``failed``: a failure may have dropped calls): record
+        what is left of the batch, forget what was recorded of the calls dropped; the
+        records of the calls that go on."""
+        if not self.records:
+            return self.records  # most requests: nothing deferred
+        if not failed:  # every call goes on
+            if self.unrecorded < len(self.records):
+                self._record()
+            return self.records
         kept = set(self.batch.calls)
         recorded = self.records[: self.unrecorded]
         dropped = [call for call, _ in recorded if call not in kept]

@@ -23,6 +23,7 @@ from .log import private_file
 
 SUFFIX = ".running"
 SLOT = struct.Struct("<q")  # a call's key in its worker's log (below 0), or its row id
+_pack = SLOT.pack_into
 
 
 class Board:
@@ -57,8 +58,10 @@ class Board:
     def _store(self, slot: int, value: int) -> None:
         board = self._map
         if board is not None:
-            with contextlib.suppress(ValueError):  # closed meanwhile: the stop came first
-                SLOT.pack_into(board, slot * SLOT.size, value)
+            try:
+                _pack(board, slot * 8, value)
+            except ValueError:  # closed meanwhile (a stop); suppress() would cost 0.5 µs
+                return
 
     def close(self) -> None:
         """Remove the file: nothing running now counts as having died with the worker."""

@@ -86,6 +86,10 @@ _ids_lock = threading.Lock()
 _write_locks: dict[str, threading.Lock] = {}
 # this process's Journal objects: counts() adds the calls only in the logs of them all
 _journals: weakref.WeakSet[Journal] = weakref.WeakSet()
+# this process's pid, kept current across forks: getpid() is a system call, and the
+# board is touched at every call's start and end
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 def _write_lock(path: Path) -> threading.Lock:
@@ -205,7 +209,7 @@ class Journal(Takeover):
 
     def _register(self) -> None:
         """Enter this process in ``workers`` (again after a fork or an exec)."""
-        pid = os.getpid()
+        pid = _pid[0]
         if self._pid == pid:
             return
         with _ids_lock:
@@ -269,12 +273,12 @@ class Journal(Takeover):
     def running(self, key: int) -> int:
         """The call ``key`` (or row id) starts: a slot of the board, for ``stopped``."""
         board = self._board
-        return board.mark(key) if board is not None and self._pid == os.getpid() else -1
+        return board.mark(key) if board is not None and self._pid == _pid[0] else -1
 
     def stopped(self, slot: int) -> None:
         """The call in ``slot`` ended, however it did."""
         board = self._board
-        if board is not None and self._pid == os.getpid():
+        if board is not None and self._pid == _pid[0]:
             board.clear(slot)
 
     def _insert(self, db: sqlite3.Connection, rows: Sequence[tuple]) -> list[int]:
@@ -397,8 +401,8 @@ class Journal(Takeover):
     def _later(self, pending: list[int], value: int) -> None:
         """Queue an end for the flusher thread (started in each process that needs one)."""
         with self._done_lock:
-            if self._flusher_pid != os.getpid():
-                self._flusher_pid = os.getpid()
+            if self._flusher_pid != _pid[0]:
+                self._flusher_pid = _pid[0]
                 self._done.clear()  # a forked child: the parent forgets its own
                 self._ended.clear()
                 threading.Thread(target=self._flush_loop, name="journal-done", daemon=True).start()
