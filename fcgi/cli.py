@@ -143,6 +143,41 @@ def cpu_pool(options: Options, listener: Listener) -> Path:
     return folder or Path(runtime_dir(), f"fcgi-cpus-{os.geteuid()}")
 
 
+class _Exit(Exception):
+    """The worker ends before it serves, with ``code`` (and ``message``, the fix)."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _server(options: Options, listener: Listener, mask: set[signal.Signals]) -> Server:
+    """Give the stop signals back (``mask``: blocked while the socket was made), bind to
+    a CPU, become --user, load the app, make the server; ``_Exit`` when that fails."""
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # before any thread starts: they inherit it
+        cpu = affinity.bind(options.cpu_affinity, cpu_pool(options, listener))
+        if cpu is not None:
+            logging.getLogger("fcgi").debug("bound to CPU %d (--cpu-affinity)", cpu)
+        drop_privileges(options.user, listener.path)
+        return Server(load_app(options.app), options, listener)
+    except AppRaised as exc:
+        if getattr(exc.__cause__, "setup_error", False) is True:
+            raise _Exit(EXIT_USAGE, str(exc.__cause__)) from None
+        logging.getLogger("fcgi").error(
+            "%s; the app's traceback:\n%s",
+            exc,
+            "".join(traceback.format_exception(exc.__cause__)).rstrip(),
+        )
+        raise _Exit(EXIT_USAGE) from None
+    except (AppLoadError, UserError, ValueError, OSError) as exc:
+        raise _Exit(EXIT_USAGE, str(exc)) from None
+    except _Stopped:
+        raise _Exit(0) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = Options.parse(sys.argv[1:] if argv is None else argv)
     logs.setup(options.log_level, options.log_format)
@@ -171,43 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fcgi-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        # before any thread starts: they inherit it
-        cpu = affinity.bind(options.cpu_affinity, cpu_pool(options, listener))
-        if cpu is not None:
-            logging.getLogger("fcgi").debug("bound to CPU %d (--cpu-affinity)", cpu)
-        drop_privileges(options.user, listener.path)
-        app = load_app(options.app)
-    except AppRaised as exc:
+        server = _server(options, listener, mask)
+    except _Exit as exc:  # the one way out before serving: the socket closed, one line
         with contextlib.suppress(OSError):
             listener.close()
-        if getattr(exc.__cause__, "setup_error", False) is True:
-            print(f"fcgi-serve: error: {exc.__cause__}", file=sys.stderr)
-            return EXIT_USAGE
-        logging.getLogger("fcgi").error(
-            "%s; the app's traceback:\n%s",
-            exc,
-            "".join(traceback.format_exception(exc.__cause__)).rstrip(),
-        )
-        return EXIT_USAGE
-    except (AppLoadError, UserError) as exc:
-        with contextlib.suppress(OSError):
-            listener.close()
-        print(f"fcgi-serve: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except _Stopped:
-        with contextlib.suppress(OSError):
-            listener.close()
-        return 0
-    try:
-        server = Server(app, options, listener)
-    except (ValueError, OSError) as exc:
-        listener.close()
-        print(f"fcgi-serve: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except _Stopped:
-        listener.close()
-        return 0
+        if exc.message:
+            print(f"fcgi-serve: error: {exc.message}", file=sys.stderr)
+        return exc.code
     if handover is not None:
         for kept in handover.conns:
             server.loop.adopt(kept)

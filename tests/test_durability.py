@@ -33,14 +33,11 @@ from tests.procs import (
     wait_for,
     worker,
 )
+from tests.test_journal import counts, journal_cli, lines, send_batches
 from wsgi_app.journal import Journal
 from wsgi_app.journal import log as journal_log
 
 APP = "tests.apps_journal:endings"
-
-
-def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
 
 
 def runs(out: Path) -> collections.Counter:
@@ -51,21 +48,6 @@ def runs(out: Path) -> collections.Counter:
 def every(path: Path) -> Journal:
     """The journal at ``path``, every app's calls."""
     return Journal(path, app=None)
-
-
-def counts(path: Path) -> dict[str, int]:
-    with contextlib.closing(every(path)) as journal:
-        return journal.counts()
-
-
-def cli(path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "wsgi_app.journal", "--journal", str(path), *args],
-        cwd=ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-    )
 
 
 # -- recorded before the visitor has anything --------------------------------------------
@@ -193,10 +175,7 @@ def test_300_calls_across_five_reloads_all_run_and_none_is_dead(tmp_path: Path) 
     env = python_env(DEFERRED_JOURNAL=str(path))
     log = tmp_path / "app.log"
     with worker(tmp_path, APP, "--graceful-timeout", "1", env=env) as (proc, sock):
-        client = Client(str(sock))
-        for r in range(3):
-            assert client.request(f"/list?out={out}&tag=r{r}&n=100&s=0.2").status == 200
-        client.close()
+        send_batches(sock, out, 3, 100, 0.2)
         for reload in range(1, 6):
             ran = len(lines(out))
             wait_for(lambda n=ran: len(lines(out)) >= n + 10, 20, "work between reloads")
@@ -206,7 +185,7 @@ def test_300_calls_across_five_reloads_all_run_and_none_is_dead(tmp_path: Path) 
         expected = {f"r{r}-{i}" for r in range(3) for i in range(100)}
         wait_for(lambda: set(runs(out)) == expected, 60, "every call")
         wait_for(lambda: counts(path)["journal_pending"] == 0, what="an empty journal")
-    listed = cli(path, "list")
+    listed = journal_cli(path, "list")
     assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", "0 call(s)\n")
     twice = {tag: n for tag, n in runs(out).items() if n > 1}
     assert sum(twice.values()) <= 2 * 3 * 5, twice  # only those a drain cut as they ended
@@ -270,7 +249,7 @@ def test_the_cli_refuses_another_users_journal_saying_whose_it_is(tmp_path: Path
     Journal(path).close()
     nobody = pwd.getpwnam("nobody")
     os.chown(path, nobody.pw_uid, nobody.pw_gid)
-    refused = cli(path, "list")
+    refused = journal_cli(path, "list")
     assert refused.returncode == 2
     assert f"{path} belongs to nobody (uid {nobody.pw_uid})" in refused.stderr
     assert "run it as the workers' user, e.g. sudo -u nobody" in refused.stderr
@@ -351,10 +330,7 @@ def test_two_apps_on_one_journal_each_runs_only_its_own_calls(tmp_path: Path) ->
     b_cmd = [sys.executable, "-m", "fcgi", "--bind", f"unix:{b_sock}", "app_b:application"]
     expected = {f"r{r}-{i}" for r in range(10) for i in range(10)}
     with worker(tmp_path, APP, env=env, name="a1") as (a1, sock):
-        client = Client(str(sock))
-        for r in range(10):
-            assert client.request(f"/list?out={out}&tag=r{r}&n=10&s=0.1").status == 200
-        client.close()
+        send_batches(sock, out, 10, 10, 0.1)
         a1.kill()
         a1.wait()
     ran = set(runs(out))
@@ -374,7 +350,8 @@ def test_two_apps_on_one_journal_each_runs_only_its_own_calls(tmp_path: Path) ->
         assert {r.app for r in rows} == {str(ROOT / "tests" / "apps_journal.py")}
         assert sum(r.attempts for r in rows) <= 1  # the call running at the kill, if any
         assert set(runs(out)) == ran and "cannot be loaded" not in b_log.read_text()
-        with worker(tmp_path, APP, env=env, name="a2"):  # A's other pool
+        a2_env = python_env(DEFERRED_JOURNAL=str(path))  # its calls side by side
+        with worker(tmp_path, APP, env=a2_env, name="a2"):  # A's other pool
             wait_for(lambda: set(runs(out)) == expected, 30, "A's calls, run by A")
             wait_for(lambda: counts(path)["journal_pending"] == 0, what="an empty journal")
     assert [line.split()[0] for line in lines(b_out)] == ["b"]
@@ -391,10 +368,7 @@ def test_a_takeover_runs_as_many_requests_at_once_as_new_ones_and_counts_them_at
     out, path = tmp_path / "out", tmp_path / "j.sqlite3"
     env = python_env(DEFERRED_JOURNAL=str(path))
     with worker(tmp_path, APP, env=env) as (first, sock):
-        client = Client(str(sock))
-        for r in range(40):
-            assert client.request(f"/list?out={out}&tag=r{r}&n=50&s=0.05").status == 200
-        client.close()
+        send_batches(sock, out, 40, 50, 0.05)
         first.kill()
         first.wait()
     status = ("--status-path", "/status", "--scoreboard", str(tmp_path / "board"))
@@ -427,10 +401,7 @@ def test_a_stop_with_200000_calls_queued_is_quick_short_and_names_its_cause(
     env = python_env(DEFERRED_JOURNAL=str(path))
     log = tmp_path / "app.log"
     with worker(tmp_path, APP, "--graceful-timeout", "3", env=env) as (proc, sock):
-        client = Client(str(sock))
-        for r in range(40):
-            assert client.request(f"/list?out={out}&tag=r{r}&n=5000&s=0.5").status == 200
-        client.close()
+        send_batches(sock, out, 40, 5000, 0.5)
         wait_for(lambda: lines(out), what="the first calls")
         asked = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -67,6 +67,17 @@ def test_lambdas_closures_bound_methods_and_odd_arguments_are_refused_by_name() 
 # -- the store, across real processes ------------------------------------------------------
 
 
+def journal_cli(path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m wsgi_app.journal --journal PATH ARGS``, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "wsgi_app.journal", "--journal", str(path), *args],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+    )
+
+
 def record_and_die(path: Path, *batches: list[str]) -> None:
     """Record batches of calls from another process, which is then SIGKILLed."""
     script = textwrap.dedent(
@@ -222,14 +233,9 @@ def test_a_failing_call_is_retried_then_kept_as_dead_for_the_cli(tmp_path: Path)
     assert journal.counts() == {"journal_pending": 0, "journal_dead": 1}
 
     def cli(*args: str) -> str:
-        return subprocess.run(
-            [sys.executable, "-m", "wsgi_app.journal", "--journal", str(path), *args],
-            cwd=ROOT,
-            env=python_env(),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        done = journal_cli(path, *args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
 
     listed = cli("list")
     assert f"{call_id}\tdead\t3 attempt(s)" in listed

@@ -206,6 +206,8 @@ def _gone(host: str, pid: int, heartbeat: float, now: float) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process here. fcgi.ops.scoreboard has the same check:
+    written twice on purpose, since fcgi/ and wsgi_app/ never import each other."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
