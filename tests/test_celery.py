@@ -97,6 +97,7 @@ def test_deferred_calls_run_in_a_celery_worker_in_request_order(tmp_path: Path) 
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_with_a_journal_calls_not_yet_published_survive_a_kill_and_are_published_once(
     tmp_path: Path,
 ) -> None:

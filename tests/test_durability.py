@@ -54,6 +54,7 @@ def every(path: Path) -> Journal:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_every_way_a_response_ends_records_its_calls_before_the_visitor_has_it(
     tmp_path: Path,
 ) -> None:
@@ -86,6 +87,7 @@ def test_every_way_a_response_ends_records_its_calls_before_the_visitor_has_it(
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_under_gunicorn_the_calls_are_recorded_before_its_close_and_survive_a_kill(
     tmp_path: Path,
 ) -> None:
@@ -207,6 +209,7 @@ def _modes(folder: Path) -> dict[str, int] | None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_nothing_the_journal_creates_is_readable_by_others_and_deleted_calls_are_zeroed(
     tmp_path: Path,
 ) -> None:
@@ -260,6 +263,7 @@ def test_the_cli_refuses_another_users_journal_saying_whose_it_is(tmp_path: Path
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_journal_the_worker_cannot_write_stops_it_at_start_with_the_path_and_the_fix(
     tmp_path: Path,
 ) -> None:
@@ -316,6 +320,7 @@ application = DeferredMiddleware(app)
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_two_apps_on_one_journal_each_runs_only_its_own_calls(tmp_path: Path) -> None:
     """App B (which cannot import A's code) beside app A: A SIGKILLed with 100 calls
     pending; B takes A's dead worker over (reads its log into SQLite) but runs none of
@@ -359,6 +364,7 @@ def test_two_apps_on_one_journal_each_runs_only_its_own_calls(tmp_path: Path) ->
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_takeover_runs_as_many_requests_at_once_as_new_ones_and_counts_them_at_once(
     tmp_path: Path,
 ) -> None:
@@ -432,6 +438,7 @@ def app(environ, start_response):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_stop_cut_by_its_hard_exit_names_the_hook_that_held_it_and_writes_the_totals(
     tmp_path: Path,
 ) -> None:
