@@ -260,7 +260,7 @@ class CeleryBackend:
         if not records:
             return batch
         durable = [call for call, _ in records]
-        calls = [[path, list(call.args), call.kwargs] for call, (path, *_) in records]
+        calls = [_message(path, call.args, call.kwargs, meta) for call, (path, _, meta) in records]
         tokens = durable if self.outbox is None else self.outbox.handed(durable)
         self.publisher.put(_origin(batch), calls, tokens)
         travelled = set(durable)
@@ -288,8 +288,13 @@ class CeleryBackend:
         calls = []
         for row in rows:
             args, kwargs = loads_args(row.payload)
-            calls.append([row.path, list(args), kwargs])
+            calls.append(_message(row.path, args, kwargs, row.meta))
         self.publisher.put(f"{rows[0].origin}, taken over", calls, [row.id for row in rows])
+
+
+def _message(path: str, args: tuple, kwargs: dict, meta: dict[str, Any] | None) -> list[Any]:
+    """A call as the Celery task takes it: its metadata last, only when it has some."""
+    return [path, list(args), kwargs, meta] if meta else [path, list(args), kwargs]
 
 
 def backend_for(

@@ -55,9 +55,11 @@ app.conf.update(
 
 @app.task(name=TASK)
 def deferred_batch(origin: str, calls: list[list[Any]]) -> int:
-    """Run one request's calls in order; returns how many failed (each is logged)."""
+    """Run one request's calls in order; returns how many failed (each is logged). A
+    call is ``[path, args, kwargs]``, and a fourth item, its metadata (a dict), when
+    it has some."""
     failed = 0
-    for path, args, kwargs in calls:
+    for path, args, kwargs, *_meta in calls:
         try:
             result = resolve(path)(*args, **kwargs)
             if inspect.isawaitable(result):
