@@ -136,6 +136,9 @@ class Server:
                 "slow": options.slow_deferred or None,
                 "timeout": options.deferred_timeout or None,
             },
+            # which app this is (MODULE:CALLABLE, and the folder it runs in): a journal's
+            # calls belong to it, and only its workers take them over
+            "fcgi.app": {"spec": options.app, "folder": os.getcwd()},
         }
         # the loop's batch in which a request last ran inline, and its connection
         self._inline_last: tuple[int, Channel | None] = (-1, None)

@@ -81,6 +81,10 @@ class JournalBackend:
         """The app is served in this process: take calls over."""
         self.sweeper.serve()
 
+    def name_app(self, name: str) -> None:
+        """The app's name as its server gives it (before any call is recorded or claimed)."""
+        self.journal.app = name
+
     def stop(self, seconds_left: float = 0.0) -> int:
         """A drain hook: stop taking calls over (what is left stays in the journal)."""
         return self.sweeper.stop(seconds_left)
@@ -221,6 +225,10 @@ class CeleryBackend:
     def serve(self) -> None:
         if self.outbox is not None:
             self.outbox.serve()
+
+    def name_app(self, name: str) -> None:
+        if self.outbox is not None:
+            self.outbox.name_app(name)
 
     def stop(self, seconds_left: float = 0.0) -> int:
         return 0 if self.outbox is None else self.outbox.stop(seconds_left)

@@ -198,7 +198,8 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         _text,
         "journal: the name of the app its calls belong to; a worker takes over only its "
-        "own app's calls (empty: the file of the module that built the middleware)",
+        "own app's calls (empty: the FastCGI worker's MODULE:CALLABLE and folder; under "
+        "other servers, the file of the module that built the middleware)",
     ),
     Setting(
         "attempts",
@@ -288,6 +289,7 @@ class DeferredMiddleware:
         values = _settings(given, os.environ)
         self.run_on_error: bool = values.pop("run_on_error")
         durable = {k: values.pop(k) for k in ("journal", "app_name", "attempts", "retry", "celery")}
+        self._named = bool(durable["app_name"])  # the app_name setting: no other name wins
         durable["app"] = durable.pop("app_name") or _builder()
         self.executor = DeferredExecutor(**values)
         _executors.add(self.executor)
@@ -371,7 +373,12 @@ class DeferredMiddleware:
             self.backend.serve()
 
     def _hook_server(self, environ: Mapping[str, Any], backend: Any) -> None:
-        """Give each server the hooks once (ours offers the same callables to every request)."""
+        """Give each server the hooks once (ours offers the same callables to every
+        request); take the app's name from it (``fcgi.app``) unless a setting gave one."""
+        served = environ.get("fcgi.app")
+        if served and served.get("spec") and backend is not None and not self._named:
+            self._named = True  # before any claim: _serving() follows
+            backend.name_app(f"{served['spec']} in {served['folder']}")
         add_drain_hook = environ.get("fcgi.add_drain_hook")
         if add_drain_hook is not None and add_drain_hook is not self._hooked[0]:
             if backend is not None:

@@ -12,9 +12,10 @@ crashes; only a call running at that moment (or ended in the ``DONE_DELAY`` befo
 may run twice.
 
 Each call carries the app it belongs to (``app``: the middleware's ``DEFERRED_APP``,
-or the module that built it and its folder); a worker claims only its own app's
-calls, so two pools of one app share a journal and two apps on one file never
-run, or burn the attempts of, each other's calls.
+else the worker's MODULE:CALLABLE and folder, else the file of the module that
+built the middleware); a worker claims only its own app's calls, so two pools of
+one app share a journal and two apps on one file never run, or burn the attempts
+of, each other's calls.
 
 Attempts count failures, not stops: a call that raised, or whose worker died while
 it ran (``journal.board`` says which were running), has used one; a call that had
