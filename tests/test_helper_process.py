@@ -4,9 +4,11 @@ counted in the worker, stopped within the graceful timeout."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,46 @@ def test_the_counts_add_up_when_the_helper_runs_out_of_time(tmp_path):
     assert taken == 40 and done + failed + abandoned == 40 and abandoned > 0 and failed > 0
     assert text.count("abandoned at stop") == abandoned
     assert text.count("RuntimeError: failing on purpose") == failed
+
+
+class StallingSend:
+    """The helper's socket, whose next send waits until the test lets it fail (the
+    helper is gone by then)."""
+
+    def __init__(self, sock, entered: threading.Event, release: threading.Event) -> None:
+        self.sock, self.entered, self.release = sock, entered, release
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        self.entered.set()
+        self.release.wait(30)
+        raise BrokenPipeError("the helper is gone")
+
+    def __getattr__(self, name: str):
+        return getattr(self.sock, name)
+
+
+def test_a_batch_sent_as_the_helper_dies_runs_in_the_worker_exactly_once(tmp_path, caplog):
+    """The send and the helper's death are ordered: a batch whose send fails because the
+    helper died meanwhile is the worker's to run, never also reported lost with it."""
+    ran: list[str] = []
+    executor = DeferredExecutor(process=True)
+    executor.submit(Batch("GET /first", calls=[Call(note_pid)]))
+    wait_for(lambda: executor.snapshot()["done"] == 1, what="the helper to run a call")
+    helper = executor._helper
+    entered, release = threading.Event(), threading.Event()
+    helper.sock = StallingSend(helper.sock, entered, release)
+    sender = threading.Thread(
+        target=executor.submit, args=(Batch("GET /second", calls=[Call(ran.append, ("x",))]),)
+    )
+    with caplog.at_level(logging.ERROR, "wsgi_app.deferred"):
+        sender.start()
+        assert entered.wait(10)
+        os.kill(helper.pid, signal.SIGKILL)
+        wait_for(lambda: "died" in caplog.text, what="the worker to see the helper die")
+        release.set()  # the send fails now: the batch runs here
+        sender.join(10)
+        wait_for(lambda: ran == ["x"], what="the batch to run in the worker")
+    assert "lost with helper" not in caplog.text
+    stats = executor.snapshot()
+    assert (stats["done"], stats["abandoned"], stats["registered"]) == (2, 0, 2)
+    assert executor.drain(5) == 0

@@ -63,6 +63,9 @@ class Helper:
         # time.monotonic() in the helper (CLOCK_MONOTONIC: the same clock here);
         # executor_class(**settings): what runs the batches in the helper
         self.report = report
+        # batches sent and not over, by id; _lock orders a send (the batch in the map, then
+        # on the socket, or out again) against a death (the map emptied): a batch is the
+        # helper's, or the worker's to run, never both and never neither
         self.batches: dict[int, Batch] = {}
         self._seq = 0
         self._lock = threading.Lock()
@@ -106,12 +109,15 @@ class Helper:
             return False
         if len(data) > MESSAGE_LIMIT:
             return False
-        self.batches[bid] = batch
-        try:
-            self.sock.send(data, socket.MSG_DONTWAIT)
-        except OSError:  # helper busy (buffer full) or gone: run it here
-            self.batches.pop(bid, None)
-            return False
+        with self._lock:
+            if self.dead:
+                return False
+            self.batches[bid] = batch
+            try:
+                self.sock.send(data, socket.MSG_DONTWAIT)  # never blocks: under the lock
+            except OSError:  # helper busy (buffer full) or gone: run it here
+                del self.batches[bid]
+                return False
         return True
 
     def request_drain(self, timeout: float) -> None:
@@ -142,12 +148,15 @@ class Helper:
             events = pickle.loads(data)
             if events == "drained":
                 break
-            for bid, index, state, when in events:
-                batch = self.batches.get(bid)
-                if batch is None:
-                    continue
-                if index == len(batch.calls):  # the batch is over
-                    del self.batches[bid]
+            with self._lock:
+                found = []
+                for bid, index, state, when in events:
+                    batch = self.batches.get(bid)
+                    if batch is not None:
+                        if index == len(batch.calls):  # the batch is over
+                            del self.batches[bid]
+                        found.append((batch, index, state, when))
+            for batch, index, state, when in found:
                 self.report(batch, index, State(state), when)
         if not self._drain_asked:
             self._died()
@@ -157,7 +166,6 @@ class Helper:
         """The helper is gone unasked (a call ran os._exit, a signal, the OOM killer):
         say so now, end each call it held (failed if it was running, abandoned if it
         had not started), and let the next batch fork a new helper."""
-        self.dead = True
         status = "unknown status"
         with contextlib.suppress(ChildProcessError):
             _, code = os.waitpid(self.pid, 0)
@@ -170,8 +178,11 @@ class Helper:
             "deferred helper process %d died (%s); its next batch forks a new one", self.pid, status
         )
         now = time.monotonic()
-        for bid, batch in list(self.batches.items()):
-            self.batches.pop(bid, None)
+        with self._lock:  # a send under way ends first: its batch is in, or runs here
+            self.dead = True
+            lost = list(self.batches.values())
+            self.batches.clear()
+        for batch in lost:
             for index, call in enumerate(batch.calls):
                 if call.state.ended:
                     continue
