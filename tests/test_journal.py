@@ -760,7 +760,7 @@ def test_a_move_failing_again_and_again_does_not_stop_the_heartbeat(
 
             wait_for(lambda: beat() > start + 1.0, 5, "heartbeats while moves fail")
         finally:
-            sweeper.end()
+            sweeper.close()
             db.execute("DROP TRIGGER fault")
             db.close()
 
@@ -782,4 +782,4 @@ def test_a_memory_middleware_inside_a_journaled_one_runs_its_calls(tmp_path: Pat
     result.close()
     wait_for(lambda: lines(out) == [f"inner {os.getpid()}"], what="the inner call")
     outer.backend.flush()
-    outer.backend.sweeper.end()
+    outer.backend.sweeper.close()

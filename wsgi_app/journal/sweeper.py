@@ -60,7 +60,7 @@ class Sweeper:
         self._stop.set()
         return 0
 
-    def end(self) -> None:
+    def close(self) -> None:
         """End the thread (a test, or an app done with this journal)."""
         self._stop.set()
         self._end.set()

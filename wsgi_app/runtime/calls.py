@@ -107,8 +107,8 @@ class Batch:
         text = f"(request {self.origin})"
         return f"{text} id={self.request_id}" if self.request_id else text
 
-    def finished(self) -> None:
-        """Every call has ended: tell whoever asked (the server's access log line)."""
+    def report(self) -> None:
+        """Every call has ended: tell whoever asked how it went (the access log's line)."""
         if self.on_done is None:
             return
         seconds = time.monotonic() - (self.began or self.accepted)

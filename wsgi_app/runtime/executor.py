@@ -93,7 +93,7 @@ class _TickSelector(selectors.DefaultSelector):
 class _Workers:
     """The threads of one executor in one process: the pool and the asyncio loop.
 
-    A drain retires its workers; later work starts a new one (also after a fork).
+    A drain closes its workers; later work starts new ones (also after a fork).
     """
 
     def __init__(self, executor: DeferredExecutor) -> None:
@@ -106,25 +106,25 @@ class _Workers:
         self.inbox: list[tuple[Batch, Any]] = []
         self.idle = True  # the loop sleeps until woken (no tick pending)
         self.watching = False  # a slow-call check is scheduled
-        self.retired = False
+        self.closed = False
         self.yield_every = sys.getswitchinterval()  # seconds: see DeferredExecutor.submit
         self.yielded = 0.0  # time.monotonic() of the serving threads' last sched_yield
         threading.Thread(target=self._serve, name="deferred-loop", daemon=True).start()
 
     def _serve(self) -> None:
-        """Run the loop until retired; if something escapes it (a callback raising
+        """Run the loop until closed; if something escapes it (a callback raising
         SystemExit), log it and go on with the same loop and its tasks."""
         background()
-        while not self.retired:
+        while not self.closed:
             try:
                 self.loop.run_forever()
             except BaseException:
                 log.exception("the deferred loop failed; running it again")
         self.loop.close()
 
-    def retire(self) -> None:
+    def close(self) -> None:
         """Cancel what runs on the loop, stop it, and let idle pool threads end."""
-        self.retired = True
+        self.closed = True
         self.pool.close()
 
         def stop() -> None:
@@ -496,7 +496,7 @@ class DeferredExecutor:
             self._batches.discard(batch)
             if self._draining:
                 self._changed.notify_all()
-        self._hook(batch.finished)
+        self._hook(batch.report)
 
     def _hook(self, hook: Hook, *args: Any) -> None:
         try:
@@ -513,7 +513,7 @@ class DeferredExecutor:
             time.sleep(SLOW_CHECK)
             self._check_slow()
             with self._lock:
-                workers.watching = bool(self._batches) and not workers.retired
+                workers.watching = bool(self._batches) and not workers.closed
                 if not workers.watching:
                     return
 
@@ -556,7 +556,7 @@ class DeferredExecutor:
         (never started, or still running) and count it abandoned. Returns how many.
 
         Work taken during the drain is waited for too. The executor's threads are
-        retired; work submitted afterwards starts new ones (a later server in the
+        closed; work submitted afterwards starts new ones (a later server in the
         same process). A plain function still running is left to its daemon thread:
         it cannot hold the process at exit.
         """
@@ -583,7 +583,7 @@ class DeferredExecutor:
                 finally:
                     self._draining -= 1
         if helper is not None:  # its last reports end or abandon its calls
-            helper.finish(max(0.0, deadline - time.monotonic()) + 0.2)
+            helper.close(max(0.0, deadline - time.monotonic()) + 0.2)
         with self._lock:
             leftover = sorted(self._batches, key=lambda b: b.accepted)
             self._batches.clear()
@@ -601,10 +601,10 @@ class DeferredExecutor:
                 if was is State.RUNNING:
                     self._running.pop(call, None)
             self.stats["abandoned"] += len(abandoned)
-        workers.retire()
+        workers.close()
         self._abandoned(abandoned)
         for batch in leftover:
-            self._hook(batch.finished)
+            self._hook(batch.report)
         with self._lock:
             counts = dict(self.stats, registered=self.registered)
         if not self.summary:

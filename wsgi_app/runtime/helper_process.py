@@ -126,8 +126,9 @@ class Helper:
         with contextlib.suppress(OSError):
             self.sock.send(pickle.dumps(("drain", max(0.0, timeout - 0.3))))
 
-    def finish(self, timeout: float) -> None:
-        """Wait up to ``timeout`` s for the helper's last report; kill it if late."""
+    def close(self, timeout: float) -> None:
+        """After ``request_drain``: wait up to ``timeout`` s for the helper's last report,
+        kill it if late, and close the socket."""
         if not self.drained.wait(timeout):
             log.error("deferred helper process %d did not stop in time; killing it", self.pid)
         with contextlib.suppress(OSError):
