@@ -61,24 +61,33 @@ def decode_sent(data: bytes) -> list[list]:
     return out
 
 
-def run(data: bytes, pieces: int) -> tuple[Connection, list, list, str | None]:
-    conn = Connection(VALUES, max_params=4096)
+def run(
+    data: bytes | list[bytes], pieces: int = 1, multiplex: bool = False, close: bool = False
+) -> tuple[Connection, list, list, str | None]:
+    """Feed ``data`` in ``pieces`` (a list: one piece each); ``close``: then the peer goes
+    (the socket closes). Returns the connection, the events seen (a ready request's entry
+    ends with whether it is aborted at the end), the records sent and the protocol error."""
+    conn = Connection(VALUES, max_params=4096, multiplex=multiplex)
     events: list = []
     sent = b""
     error = None
-    step = max(1, len(data) // pieces) if pieces > 1 else len(data) or 1
+    if isinstance(data, bytes):
+        step = max(1, len(data) // pieces) if pieces > 1 else len(data) or 1
+        data = [data[start : start + step] for start in range(0, len(data), step)]
     try:
-        for start in range(0, len(data), step):
-            events += conn.receive_data(data[start : start + step])
+        for piece in data:
+            events += conn.receive_data(piece)
             sent += b"".join(conn.data_to_send())
     except records.ProtocolError as exc:
         error = str(exc)
+    if close:
+        conn.close()
     seen = []
     for event in events:
         if isinstance(event, RequestReady):
             req = event.request
             body = body_of(events, req).decode("latin-1")
-            seen.append(["ready", req.id, body, req.error])
+            seen.append(["ready", req.id, body, req.error, req.aborted])
         elif isinstance(event, RequestAborted):
             seen.append(["aborted", event.request_id])
     return conn, seen, decode_sent(sent), error
@@ -95,22 +104,32 @@ def cases(folder: str):
 @pytest.mark.parametrize("case", cases("valid"))
 def test_valid_sequences(case, pieces):
     data = b"".join(encode(r) for r in case["records"])
-    conn, events, sent, error = run(data, pieces if pieces == 1 else len(data))
+    conn, events, sent, error = run(
+        data,
+        pieces if pieces == 1 else len(data),
+        case.get("multiplex", False),
+        case.get("close", False),
+    )
     assert error is None
     for got, want in zip(events, case["events"], strict=True):
         assert got[:3] == want[:3]
         if want[0] == "ready":
             assert (got[3] is None) == (want[3] is None) and (want[3] or "") in (got[3] or "")
+    # "aborted": the ids of the requests that must end up aborted, the others must not
+    ready = [e for e in events if e[0] == "ready"]
+    assert [e[1] for e in ready if e[4]] == case.get("aborted", [])
     assert sent == case["sent"]
     assert conn.state is ConnState(case["state"])
 
 
 @pytest.mark.parametrize("case", cases("invalid"))
 def test_invalid_sequences_are_protocol_errors(case):
-    data = b"".join(encode(r) for r in case["records"])
-    conn, _events, _sent, error = run(data, 1)
+    # one record per read: a request complete before the fault has been handed on
+    conn, events, _sent, error = run([encode(r) for r in case["records"]])
     assert error is not None and case["error"] in error
     assert conn.state is ConnState.CLOSED
+    # a request already running when the peer broke the protocol is aborted with it
+    assert [e[1] for e in events if e[0] == "ready" and e[4]] == case.get("aborted", [])
     assert conn.receive_data(b"anything") == []  # a broken connection takes nothing more
 
 

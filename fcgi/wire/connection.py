@@ -12,6 +12,10 @@ aborts of requests not yet running) are answered here and wait in
 Requests are kept by request id, so several per connection (FCGI_MPXS_CONNS)
 fit; with ``multiplex`` off a second concurrent BEGIN_REQUEST is refused with
 CANT_MPX_CONN.
+
+A request the web server gives up on (ABORT_REQUEST, or the connection closing
+or breaking under it) gets ``IncomingRequest.aborted`` set here, a plain flag:
+whoever runs it reads the flag before each piece of the response and stops.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class IncomingRequest:
     __slots__ = (
         "_params",
         "_params_size",
+        "aborted",
         "body",
         "content_length",
         "error",
@@ -76,6 +81,7 @@ class IncomingRequest:
         "keep_conn",
         "params",
         "received",
+        "replied",
         "state",
     )
 
@@ -90,6 +96,10 @@ class IncomingRequest:
         self.received = 0  # body bytes received
         self.content_length: int | None = None
         self.error: str | None = None  # why the request is bad (answered 400, never run)
+        # The web server gave up on it (ABORT_REQUEST) or its connection broke: set here,
+        # read by whoever runs it before each piece of the response (no lock: a flag).
+        self.aborted = False
+        self.replied = False  # some of its response has gone out (STDOUT records)
 
 
 @dataclass(slots=True)
@@ -109,7 +119,8 @@ class RequestReady:
 
 @dataclass(slots=True)
 class RequestAborted:
-    """The web server aborted a running request; END_REQUEST has been queued for it."""
+    """The web server aborted a running request; END_REQUEST has been queued for it
+    and ``IncomingRequest.aborted`` is set."""
 
     request_id: int
 
@@ -195,7 +206,7 @@ class Connection:
                 else:
                     self._record(rtype, rid, data[start:stop], events)
         except records.ProtocolError:
-            self.state = ConnState.CLOSED
+            self._broken()
             raise
         if pos < end:
             self._buf = bytearray(data[pos:])
@@ -290,6 +301,7 @@ class Connection:
             )
         # ABORT_REQUEST
         running = request.state is RequestState.READY
+        request.aborted = True
         self._forget(request)
         self._out.append(records.end_request(rid, 1))
         if running:
@@ -354,8 +366,10 @@ class Connection:
         self, rid: int, chunks: list[bytes], incoming: IncomingRequest | None = None
     ) -> list[records.Chunk] | None:
         """STDOUT records for ``chunks``; None when the request has ended (drop them)."""
-        if self._current(rid, incoming) is None:
+        request = self._current(rid, incoming)
+        if request is None:
             return None
+        request.replied = True
         return records.stdout_records(rid, chunks)
 
     def end_request(
@@ -389,7 +403,21 @@ class Connection:
             self._ignore(rid)
             if request.state is not RequestState.READY:
                 self._arriving -= 1
-        self.state = ConnState.CLOSED
+        self._broken()  # the others multiplexed on it go with the connection
+
+    def expire(
+        self, rid: int, answer: list[bytes], incoming: IncomingRequest | None = None
+    ) -> list[bytes] | None:
+        """End a request the worker gave up on (``--request-timeout``): ``answer`` and
+        END_REQUEST if none of its response has gone out yet, else a cut (``[]``: the
+        connection closes). None when it had already ended."""
+        request = self._current(rid, incoming)
+        if request is None:
+            return None
+        if request.replied:
+            self.cut(rid)
+            return []
+        return self.end_request(rid, answer, incoming=incoming)
 
     @property
     def arriving(self) -> bool:
@@ -412,5 +440,11 @@ class Connection:
 
     def close(self) -> None:
         """The socket is gone (peer closed, reset, timed out): no more in or out."""
-        self.state = ConnState.CLOSED
+        self._broken()
         self._buf = bytearray()
+
+    def _broken(self) -> None:
+        """Nothing more goes in or out: every request still on it is aborted."""
+        self.state = ConnState.CLOSED
+        for request in self.requests.values():
+            request.aborted = True
