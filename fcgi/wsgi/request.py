@@ -8,10 +8,16 @@ exactly once, which is what ``environ["fcgi.finish_request"]`` is.
 Whatever the app does wrong is answered here and never reaches the worker:
 500 if nothing was sent yet, and once the headers are out, the connection is
 cut without END_REQUEST so the web server cannot take the body as complete.
+
+A request the web server gives up on (the visitor left: ABORT_REQUEST, or the
+connection closed) stops: its iterable is not pulled again and is closed, and
+a ``write()`` raises ``ClientDisconnected``; the access log records 499, as
+nginx does.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -38,6 +44,7 @@ _STATUS = re.compile(r"[0-9]{3} [^\x00\r\n]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(r"[^\x00\r\n]*")
 _CHECKED_MAX = 512
+_NO_BODY_STATUS = ("204", "304")  # responses that never carry a body, whatever the app sends
 _PID = os.getpid()  # an app's child that returns into the worker must not answer
 # Status lines and header lines already checked and encoded: apps send the same few
 # again and again, so most responses skip the checks.
@@ -92,6 +99,16 @@ def _header_line(header: tuple[str, str]) -> bytes:
     return line
 
 
+class ClientDisconnected(ConnectionError):
+    """Raised by WSGI ``write()`` once the web server has given up on the request (the
+    visitor left: FCGI_ABORT_REQUEST, or the connection closed or broke). An ``OSError``,
+    as other servers raise when a client is gone, so ``except OSError`` catches it
+    anywhere; the worker logs nothing more than its one line for the abort."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ECONNABORTED, "the web server gave up on the request")
+
+
 class ErrorAnswer:
     """A response the worker gives itself when a request cannot be served."""
 
@@ -106,6 +123,8 @@ class ErrorAnswer:
 
 SERVER_ERROR = ErrorAnswer("500 Internal Server Error", "Internal Server Error")
 BAD_REQUEST = ErrorAnswer("400 Bad Request", "Bad Request")
+GATEWAY_TIMEOUT = ErrorAnswer("504 Gateway Timeout", "Gateway Timeout")
+GONE = "499 Client Closed Request"  # nginx's own code, for the access log
 
 
 class Request:
@@ -126,8 +145,10 @@ class Request:
         "id",
         "in_app",
         "incoming",
+        "no_body",
         "on_early_finish",
         "on_finish",
+        "on_stream",
         "outside_mount",
         "request_id",
         "started",
@@ -155,7 +176,10 @@ class Request:
         self.started = 0.0
         self.dropped = 0
         self.on_early_finish: Callable[[Request], None] | None = None
-        self.thread = 0  # the thread serving it (its runner's)
+        # called before a lazy result is iterated (the inline runner: the loop may move)
+        self.on_stream: Callable[[Request], None] | None = None
+        self.no_body = False  # HEAD, 204 or 304: the body is dropped, the head sent
+        self.thread = 0  # the thread serving it (its runner's); 0 once it has ended
         self.detached = False  # finished early and counted as detached by its runner
         self.on_finish: Callable[[Request], None] | None = None
         self.outside_mount = False
@@ -170,7 +194,7 @@ class Request:
     @property
     def aborted(self) -> bool:
         """The web server gave up on it, or its connection broke."""
-        return not self.finished and not self.conn.is_active(self.id, self.incoming)
+        return self.incoming.aborted
 
     def build_environ(self, base: dict[str, Any], mount: str) -> dict[str, Any]:
         """The WSGI environ: the params, the per-worker ``base`` keys, this request's own."""
@@ -179,6 +203,11 @@ class Request:
             del env["HTTP_CONTENT_TYPE"]
         if "HTTP_CONTENT_LENGTH" in env:
             del env["HTTP_CONTENT_LENGTH"]
+        # nginx's stock params send both empty on a GET; PEP 3333 leaves them out then
+        if env.get("CONTENT_LENGTH") == "":
+            del env["CONTENT_LENGTH"]
+        if env.get("CONTENT_TYPE") == "":
+            del env["CONTENT_TYPE"]
         # The path as the web server decoded it, whatever it put in which variable,
         # cut at the mount point (REQUEST_URI, raw and undecoded, is never used).
         path = env.get("SCRIPT_NAME", "") + env.get("PATH_INFO", "")
@@ -239,25 +268,33 @@ class Request:
         return self.write
 
     def write(self, data: bytes) -> None:
-        """WSGI's write callable: send ``data`` now, or count it as dropped after finish."""
+        """WSGI's write callable: send ``data`` now, or count it as dropped after finish;
+        ``ClientDisconnected`` once the web server has given up on the request."""
         if type(data) is not bytes and not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"response body items must be bytes, not {type(data).__name__}")
         if self.finished:
             self.dropped += len(data)
             return
-        if not data:
+        if not data or self.no_body:
             return
         if self.status is None:
             raise AssertionError("write() before start_response()")
         chunks = self._pending
         self._pending = []
         chunks.append(data)
-        self.body_bytes += sum(map(len, chunks))
+        size = sum(map(len, chunks))
         if not self.headers_sent:
-            chunks.insert(0, self._head)
             self.headers_sent = True
+            if self._bodyless():
+                chunks = []
+                size = 0
+            chunks.insert(0, self._head)
         if not self.conn.send_stdout(self.id, chunks, self.incoming):
-            self.dropped += len(data)
+            if self.finished:  # ended meanwhile from another thread (--request-timeout)
+                self.dropped += len(data)
+                return
+            raise ClientDisconnected
+        self.body_bytes += size
 
     def buffer(self, data: bytes) -> None:
         """Hold ``data`` to go out with END_REQUEST in one send (a list result's body)."""
@@ -278,14 +315,38 @@ class Request:
             self._answer(SERVER_ERROR)
         chunks = self._pending
         self._pending = []
-        self.body_bytes += sum(map(len, chunks))
+        size = sum(map(len, chunks))
         if not self.headers_sent:
-            chunks.insert(0, self._head)
             self.headers_sent = True
-        self.conn.end_request(self.id, chunks, self.incoming)
+            if self._bodyless():
+                chunks = []
+                size = 0
+            chunks.insert(0, self._head)
+        if self.conn.end_request(self.id, chunks, self.incoming):
+            self.body_bytes += size
+        else:
+            self._gone()
         if self.on_finish is not None or self.in_app:
             self._ended()
         return True
+
+    def _bodyless(self) -> bool:
+        """HEAD, 204 or 304: only the head goes out (RFC 9110), the app's body is dropped;
+        asked once, as the head goes out."""
+        status: str = self.status  # type: ignore[assignment]  # set before any head goes out
+        no_body = status[2] == "4" and status[:3] in _NO_BODY_STATUS
+        self.no_body = no_body or self.environ["REQUEST_METHOD"] == "HEAD"
+        return self.no_body
+
+    def _gone(self) -> None:
+        """The web server gave up on the request before its end went out: one line, and
+        499 in the access log (the app's own status went out, or nothing did)."""
+        log.info(
+            "%s: the web server gave up on it (the visitor left) after %d body byte(s); stopped",
+            self,
+            self.body_bytes,
+        )
+        self.status = GONE
 
     # -- the worker's side ----------------------------------------------------------------
 
@@ -303,13 +364,13 @@ class Request:
                 for chunk in result:
                     self.buffer(chunk)
             else:
-                for chunk in result:
-                    self.write(chunk)
-        except BaseException:
+                self._stream(result)
+        except BaseException as exc:
             if os.getpid() != _PID:
                 _leave_forked_child(self)
             self.in_app = False
-            self.fail(sys.exc_info())
+            if type(exc) is not ClientDisconnected or not self.incoming.aborted:
+                self.fail(sys.exc_info())
         finally:
             self.in_app = False
             close = None if type(result) is list else getattr(result, "close", None)
@@ -319,6 +380,20 @@ class Request:
                 except BaseException:
                     self.fail(sys.exc_info())
             self.finish()
+
+    def _stream(self, result: Iterable[bytes]) -> None:
+        """Send a lazy result chunk by chunk; once the request is aborted, no chunk more is
+        pulled (the one being made when it happened is dropped)."""
+        if self.on_stream is not None:
+            self.on_stream(self)
+        incoming = self.incoming
+        if incoming.aborted:
+            return
+        write = self.write
+        for chunk in result:
+            if incoming.aborted:
+                return
+            write(chunk)
 
     def answer(self, error: ErrorAnswer) -> None:
         """Respond with one of the worker's own error answers (nothing of the app's)."""
