@@ -123,11 +123,13 @@ class IOLoop:
                 os.write(fd, b"x")
 
     def attend(self, conn: Channel) -> None:
-        """Look at ``conn`` again: watch it for writability, or close it if it is done."""
-        if self.in_loop_thread():
-            self._attend(conn)
-        else:
-            self.call_soon(self._attend, conn)
+        """Look at ``conn`` again: watch it for writability, or close it if it is done.
+
+        Asked by request threads only, so always at the loop's next turn, even on the
+        loop's own thread (a request on the inline runner): the loop may move to another
+        thread while that request runs (``server.hand_over_loop``), and a request then
+        never touches the loop's state midway through."""
+        self.call_soon(self._attend, conn)
 
     # -- on the loop's thread -----------------------------------------------------------
 
