@@ -7,7 +7,7 @@ import time
 from wsgiref.validate import validator
 
 from tests.gate import wait_at
-from wsgi_app.deferred import DeferredMiddleware, defer, finish_request
+from wsgi_app.deferred import DeferredMiddleware, defer, defer_always, finish_request
 
 LOG = os.environ.get("TEST_APP_LOG", "/dev/null")
 
@@ -153,8 +153,10 @@ def stuck_in_the_app(environ, start_response):
 
 
 def _streamer(environ, start_response):
-    """Defers a note, then streams a long body slowly: for visitors who leave."""
+    """Defers a note (and another with defer_always), then streams a long body slowly:
+    for visitors who leave."""
     defer(environ, note, "done streamer")
+    defer_always(environ, note, "always streamer")
     start_response("200 OK", [("Content-Type", "application/octet-stream")])
 
     def body():

@@ -19,9 +19,10 @@ response's ``close()``, so the worker takes its next request at once.
 
 A request that failed (the app raised, a 5xx status, a body cut short) does not
 run its deferred calls, as Starlette's background tasks do not: the work often
-assumes what the request did (a row saved, a mail to confirm). ``defer_always``
-registers a call that runs anyway; ``run_on_error`` does so for every call.
-Either way the choice is logged.
+assumes what the request did (a row saved, a mail to confirm). A visitor who
+leaves in the middle of a streamed body cuts it short too: the server stops
+pulling it. ``defer_always`` registers a call that runs anyway; ``run_on_error``
+does so for every call. Either way the choice is logged.
 
 The middleware knows nothing of the server beyond environ keys: it finishes
 through ``fcgi.finish_request`` and registers its drain through
@@ -586,6 +587,8 @@ class _ClosingIterable:
                 for chunk in self._result:
                     recorder.expose()
                     yield chunk
+        except GeneratorExit:  # the server stopped pulling (the visitor left): not sent
+            raise
         except BaseException as exc:
             self._failure = f"the body raised {type(exc).__name__}"
             raise
