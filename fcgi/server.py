@@ -145,6 +145,7 @@ class Server:
         self.exit_code = EXIT_OK
         self._alarm_told = False  # a stray SIGALRM was logged (handle_alarm)
         self._owner: object = None  # the token of the thread running the loop
+        self._deadline: float | None = None  # of the graceful stop, once begun
         self._stopped = threading.Event()
 
     @property
@@ -347,13 +348,17 @@ class Server:
         except Exception:  # the app's problem: the hooks still come with each request
             log.exception("the app's fcgi_startup() failed")
 
-    def hand_over_loop(self) -> bool:
-        """Move the I/O loop to a new thread, so this one can go on with a detached request.
+    def hand_over_loop(self, thread: int) -> bool:
+        """Move the I/O loop off ``thread``, which runs it now, to a new thread, so that one
+        can go on with its request (detached, or given up on); False if ``thread`` does
+        not run the loop. Called by that thread itself or, under the inline runner's
+        lock, by one that waited long enough for it.
 
         The old owner leaves the rest of its event batch: epoll is level-triggered,
-        so whatever it did not read is reported again to the new owner.
+        so whatever it did not read is reported again to the new owner; while stopping,
+        the new owner goes on with the drain (``_graceful_stop``).
         """
-        if self.stopping:
+        if self.loop.owner != thread:
             return False
         self._owner = token = object()
         self.loop.owner = None
@@ -370,7 +375,10 @@ class Server:
             while not self.stopping:
                 if not self.loop.poll(-1, still_owner):
                     return  # another thread owns the loop now
-            self.exit_code = self._graceful_stop(still_owner)
+            code = self._graceful_stop(still_owner)
+            if code is None:
+                return  # the loop moved midway: the new owner goes on with the drain
+            self.exit_code = code
         except BaseException:  # a fault of the worker itself: app faults never get here
             log.exception("the I/O loop failed; stopping")
             self.exit_code = 1
@@ -390,23 +398,29 @@ class Server:
                 self.loop.shutdown()
                 self._stopped.set()
 
-    def _graceful_stop(self, still_owner: Callable[[], bool]) -> int:
-        deadline = time.monotonic() + self.options.graceful_timeout
-        log.info(
-            "%s: finishing running requests and deferred work (up to %.0f s)",
-            "reloading" if self.reloading else "stopping",
-            self.options.graceful_timeout,
-        )
+    def _graceful_stop(self, still_owner: Callable[[], bool]) -> int | None:
+        """Drain, then stop the runner and run the drain hooks; the exit code, or None if
+        the loop moved to another thread meanwhile (a request on the inline runner took
+        it, or was given up on), which then goes on from where this one was."""
         loop = self.loop
-        loop.stop_accepting()
-        if not self.reloading:  # a reloading worker keeps its socket for its next life
-            self.listener.close()
-            loop.close_after_responses()
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.options.graceful_timeout
+            log.info(
+                "%s: finishing running requests and deferred work (up to %.0f s)",
+                "reloading" if self.reloading else "stopping",
+                self.options.graceful_timeout,
+            )
+            loop.stop_accepting()
+            if not self.reloading:  # a reloading worker keeps its socket for its next life
+                self.listener.close()
+                loop.close_after_responses()
+        deadline = self._deadline
         # Requests still arriving on open connections are read to the end and run; the
         # loop goes on flushing output until every request has ended. Reloading, the
         # connections with no request are parked (no longer read: what comes waits in the
         # kernel for the next interpreter); stopping, they are closed.
-        loop.poll(0, still_owner)
+        if not loop.poll(0, still_owner):
+            return None
         told: set[Channel] = set()  # those named in the log as half-sent
         while time.monotonic() < deadline:
             if self.reloading:
@@ -418,7 +432,8 @@ class Server:
                 self._tell_half_sent(told, deadline)
             if not arriving and not self.in_progress and not loop.has_output():
                 break
-            loop.poll(0.02, still_owner)
+            if not loop.poll(0.02, still_owner):
+                return None
         abandoned = 0
         if not self.runner.stop(deadline):
             for request in list(self.in_progress):
@@ -545,7 +560,9 @@ class Server:
         finally:
             if request.incoming.body is not None:
                 request.incoming.body.close()
-            del self.in_progress[request]
+            # (gone already if --request-timeout gave up on it)
+            self.in_progress.pop(request, None)
+            request.thread = 0  # ended: no longer the loop's to move (runners.InlineRunner)
             if board is not None:
                 board.request_ended()
             if request.dropped:
