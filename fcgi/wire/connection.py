@@ -306,6 +306,8 @@ class Connection:
         self._out.append(records.end_request(rid, 1))
         if running:
             events.append(RequestAborted(rid))
+        else:
+            log.debug("request %d aborted by the web server before it was complete", rid)
 
     def _begin(self, rid: int, content: bytes) -> None:
         if len(content) < records.BEGIN_BODY.size:
