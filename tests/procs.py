@@ -301,14 +301,18 @@ WEB_SERVERS = {
 
 
 @contextlib.contextmanager
-def web_server(name: str, tmp: Path, socket_path: Path) -> Iterator[int]:
-    """Apache, lighttpd or Caddy with its shipped conf/ template, on a free port."""
+def web_server(
+    name: str, tmp: Path, socket_path: Path, edit: Callable[[str], str] = str
+) -> Iterator[int]:
+    """Apache, lighttpd, Caddy or HAProxy with its shipped conf/ template (passed through
+    ``edit``), on a free port."""
     program, package, template, args = WEB_SERVERS[name]
     binary = require(program, package)
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = tmp / template
-    conf.write_text(render(ROOT / "conf" / template, f"127.0.0.1:{port}", socket_path, tmp / "var"))
+    rendered = render(ROOT / "conf" / template, f"127.0.0.1:{port}", socket_path, tmp / "var")
+    conf.write_text(edit(rendered))
     env = dict(os.environ, HOME=str(tmp), XDG_CONFIG_HOME=str(tmp), XDG_DATA_HOME=str(tmp))
     cmd = [binary, *(a.format(conf=conf) for a in args)]
     with running(
