@@ -77,6 +77,7 @@ class Handover:
     listen_fd: int
     path: str | None = None  # the unix socket file to remove at a real exit
     conns: list[KeptConnection] = field(default_factory=list)
+    scoreboard: str = ""  # a private status folder, kept with its figures for the next one
 
     def encode(self) -> str:
         return json.dumps(
@@ -87,6 +88,7 @@ class Handover:
                     [c.fd, base64.b64encode(c.buffered).decode(), c.fresh, c.ended]
                     for c in self.conns
                 ],
+                "scoreboard": self.scoreboard,
             }
         )
 
@@ -97,7 +99,7 @@ class Handover:
             KeptConnection(int(fd), base64.b64decode(buf), bool(fresh), [int(i) for i in ended])
             for fd, buf, fresh, ended in data["conns"]
         ]
-        return cls(int(data["listen"]), data["path"], conns)
+        return cls(int(data["listen"]), data["path"], conns, str(data.get("scoreboard", "")))
 
 
 def take_handover(environ: dict[str, str] | os._Environ[str] = os.environ) -> Handover | None:

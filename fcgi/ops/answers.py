@@ -39,7 +39,11 @@ Counters = Callable[[], tuple[int, dict[str, Any]]]
 class Answers:
     """The worker's own pages, found by path; owns the scoreboard when status is on."""
 
-    def __init__(self, options: PageOptions, counters: Counters, sock: Any) -> None:
+    def __init__(
+        self, options: PageOptions, counters: Counters, sock: Any, reloaded: str | None = None
+    ) -> None:
+        """``reloaded``: this process reloaded in place, and this is the private status
+        folder its previous interpreter kept ("" if none): the pool's figures go on."""
         self.options = options
         self.counters = counters
         self._stop = threading.Event()
@@ -47,7 +51,7 @@ class Answers:
         self.by_path: dict[str, Answer] = {}
         if options.status_path:
             self.scoreboard = Scoreboard.for_socket(
-                options.scoreboard, sock, inherited=options.bind is None, threads=options.threads
+                options.scoreboard, sock, options.bind is None, options.threads, reloaded
             )
             self.by_path[options.status_path] = self.status
         if options.ping_path:
@@ -58,6 +62,12 @@ class Answers:
     def start(self) -> None:
         if self.scoreboard is not None:
             threading.Thread(target=self._refresh, name="scoreboard", daemon=True).start()
+
+    @property
+    def kept_folder(self) -> str:
+        """The private status folder, which a reload keeps for the next interpreter."""
+        board = self.scoreboard
+        return str(board.dir) if board is not None and board.private else ""
 
     def close(self, reloading: bool = False) -> None:
         self._stop.set()

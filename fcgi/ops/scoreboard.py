@@ -93,14 +93,17 @@ class Scoreboard:
         private: bool = False,
         shared: bool = False,
         threads: int = 1,
+        reloaded: bool = False,
     ) -> None:
         self.private = private  # ours alone: removed with the worker
         self.shared = shared  # named after the socket: removed by the pool's last worker
         self.dir = Path(directory)
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = self.dir / f"{os.getpid()}.slot"
-        if not [s for s in self.read_all(sample=False) if s["pid"] != os.getpid()]:
-            # the first worker of a new pool: its start time and marks begin now
+        others = [s for s in self.read_all(sample=False) if s["pid"] != os.getpid()]
+        if not others and not reloaded:
+            # the first worker of a new pool (not this one's reload): its start time and
+            # marks begin now
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / "pool.json").unlink()
         try:
@@ -129,13 +132,25 @@ class Scoreboard:
         SLOT.pack_into(self._map, 0, *self.values.values())
 
     @classmethod
-    def for_socket(cls, directory: str, sock: Any, inherited: bool, threads: int = 1) -> Scoreboard:
+    def for_socket(
+        cls,
+        directory: str,
+        sock: Any,
+        inherited: bool,
+        threads: int = 1,
+        reloaded: str | None = None,
+    ) -> Scoreboard:
         """``directory`` if given; else shared by the workers of an inherited socket, else
-        private to this worker (see the module's docstring)."""
+        private to this worker (see the module's docstring). ``reloaded``: this process
+        reloaded in place, so the pool goes on (its start, marks and counts are kept), and
+        it is the private folder the previous interpreter kept, if any."""
+        going_on = reloaded is not None
         folder = pool_folder(directory, sock, inherited)
-        if folder is None:
-            return cls(tempfile.mkdtemp(prefix="fcgi-status-"), private=True, threads=threads)
-        return cls(folder, shared=not directory, threads=threads)
+        if folder is not None:
+            return cls(folder, shared=not directory, threads=threads, reloaded=going_on)
+        if reloaded and os.path.isdir(reloaded):
+            return cls(reloaded, private=True, threads=threads, reloaded=True)
+        return cls(tempfile.mkdtemp(prefix="fcgi-status-"), private=True, threads=threads)
 
     def accepted(self) -> None:
         """A connection was accepted (PHP-FPM's "accepted conn" counts requests instead)."""
@@ -223,9 +238,15 @@ class Scoreboard:
             self.values["reloads_refused"] = record["refused"]
             self._write()
 
+    def timed_out(self) -> None:
+        """A request ran past --request-timeout: counted for the pool in pool.json, which
+        outlives the reload that follows."""
+        self._update_pool(timeouts=1)
+
     def close(self, reloading: bool = False) -> None:
         """Give the slot up; its counts that outlive it go into pool.json. Reloading, the
-        reload record stays for the next interpreter of this process."""
+        folder (a private one too), the pool's figures and the reload record stay for the
+        next interpreter of this process."""
         if self.values["children_reached"]:
             self._update_pool(reached=self.values["children_reached"])
         self._map_peers(set())
@@ -233,9 +254,10 @@ class Scoreboard:
         self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        if not reloading:
-            with contextlib.suppress(FileNotFoundError):
-                self.reload_path.unlink()
+        if reloading:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.reload_path.unlink()
         if self.private:
             shutil.rmtree(self.dir, ignore_errors=True)
         elif self.shared and not self.read_all(sample=False):
@@ -303,9 +325,9 @@ class Scoreboard:
             fcntl.lockf(f, fcntl.LOCK_EX)
             yield f
 
-    def _update_pool(self, active: int = 0, reached: int = 0) -> dict[str, Any]:
-        """Read and update pool.json under a lock: start time, high-water marks, and the
-        ``reached`` count of a worker giving its slot up."""
+    def _update_pool(self, active: int = 0, reached: int = 0, timeouts: int = 0) -> dict[str, Any]:
+        """Read and update pool.json under a lock: start time, high-water marks, the
+        ``reached`` count of a worker giving its slot up, request timeouts."""
         with self._locked_pool() as f:
             f.seek(0)
             try:
@@ -316,6 +338,7 @@ class Scoreboard:
             pool["max_active"] = max(pool.get("max_active", 0), active)
             # of workers gone; the live ones' are in their slots
             pool["max_children_reached"] = pool.get("max_children_reached", 0) + reached
+            pool["request_timeouts"] = pool.get("request_timeouts", 0) + timeouts
             f.seek(0)
             f.truncate()
             f.write(json.dumps(pool))

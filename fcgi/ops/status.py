@@ -41,6 +41,7 @@ def pool_status(board: Scoreboard, pool_name: str, full: bool) -> dict[str, Any]
         "max children reached": pool["max_children_reached"]
         + sum(s["children_reached"] for s in slots),
         "slow requests": sum(s["slow"] for s in slots),
+        "request timeouts": pool["request_timeouts"],
     }
     for key in ("queued", "running", "done", "failed", "abandoned"):
         data[f"deferred {key}"] = sum(s["deferred_" + key] for s in slots)
@@ -166,6 +167,12 @@ _METRICS = (
         "counter",
         "Requests that ran past --slow-request.",
         [("", "slow requests")],
+    ),
+    (
+        "fcgi_request_timeouts",
+        "counter",
+        "Requests given up on past --request-timeout (each reloads its worker).",
+        [("", "request timeouts")],
     ),
     (
         "fcgi_deferred",
