@@ -34,7 +34,7 @@ from .io.listener import Listener, ListenError, open_listener
 from .ops import logs
 from .ops.scoreboard import pool_folder, runtime_dir
 from .options import Options
-from .reload import exec_in_place, take_handover
+from .reload import Handover, exec_in_place, take_handover
 from .server import Server
 
 EXIT_USAGE = 2
@@ -152,9 +152,15 @@ class _Exit(Exception):
         self.message = message
 
 
-def _server(options: Options, listener: Listener, mask: set[signal.Signals]) -> Server:
+def _server(
+    options: Options,
+    listener: Listener,
+    mask: set[signal.Signals],
+    handover: Handover | None = None,
+) -> Server:
     """Give the stop signals back (``mask``: blocked while the socket was made), bind to
-    a CPU, become --user, load the app, make the server; ``_Exit`` when that fails."""
+    a CPU, become --user, load the app, make the server (``handover``: what this
+    process's previous interpreter left it); ``_Exit`` when that fails."""
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         # before any thread starts: they inherit it
@@ -162,7 +168,7 @@ def _server(options: Options, listener: Listener, mask: set[signal.Signals]) -> 
         if cpu is not None:
             logging.getLogger("fcgi").debug("bound to CPU %d (--cpu-affinity)", cpu)
         drop_privileges(options.user, listener.path)
-        return Server(load_app(options.app), options, listener)
+        return Server(load_app(options.app), options, listener, handover)
     except AppRaised as exc:
         if getattr(exc.__cause__, "setup_error", False) is True:
             raise _Exit(EXIT_USAGE, str(exc.__cause__)) from None
@@ -206,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fcgi-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        server = _server(options, listener, mask)
+        server = _server(options, listener, mask, handover)
     except _Exit as exc:  # the one way out before serving: the socket closed, one line
         with contextlib.suppress(OSError):
             listener.close()
@@ -221,11 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.reloaded()
     if reload_asked:
         server.reload(f"{signal.Signals(reload_asked[-1]).name} while starting")
-    code = server.serve()
-    if server.handover is not None:
+
+    def reexec(handover: Handover) -> None:
         # The listening socket stays open across exec, so connections wait in its
         # backlog meanwhile, and supervisord sees no exit: its reference to the pool's
         # socket never drops to zero, which would close the socket for the whole pool.
         os.chdir(start_dir)
-        exec_in_place(server.handover)
-    return code
+        exec_in_place(handover)
+
+    return server.serve(reexec)

@@ -271,6 +271,18 @@ OPTIONS: tuple[Option, ...] = (
         "SECONDS",
     ),
     Option(
+        "request_timeout",
+        seconds_or_off,
+        0.0,
+        "give up on a request still running after this many seconds, as PHP-FPM's "
+        "request_terminate_timeout: its stack is logged, the web server gets 504 (a cut "
+        "connection if the response had begun), and once the other requests and deferred "
+        "work have drained the worker reloads in place, which ends the stuck thread; "
+        "counted on the status page. Work after fcgi.finish_request counts; deferred calls "
+        "have --deferred-timeout (0: off)",
+        "SECONDS",
+    ),
+    Option(
         "slow_deferred",
         seconds_or_off,
         0.0,
@@ -436,6 +448,7 @@ class Options:
     max_requests: int
     max_requests_jitter: int
     slow_request: float
+    request_timeout: float
     slow_deferred: float
     deferred_timeout: float
     mount: str

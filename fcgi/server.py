@@ -62,7 +62,13 @@ def _seq_base() -> int:
 class Server:
     """Accepts web server connections, parses requests, and runs them through the app."""
 
-    def __init__(self, app: Callable[..., Any], options: Options, listener: Listener) -> None:
+    def __init__(
+        self,
+        app: Callable[..., Any],
+        options: Options,
+        listener: Listener,
+        reloaded: Handover | None = None,
+    ) -> None:
         self.app = app
         self.options = options
         self.listener = listener
@@ -92,10 +98,17 @@ class Server:
         self._overdue: threading.Timer | None = None  # bounds a real stop, once begun
         self._draining: DrainHook | None = None  # the drain hook running, for that bound's log
         self.watchdog = (
-            Watchdog(self.in_progress, options.slow_request) if options.slow_request else None
+            Watchdog(
+                self.in_progress, options.slow_request, options.request_timeout, self._time_out
+            )
+            if options.slow_request or options.request_timeout
+            else None
         )
-        # status page, ping, outside --mount
-        self.answers = Answers(options, self._counters, listener.sock)
+        self.timeouts = 0  # requests given up on (--request-timeout)
+        # status page, ping, outside --mount; after a reload (what the previous interpreter
+        # of this process handed over) the pool's figures go on
+        kept = None if reloaded is None else reloaded.scoreboard
+        self.answers = Answers(options, self._counters, listener.sock, kept)
         self.scoreboard = self.answers.scoreboard
         # FCGI_GET_VALUES answers: several requests per connection (HAProxy's
         # mpxs-conns), as many connections as --max-connections, and as many requests as
@@ -146,6 +159,7 @@ class Server:
         self._alarm_told = False  # a stray SIGALRM was logged (handle_alarm)
         self._owner: object = None  # the token of the thread running the loop
         self._deadline: float | None = None  # of the graceful stop, once begun
+        self._reexec: Callable[[Handover], None] | None = None
         self._stopped = threading.Event()
 
     @property
@@ -298,8 +312,11 @@ class Server:
         self.stopping = True
         self.loop.wake()
 
-    def serve(self) -> int:
-        """Serve until ``stop()``, then stop gracefully; returns the exit code."""
+    def serve(self, reexec: Callable[[Handover], None] | None = None) -> int:
+        """Serve until ``stop()``, then stop gracefully; returns the exit code. A reload
+        ends in ``reexec(handover)`` (which does not return: ``reload.exec_in_place``),
+        called by the thread that finished the drain; without it, ``handover`` is left
+        for the caller."""
         # The app is loaded: what it made at import lives as long as the worker, so the
         # collector stops scanning it (a full collection over a Django app's objects
         # takes milliseconds, a request's own garbage is young).
@@ -326,11 +343,10 @@ class Server:
             os.getpid(),
             "" if wire.__file__.endswith(".py") else "; wire core compiled (mypyc)",
         )
+        self._reexec = reexec
         self._owner = token = object()
         self._run_loop(token)
         self._stopped.wait()  # the loop may have moved to another thread meanwhile
-        if self.handover is not None:
-            os.environ[SEQ_ENV] = str(self.seq_base + self.requests)
         return self.exit_code
 
     def _offer_extensions(self) -> None:
@@ -380,14 +396,19 @@ class Server:
                 return  # the loop moved midway: the new owner goes on with the drain
             self.exit_code = code
         except BaseException:  # a fault of the worker itself: app faults never get here
-            log.exception("the I/O loop failed; stopping")
-            self.exit_code = 1
+            if self._owner is token:
+                log.exception("the I/O loop failed; stopping")
+                self.exit_code = 1
+            else:  # a request given up on, ending after the worker went on without it
+                log.exception("a request's thread failed after the loop left it")
         finally:
             if self._owner is token:
                 if self.reloading and self.exit_code != 1:
                     kept = self.loop.keep_idle()
                     listener = self.listener
-                    self.handover = Handover(listener.sock.detach(), listener.path, kept)
+                    self.handover = Handover(
+                        listener.sock.detach(), listener.path, kept, self.answers.kept_folder
+                    )
                 else:
                     self.listener.close()
                 if self.watchdog is not None:
@@ -396,7 +417,15 @@ class Server:
                 if self.access_log is not None:
                     self.access_log.close()
                 self.loop.shutdown()
-                self._stopped.set()
+                if self.handover is not None:
+                    os.environ[SEQ_ENV] = str(self.seq_base + self.requests)
+                try:
+                    # from this thread, whichever it is: the main one may be held by a
+                    # request given up on (--threads 1), so it cannot be waited for
+                    if self.handover is not None and self._reexec is not None:
+                        self._reexec(self.handover)  # returns only if the exec failed
+                finally:
+                    self._stopped.set()
 
     def _graceful_stop(self, still_owner: Callable[[], bool]) -> int | None:
         """Drain, then stop the runner and run the drain hooks; the exit code, or None if
@@ -525,6 +554,36 @@ class Server:
                 old = deferred.get(key, 0)  # a maximum for the last duration, else a sum
                 deferred[key] = max(old, value) if key == "last_duration" else old + value
         return (self.watchdog.slow if self.watchdog else 0), deferred
+
+    def _time_out(self, request: Request, running_for: float, thread: int, stack: str) -> None:
+        """From the watchdog: ``request`` ran past --request-timeout. Its response is ended
+        (504, or a cut), its thread abandoned (Python cannot end a thread), and the worker
+        reloads in place once the others have drained: the exec ends that thread, as
+        uWSGI's harakiri recycles a worker."""
+        if self.in_progress.pop(request, None) is None:
+            return
+        outcome = request.time_out()
+        if not request.thread:
+            return  # it ended on its own meanwhile
+        # counted and told before it is abandoned: that may move the loop, whose new owner
+        # may finish a drain under way and exec at once
+        self.timeouts += 1
+        if self.scoreboard is not None:
+            self.scoreboard.timed_out()
+        reload = not (self.stopping or self._checking)  # else one is under way already
+        log.error(
+            "request timed out: %s running for %.1f s (--request-timeout %g), thread %d; "
+            "%s; the worker reloads in place once the others have drained:\n%s",
+            request,
+            running_for,
+            self.options.request_timeout,
+            thread,
+            outcome,
+            stack,
+        )
+        self.runner.abandon(request)
+        if reload:
+            self.reload(f"{request} ran past --request-timeout")
 
     # -- running a request, on a runner thread ------------------------------------
 

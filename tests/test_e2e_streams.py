@@ -132,3 +132,49 @@ def test_haproxy_aborts_on_a_multiplexed_connection(tmp_path):
     assert re.search(r"request \d+ aborted by the web server before it was complete", text)
     assert "upload ran" not in log.read_text()
     assert len(re.findall(r"connection \d+: opened", text)) == 2  # the probe's, HAProxy's one
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_request_timeout_answers_504_cuts_a_begun_response_and_reloads_in_place(tmp_path, threads):
+    """--request-timeout 2: a request stuck for 30 s gets 504 within 6 s and one begun
+    and then stuck is cut, each logged with its stack; others are answered meanwhile
+    (with a thread free) and after; the worker reloads in place (same pid), which ends
+    the stuck threads, and the status page counts both."""
+    args = ("--threads", threads, "--request-timeout", "2", "--status-path", "/fcgi-status")
+    with (
+        worker(tmp_path, APP, *args) as (proc, sock),
+        nginx(tmp_path, sock) as port,
+    ):
+        begun, _ = visit(port, "/stream?tag=stall&count=2&gap=30", 4_000)
+        stuck = HTTP(port)
+        started = time.monotonic()
+        stuck.conn.request("GET", "/stuck?30")
+        if threads != "1":  # the other thread answers while one is stuck
+            with HTTP(port) as other:
+                assert other.get("/during")[0].status == 200
+        resp = stuck.conn.getresponse()
+        assert (resp.status, resp.read()) == (504, b"Gateway Timeout\n")
+        assert time.monotonic() - started < 6.0
+        stuck.conn.close()
+        rest = b""
+        while chunk := begun.recv(65536):  # the stalled stream ends cut: no last chunk
+            rest += chunk
+        begun.close()
+        assert not rest.endswith(b"0\r\n\r\n")
+        log = tmp_path / "app.log"
+        wait_for(lambda: log.read_text().count("serving on") == 2, 30, "the reload")
+        with HTTP(port) as after:
+            assert after.get("/after")[0].status == 200
+            status = after.get("/fcgi-status")[1].decode()
+        assert "request timeouts:     2\n" in status, status
+        assert proc.poll() is None
+    text = log.read_text()
+    for path, outcome in (("/stuck?30", "answered 504"), ("/stream", "connection cut")):
+        assert re.search(
+            rf"request timed out: request {proc.pid}-\d+ \(GET {re.escape(path)}\S*\) running "
+            rf"for [\d.]+ s \(--request-timeout 2\), thread \d+; [^\n]*{outcome}",
+            text,
+        ), text
+    assert 'in app\n    time.sleep(float(environ["QUERY_STRING"]))' in text  # the stack
+    assert "in __next__\n    time.sleep(self.gap)" in text
+    assert text.count("restarting in place") == 1

@@ -176,6 +176,20 @@ class Channel:
             self.proto.cut(rid, incoming)
         self.loop.attend(self)
 
+    def expire(self, rid: int, answer: list[bytes], incoming: IncomingRequest) -> bool | None:
+        """End request ``rid``, which the worker gave up on, from any thread: ``answer``
+        and END_REQUEST if none of its response went out (True), else a cut (False: the
+        connection closes); None if it had ended. Decided and sent under one lock, so a
+        write of the app's thread comes wholly before or is dropped."""
+        with self.lock:
+            parts = self.proto.expire(rid, answer, incoming)
+            if parts is None:
+                return None
+            attend = self._push(parts) if parts else True
+        if attend:
+            self.loop.attend(self)
+        return bool(parts)
+
     def is_active(self, rid: int, incoming: IncomingRequest | None = None) -> bool:
         return self.proto.is_active(rid, incoming)
 

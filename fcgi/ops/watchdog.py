@@ -1,8 +1,11 @@
-"""The slow-request log: PHP-FPM's ``request_slowlog_timeout`` for this worker.
+"""The slow-request log and the request timeout: PHP-FPM's ``request_slowlog_timeout``
+and ``request_terminate_timeout`` for this worker.
 
-A daemon thread looks at the running requests every half second and logs,
-once per request, the stack of any that has run longer than
-``--slow-request`` seconds: where it is stuck, while it is stuck.
+A daemon thread looks at the running requests every half second (or half the
+shorter limit) and logs, once per request, the stack of any that has run
+longer than ``--slow-request`` seconds: where it is stuck, while it is stuck.
+A request past ``--request-timeout`` is handed to ``on_timeout`` with its
+stack, to give up on it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
@@ -21,11 +24,20 @@ log = logging.getLogger("fcgi.slow")
 
 
 class Watchdog:
-    """Logs the stack of requests running past the limit; counts them in ``slow``."""
+    """Logs the stack of requests running past ``limit`` (counted in ``slow``); hands
+    those past ``timeout`` to ``on_timeout`` with their stack, to give up on them."""
 
-    def __init__(self, in_progress: Mapping[Any, int], limit: float) -> None:
+    def __init__(
+        self,
+        in_progress: Mapping[Any, int],
+        limit: float,
+        timeout: float = 0.0,
+        on_timeout: Callable[[Any, float, int, str], None] | None = None,
+    ) -> None:
         self.in_progress = in_progress  # running request -> the id of its thread (0: queued)
         self.limit = limit
+        self.timeout = timeout
+        self.on_timeout = on_timeout
         self._stop = threading.Event()
         self.slow = 0
         self._reported: set[int] = set()
@@ -38,7 +50,7 @@ class Watchdog:
         self._stop.set()
 
     def _watch(self) -> None:
-        period = min(0.5, self.limit / 2)
+        period = min(0.5, min(x for x in (self.limit, self.timeout) if x) / 2)
         while not self._stop.wait(period):
             self.check(time.monotonic())
 
@@ -49,23 +61,30 @@ class Watchdog:
             if not thread_id:
                 continue  # queued, not started
             started = request.started
+            if self.timeout and now - started >= self.timeout and self.on_timeout:
+                frames = frames or thread_frames()
+                self.on_timeout(request, now - started, thread_id, _stack(frames, thread_id))
+                continue
             key = id(request)
-            if now - started < self.limit or key in self._reported:
+            if not self.limit or now - started < self.limit or key in self._reported:
                 continue
             self._reported.add(key)
             self.slow += 1
             frames = frames or thread_frames()
-            frame = frames.get(thread_id)
-            stack = "".join(traceback.format_stack(frame)) if frame else "(stack unavailable)\n"
             log.warning(
                 "slow request: %s running for %.1f s, thread %d:\n%s",
                 request,
                 now - started,
                 thread_id,
-                stack.rstrip(),
+                _stack(frames, thread_id),
             )
         alive = {id(r) for r in running}
         self._reported &= alive
+
+
+def _stack(frames: dict[int, FrameType], thread_id: int) -> str:
+    frame = frames.get(thread_id)
+    return "".join(traceback.format_stack(frame)).rstrip() if frame else "(stack unavailable)"
 
 
 def thread_frames() -> dict[int, FrameType]:

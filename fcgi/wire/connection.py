@@ -409,7 +409,7 @@ class Connection:
 
     def expire(
         self, rid: int, answer: list[bytes], incoming: IncomingRequest | None = None
-    ) -> list[bytes] | None:
+    ) -> list[records.Chunk] | None:
         """End a request the worker gave up on (``--request-timeout``): ``answer`` and
         END_REQUEST if none of its response has gone out yet, else a cut (``[]``: the
         connection closes). None when it had already ended."""

@@ -395,6 +395,28 @@ class Request:
                 return
             write(chunk)
 
+    def time_out(self) -> str:
+        """``--request-timeout`` gave up on it, from the watchdog's thread while the app's
+        own thread is still in it: 504 if none of the response went out, else a cut; what
+        that thread sends later is dropped. Returns what became of the request."""
+        if self.finished:
+            return "its response had ended (fcgi.finish_request); the app's thread is abandoned"
+        self.finished = True
+        answer = GATEWAY_TIMEOUT
+        sent = self.conn.expire(self.id, [answer.head, answer.body], self.incoming)
+        if sent is None:
+            outcome = "the web server had given up on it"
+        elif sent:
+            self.status = answer.status
+            self.body_bytes = len(answer.body)
+            outcome = "answered 504"
+        else:
+            self.status = "504 (cut)"
+            outcome = "its response had begun: connection cut"
+        if self.on_finish is not None:
+            self.on_finish(self)
+        return outcome
+
     def answer(self, error: ErrorAnswer) -> None:
         """Respond with one of the worker's own error answers (nothing of the app's)."""
         self._answer(error)
