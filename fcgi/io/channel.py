@@ -156,6 +156,16 @@ class Channel:
         self._after_push(attend)
         return True
 
+    def send_framed(self, rid: int, data: memoryview, incoming: IncomingRequest) -> bool:
+        """Queue STDOUT records the caller framed for request ``rid`` (a file read straight
+        into records); False if the request has ended (the output is dropped)."""
+        with self.lock:
+            if not self.proto.framed(rid, incoming):
+                return False
+            attend = self._push([data])  # type: ignore[list-item]
+        self._after_push(attend)
+        return True
+
     def end_request(
         self, rid: int, chunks: list[bytes] | None = None, incoming: IncomingRequest | None = None
     ) -> bool:

@@ -374,6 +374,15 @@ class Connection:
         request.replied = True
         return records.stdout_records(rid, chunks)
 
+    def framed(self, rid: int, incoming: IncomingRequest | None = None) -> bool:
+        """Whether the caller may send STDOUT records it framed itself for ``rid`` (a file,
+        read straight into records): False when the request has ended (drop them)."""
+        request = self._current(rid, incoming)
+        if request is None:
+            return False
+        request.replied = True
+        return True
+
     def end_request(
         self,
         rid: int,
