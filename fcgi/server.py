@@ -38,6 +38,7 @@ from .options import Options
 from .reload import Handover, check_app, release_signals
 from .wire import connection as wire
 from .wire.connection import IncomingRequest
+from .wsgi.files import FileWrapper
 from .wsgi.request import BAD_REQUEST, Request
 from .wsgi.runners import InlineRunner, ThreadRunner
 from .wsgi.streams import ErrorStream, RequestBody
@@ -140,6 +141,7 @@ class Server:
             "wsgi.multiprocess": True,
             "wsgi.run_once": False,
             "wsgi.input_terminated": True,
+            "wsgi.file_wrapper": FileWrapper,
             "fcgi.add_drain_hook": self.add_drain_hook,
             "fcgi.add_stats_hook": self.add_stats_hook,
             # the CPUs this worker was allowed before --cpu-affinity bound it to one:

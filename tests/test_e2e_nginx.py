@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
+import os
 import ssl
 import subprocess
 import threading
@@ -111,13 +113,18 @@ def test_root_mount_sees_the_whole_path(tmp_path):
         assert resp.getheader("X-Path-Info") == "[/some/path]"
 
 
+STOCK = "include /etc/nginx/fastcgi_params;"
+
+
+def stock_params(text: str) -> str:
+    """The shipped nginx.conf with nginx's own fastcgi_params in place of our two lines."""
+    text = text.replace('fastcgi_param SCRIPT_NAME       "";', STOCK)
+    return text.replace("fastcgi_param PATH_INFO         $uri;", "")
+
+
 def test_stock_fastcgi_params_still_give_the_root_app_the_whole_path(tmp_path):
     """nginx's own fastcgi_params puts the path in SCRIPT_NAME; the worker rejoins it."""
-    stock = "include /etc/nginx/fastcgi_params;"
-
-    def stock_params(text: str) -> str:
-        text = text.replace('fastcgi_param SCRIPT_NAME       "";', stock)
-        return text.replace("fastcgi_param PATH_INFO         $uri;", "")
+    stock = STOCK
 
     with (
         worker(tmp_path, "tests.apps:echo") as (_proc, sock),
@@ -235,3 +242,29 @@ def test_https_through_nginx_and_the_client_behind_a_load_balancer(tmp_path):
             # plain HTTP to a TLS port is refused by nginx, never passed on
             with HTTP(trusting) as client:
                 assert client.get("/who")[0].status == 400
+
+
+def test_file_wrapper_sends_a_file_whole_and_closes_it_and_empty_params_are_left_out(
+    tmp_path,
+):
+    """Through nginx's stock params: a 5 MB file through wsgi.file_wrapper arrives byte
+    for byte, twice on one kept connection, the worker keeps no descriptor of it after,
+    and a GET has no CONTENT_LENGTH key (the stock params send it empty)."""
+    data = os.urandom(5 * 1024 * 1024 + 7)
+    path = tmp_path / "five.bin"
+    path.write_bytes(data)
+    with (
+        worker(tmp_path, "tests.apps_streams:app") as (proc, sock),
+        nginx(tmp_path, sock, edit=stock_params) as port,
+        HTTP(port) as client,
+    ):
+        for _ in range(2):
+            resp, body, _ = client.get(f"/file?{path}")
+            assert resp.status == 200 and len(body) == len(data)
+            assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
+        fds = Path(f"/proc/{proc.pid}/fd")
+        assert not [fd for fd in fds.iterdir() if os.readlink(fd) == str(path)]
+        assert client.get("/environ")[1] == b"neither"
+        body = client.get("/environ", "POST", b"abc")[1]
+        assert body.startswith(b"CONTENT_LENGTH='3'")
+

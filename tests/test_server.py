@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import threading
@@ -296,3 +297,76 @@ def test_multithread_is_true_when_requests_can_run_side_by_side(serve):
     serve(app, threads=1, max_detached=0).client().request("/")
     serve(app, threads=1).client().request("/")
     assert flags == [False, True]
+
+
+@pytest.mark.parametrize(
+    "method,status",
+    [("HEAD", "200 OK"), ("GET", "204 No Content"), ("GET", "304 Not Modified")],
+)
+@pytest.mark.parametrize("shape", ["list", "lazy"])
+def test_head_204_and_304_send_no_body_and_the_iterable_is_still_closed(
+    serve, method, status, shape
+):
+    closed = []
+
+    class Body(list):
+        def close(self):
+            closed.append(True)
+
+    def lazy():
+        try:
+            yield b"body"
+        finally:
+            closed.append(True)
+
+    def app(environ, start_response):
+        start_response(status, [("Content-Length", "4"), ("X-Shape", shape)])
+        return Body([b"body"]) if shape == "list" else lazy()
+
+    client = serve(app, threads=2).client()
+    resp = client.request("/", method=method)
+    assert (resp.status, resp.body) == (int(status[:3]), b"")
+    assert b"Content-Length: 4" in resp.head and closed == [True]
+    assert client.request("/", method=method).status == int(status[:3])  # kept connection
+
+
+def test_empty_content_length_and_type_are_left_out_of_the_environ(serve):
+    from tests.apps_streams import app
+
+    client = serve(app).client()
+    empty = {"CONTENT_TYPE": "", "CONTENT_LENGTH": ""}
+    assert client.request("/environ", extra=empty).body == b"neither"
+    resp = client.request("/environ", method="POST", body=b"x", extra={"CONTENT_TYPE": "a/b"})
+    assert resp.body == b"CONTENT_LENGTH='1' CONTENT_TYPE='a/b'"
+
+
+def test_write_after_an_abort_raises_client_disconnected(serve, caplog):
+    """An OSError the app may catch; the worker logs one info line, no error."""
+    from fcgi.wsgi.request import ClientDisconnected
+
+    seen = []
+
+    def app(environ, start_response):
+        write = start_response("200 OK", [])
+        try:
+            while True:
+                write(b"x" * 1000)
+                time.sleep(0.01)
+        except OSError as exc:
+            seen.append(exc)
+        return []
+
+    running = serve(app, threads=2)
+    client = running.client()
+    client.send(request_bytes("/"))
+    assert client.read_record()[0] == flup.FCGI_STDOUT
+    with caplog.at_level(logging.INFO, "fcgi"):
+        client.send(record(flup.FCGI_ABORT_REQUEST, 1))
+        assert client.read_response().end[0] == 1
+        wait_for(lambda: not running.server.in_progress, what="the app to stop")
+    (exc,) = seen
+    assert type(exc) is ClientDisconnected and isinstance(exc, ConnectionError)
+    assert exc.errno == errno.ECONNABORTED
+    lines = [r.getMessage() for r in caplog.records if r.name == "fcgi"]
+    assert [m for m in lines if "gave up on it (the visitor left)" in m], lines
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from .files import MAX_HEAD, Blocks, FileWrapper
+
 if TYPE_CHECKING:
     from ..io.channel import Channel
     from ..wire.connection import IncomingRequest
@@ -363,6 +365,8 @@ class Request:
             if isinstance(result, (list, tuple)):
                 for chunk in result:
                     self.buffer(chunk)
+            elif type(result) is FileWrapper:
+                self._send_file(result)
             else:
                 self._stream(result)
         except BaseException as exc:
@@ -394,6 +398,42 @@ class Request:
             if incoming.aborted:
                 return
             write(chunk)
+
+    def _send_file(self, wrapper: FileWrapper) -> None:
+        """``wsgi.file_wrapper``'s file, by blocks read straight into records (one read,
+        one send each); iterated as any result if it has no descriptor to read."""
+        blocks = Blocks.of(wrapper, self.id)
+        if blocks is None or self.status is None:
+            self._stream(wrapper)
+            return
+        if self.on_stream is not None:
+            self.on_stream(self)
+        conn, incoming = self.conn, self.incoming
+        head = b""
+        if not self.headers_sent:
+            if self._bodyless():
+                return  # the head goes out alone with END_REQUEST
+            head = self._head
+            if len(head) > MAX_HEAD:  # too long to share a record with the file's start
+                self.headers_sent = True
+                if not conn.send_stdout(self.id, [head], incoming):
+                    raise ClientDisconnected
+                head = b""
+        try:
+            while not incoming.aborted:
+                start = blocks.offset
+                block = blocks.next(conn.out_size, head)
+                if block is None:
+                    return
+                if not conn.send_framed(self.id, block, incoming):
+                    if self.finished:  # ended from another thread (--request-timeout)
+                        return
+                    raise ClientDisconnected
+                self.headers_sent = True
+                self.body_bytes += blocks.offset - start
+                head = b""
+        finally:
+            blocks.settle()
 
     def time_out(self) -> str:
         """``--request-timeout`` gave up on it, from the watchdog's thread while the app's
