@@ -181,3 +181,26 @@ def _flask_page() -> Callable[..., Any]:
 
 
 flask_page = _flask_page()  # a real page: a Flask view rendering a 20-row Jinja template
+
+
+def files(environ, start_response):
+    """``/wrapper``: the file at $BENCH_FILE through ``wsgi.file_wrapper``; ``/iterable``:
+    the same file as a generator of 64 KB reads, what an app without it returns."""
+    path = os.environ["BENCH_FILE"]
+    start_response(
+        "200 OK",
+        [
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Length", str(os.path.getsize(path))),
+        ],
+    )
+    f = open(path, "rb")  # noqa: SIM115 - closed with the response
+    if environ["PATH_INFO"] == "/wrapper":
+        return environ["wsgi.file_wrapper"](f, 65536)
+    return _pieces(f)
+
+
+def _pieces(f):
+    with f:
+        while data := f.read(65536):
+            yield data

@@ -457,6 +457,47 @@ def large_bodies(tmp: Path) -> None:
         goal(f"5. {kind} vs gunicorn", ratio, ">= 1.0x", ratio >= 1.0)
 
 
+def file_downloads(tmp: Path) -> None:
+    """5 MB files through nginx, one worker with default settings: wsgi.file_wrapper
+    against the same file returned as a generator of 64 KB reads, alternating rounds;
+    also the worker's CPU per download."""
+    path = tmp / "5mb.bin"
+    tmp.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(5 << 20))
+    with contextlib.ExitStack() as es:
+        port, pid = ours(es, tmp, f"{APPS}:files", BENCH_FILE=str(path))
+
+        def measured(where: str) -> Run:
+            before = cpu_seconds(pid)
+            run = wrk(url(port, where), SECONDS, 4)
+            run.cpu_us = (cpu_seconds(pid) - before) / (run.rps * SECONDS) * 1e6
+            return run
+
+        res = alternate(
+            {
+                "wsgi.file_wrapper": lambda: measured("/wrapper"),
+                "plain iterable": lambda: measured("/iterable"),
+            }
+        )
+    table(
+        "5. 5 MB file downloads, wsgi.file_wrapper or a plain iterable (MB/s)", res, "mbps", "MB/s"
+    )
+    ratio = med(res["wsgi.file_wrapper"], "mbps") / med(res["plain iterable"], "mbps")
+    cpu = med(res["plain iterable"], "cpu_us") / med(res["wsgi.file_wrapper"], "cpu_us")
+    sections.append(
+        "Worker CPU per 5 MB download (µs): "
+        + ", ".join(f"{name} {med(runs, 'cpu_us'):,.0f}" for name, runs in res.items())
+        + f"; plain iterable / file_wrapper {cpu:.2f}.\n"
+    )
+    goal(
+        "5. file downloads, file_wrapper vs plain iterable",
+        ratio,
+        ">= 1.0x",
+        ratio >= 1.0,
+        f"worker CPU ratio {cpu:.2f}",
+    )
+
+
 def memory(tmp: Path) -> None:
     with contextlib.ExitStack() as es:
         port, pid = ours(es, tmp, f"{APPS}:bench")
@@ -680,6 +721,7 @@ SCENARIOS = {
     "finish": finish_overhead,
     "capacity": capacity,
     "bodies": large_bodies,
+    "files": file_downloads,
     "memory": memory,
     "journal": journal_cost,
     "context": context_cost,
