@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import http.client
 import os
+import resource
+import socket
 import ssl
 import subprocess
 import threading
@@ -268,3 +270,31 @@ def test_file_wrapper_sends_a_file_whole_and_closes_it_and_empty_params_are_left
         body = client.get("/environ", "POST", b"abc")[1]
         assert body.startswith(b"CONTENT_LENGTH='3'")
 
+
+def test_five_thousand_never_used_connections_then_a_fresh_request_within_a_second(tmp_path):
+    """Connections opened and never used (a client that connects and sends nothing) are
+    evicted once their first-request grace ends, least recently used first, so a fresh
+    request through nginx (a new upstream connection, behind them in the listen backlog)
+    is answered within a second; the worker holds at most --max-connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 12000:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 12000), hard))
+    with (
+        worker(tmp_path, "tests.apps:hello", "--max-connections", "4096") as (proc, sock),
+        nginx(tmp_path, sock) as port,
+    ):
+        idle = []
+        try:
+            for _ in range(5000):
+                client = socket.socket(socket.AF_UNIX)
+                client.connect(str(sock))
+                idle.append(client)
+            with HTTP(port) as fresh:
+                resp, body, took = fresh.get("/")
+            assert (resp.status, body) == (200, b"Hello world\n")
+            assert took < 1.0, f"a fresh request took {took:.2f} s"
+            held = len(os.listdir(f"/proc/{proc.pid}/fd"))
+            assert held < 4096 + 50  # the connections, and the worker's own few files
+        finally:
+            for client in idle:
+                client.close()

@@ -38,7 +38,9 @@ from .listener import Listener
 log = logging.getLogger("fcgi")
 
 SWEEP_INTERVAL = 1.0  # seconds between checks for stalled connections
-FIRST_REQUEST_GRACE = 2.0  # seconds a new connection is given for its first request
+# Seconds a new connection is safe from eviction, for its first request (nginx sends
+# it at once); after that it is evicted as an idle one is, least recently used first.
+FIRST_REQUEST_GRACE = 0.5
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -150,8 +152,9 @@ class IOLoop:
             self._sweep(now)
         if self._calls and not self._run_calls():
             return False
-        if timeout < 0 or timeout > SWEEP_INTERVAL:
-            timeout = SWEEP_INTERVAL
+        until = self._next_sweep - now  # (sooner than a second when a grace ends)
+        if timeout < 0 or timeout > until:
+            timeout = max(until, 0.0)
         conns = self.conns
         # events already waiting, or wait for them (the second poll only when idle, so it
         # costs nothing): whether the loop waited tells if a request found it busy
@@ -316,6 +319,10 @@ class IOLoop:
                 self.accepting = False
                 with contextlib.suppress(OSError, ValueError):
                     self.epoll.unregister(self._listen_fd)
+                # a connection never used becomes evictable when its grace ends: look then
+                fresh = [c.opened for c in self.conns.values() if c.idle and c.proto.fresh]
+                if fresh:
+                    self._next_sweep = min(self._next_sweep, min(fresh) + FIRST_REQUEST_GRACE)
                 return
             try:
                 client, addr = sock.accept()
@@ -345,19 +352,15 @@ class IOLoop:
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, _IN)
 
-    def _evictable(self, now: float | None = None) -> Channel | None:
-        """The least recently used idle connection, if any: kept-alive ones first; one
-        that has not sent its first request yet only after FIRST_REQUEST_GRACE (nginx
-        retries a request only when a reused connection closes under it)."""
-        now = time.monotonic() if now is None else now
-        fallback = None
+    def _evictable(self) -> Channel | None:
+        """The least recently used idle connection, if any; one that has not sent its first
+        request yet only after FIRST_REQUEST_GRACE (nginx retries a request only when a
+        reused connection closes under it, never a new one)."""
+        since = time.monotonic() - FIRST_REQUEST_GRACE
         for conn in self.conns.values():
-            if conn.idle:
-                if not conn.proto.fresh:
-                    return conn
-                if fallback is None and now - conn.opened >= FIRST_REQUEST_GRACE:
-                    fallback = conn
-        return fallback
+            if conn.idle and (not conn.proto.fresh or conn.opened <= since):
+                return conn
+        return None
 
     def _evict_idle(self) -> bool:
         conn = self._evictable()
