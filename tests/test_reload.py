@@ -69,7 +69,8 @@ class Worker:
             cwd=tmp,
             env=python_env(),  # the app module imports from the folder it runs in
         )
-        wait_for(lambda: connectable(self.sock), what="the worker's socket")
+        # serving, not only bound: a signal sent while the app loads reloads it only later
+        wait_for(lambda: "serving on" in self.log, what="the worker to serve")
 
     def write_app(self, version: str, broken: bool = False) -> None:
         text = APP.format(version=version) + ("\n1 / 0\n" if broken else "")
