@@ -370,3 +370,39 @@ def test_write_after_an_abort_raises_client_disconnected(serve, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "fcgi"]
     assert [m for m in lines if "gave up on it (the visitor left)" in m], lines
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_file_wrapper_under_the_middleware_keeps_the_fast_way_and_its_deferred_rule(
+    serve, tmp_path, monkeypatch
+):
+    """DeferredMiddleware hands the server's own file wrapper back to it (sent by blocks,
+    not iterated), and runs the request's deferred call once the file was sent to the end;
+    a download aborted midway is a body cut short: its call is skipped."""
+    from fcgi.wsgi import files
+    from wsgi_app.deferred import DeferredMiddleware, defer
+
+    data = bytes(range(256)) * (8 << 12)  # 8 MB
+    (tmp_path / "f.bin").write_bytes(data)
+    ran, sent = [], []
+    settle = files.Blocks.settle
+    monkeypatch.setattr(
+        files.Blocks, "settle", lambda self: sent.append(self.offset) or settle(self)
+    )
+
+    def inner(environ, start_response):
+        defer(environ, ran.append, environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Length", str(len(data)))])
+        return environ["wsgi.file_wrapper"](open(tmp_path / "f.bin", "rb"))
+
+    running = serve(DeferredMiddleware(inner), threads=2)
+    client = running.client()
+    assert client.request("/whole").body == data
+    wait_for(lambda: ran == ["/whole"], what="the deferred call")
+    assert sent == [len(data)]
+
+    client.send(request_bytes("/cut"))
+    assert client.read_record()[0] == flup.FCGI_STDOUT
+    client.send(record(flup.FCGI_ABORT_REQUEST, 1))
+    assert client.read_response().end[0] == 1  # (a web server reads on to END_REQUEST)
+    wait_for(lambda: len(sent) == 2, what="the aborted download to stop")
+    assert sent[1] < len(data) and ran == ["/whole"]

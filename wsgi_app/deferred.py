@@ -354,6 +354,14 @@ class DeferredMiddleware:
             if recorder is not None:
                 recorder.expose()  # the server sends it next
             return _ClosingList(result, after)
+        if type(result) is environ.get("wsgi.file_wrapper") and "fcgi.finish_request" in environ:
+            # The worker's own wrapper, kept so the worker sends the file its fast way: it
+            # leaves the file's position where the sending stopped, which tells a body sent
+            # to the end (another server's, gunicorn's sendfile, may leave it at the start).
+            if recorder is not None:
+                recorder.expose()  # the server sends it next
+            result.filelike = _ClosingFile(result.filelike, after)  # type: ignore[attr-defined]
+            return result
         return _ClosingIterable(result, after, recorder)
 
     def fcgi_startup(self, extensions: Mapping[str, Any]) -> None:
@@ -601,6 +609,32 @@ class _ClosingIterable:
                 close()
         finally:
             self._hook(self._failure)
+
+
+class _ClosingFile:
+    """The file inside a server's ``wsgi.file_wrapper``, its ``close()`` running the hook:
+    the body was sent to the end when the file's position is at its end (a server
+    sending it its own way leaves the position where it stopped)."""
+
+    def __init__(self, file: Any, hook: Callable[[str | None], None]) -> None:
+        self._file = file
+        self._hook = hook
+
+    def __getattr__(self, name: str) -> Any:  # read, readinto, fileno, tell, seek...
+        return getattr(self._file, name)
+
+    def close(self) -> None:
+        failure = None
+        try:
+            at, end = self._file.tell(), self._file.seek(0, os.SEEK_END)
+            if at < end:
+                failure = "the body was not sent to the end"
+        except (AttributeError, OSError, ValueError):
+            pass  # not seekable: nothing to tell by
+        try:
+            self._file.close()
+        finally:
+            self._hook(failure)
 
 
 def _builder() -> str:
