@@ -154,7 +154,7 @@ class IOLoop:
             return False
         until = self._next_sweep - now  # (sooner than a second when a grace ends)
         if timeout < 0 or timeout > until:
-            timeout = max(until, 0.0)
+            timeout = until if until > 0.0 else 0.0
         conns = self.conns
         # events already waiting, or wait for them (the second poll only when idle, so it
         # costs nothing): whether the loop waited tells if a request found it busy

@@ -264,6 +264,8 @@ class Connection:
                 request.error = str(exc)
                 self._ready(request, events)
                 return
+        elif length is not None:
+            del params["CONTENT_LENGTH"]  # empty (nginx's stock params on a GET): none at all
         request.state = RequestState.STDIN
 
     def _ready(self, request: IncomingRequest, events: list[Event]) -> None:

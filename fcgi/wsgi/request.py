@@ -205,10 +205,9 @@ class Request:
             del env["HTTP_CONTENT_TYPE"]
         if "HTTP_CONTENT_LENGTH" in env:
             del env["HTTP_CONTENT_LENGTH"]
-        # nginx's stock params send both empty on a GET; PEP 3333 leaves them out then
-        if env.get("CONTENT_LENGTH") == "":
-            del env["CONTENT_LENGTH"]
-        if env.get("CONTENT_TYPE") == "":
+        # nginx's stock params send it empty on a GET; left out, as waitress does (an empty
+        # CONTENT_LENGTH is left out by the protocol, which reads it)
+        if "CONTENT_TYPE" in env and not env["CONTENT_TYPE"]:
             del env["CONTENT_TYPE"]
         # The path as the web server decoded it, whatever it put in which variable,
         # cut at the mount point (REQUEST_URI, raw and undecoded, is never used).
@@ -320,7 +319,10 @@ class Request:
         size = sum(map(len, chunks))
         if not self.headers_sent:
             self.headers_sent = True
-            if self._bodyless():
+            status: str = self.status  # type: ignore[assignment]
+            # (a 204 or 304 has a 4 at [2], so most responses skip the call)
+            maybe = status[2] == "4" or self.environ["REQUEST_METHOD"] == "HEAD"
+            if maybe and self._bodyless():
                 chunks = []
                 size = 0
             chunks.insert(0, self._head)
