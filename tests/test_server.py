@@ -6,6 +6,7 @@ import errno
 import logging
 import struct
 import threading
+import time
 
 import pytest
 from flup.server import fcgi_base as flup
