@@ -217,17 +217,33 @@ def test_idle_and_half_sent_connections_do_not_starve_requests(serve):
 
 
 def test_beyond_max_connections_new_ones_wait_in_the_backlog(serve):
+    """At --max-connections with none to spare (a record half-sent on each), a new one
+    waits in the listen backlog until one closes; connections never used are evicted,
+    least recently used first, once their first-request grace has passed."""
     running = serve(apps.hello, max_connections=3)
-    idle = [running.client() for _ in range(3)]
-    wait_for(lambda: len(running.server.conns) == 3, what="three accepted connections")
+    busy = [running.client() for _ in range(3)]
+    for client in busy:
+        client.send(request_bytes("/")[:5])
+    conns = running.server.conns
+
+    def half_sent() -> bool:
+        return len(conns) == 3 and all(c.receiving_since for c in list(conns.values()))
+
+    wait_for(half_sent, what="three connections, each half-sent")
     waiting = running.client()
     waiting.send(request_bytes("/"))
     waiting.sock.settimeout(0.3)
     with pytest.raises(TimeoutError):
         waiting.read_record()
-    idle[0].close()
+    busy[0].close()
     waiting.sock.settimeout(5)
     assert waiting.read_response().status == 200
+
+    running = serve(apps.hello, max_connections=3)
+    unused = [running.client() for _ in range(3)]
+    wait_for(lambda: len(running.server.conns) == 3, what="three accepted connections")
+    assert running.client().request("/").status == 200  # once the oldest one's grace ends
+    assert unused[0].read_record() is None  # the least recently used, closed for it
 
 
 def test_visitor_leaving_mid_response_cuts_the_body_so_only_defer_always_runs(
