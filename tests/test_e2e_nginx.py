@@ -271,6 +271,7 @@ def test_file_wrapper_sends_a_file_whole_and_closes_it_and_empty_params_are_left
         assert body.startswith(b"CONTENT_LENGTH='3'")
 
 
+@pytest.mark.slow
 def test_five_thousand_never_used_connections_then_a_fresh_request_within_a_second(tmp_path):
     """Connections opened and never used (a client that connects and sends nothing) are
     evicted once their first-request grace ends, least recently used first, so a fresh

@@ -52,6 +52,7 @@ def leave(visitor: tuple[socket.socket, bytes]) -> float:
     return time.time()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", ["1", "4"])
 def test_a_visitor_who_leaves_stops_the_stream_and_never_holds_the_worker(tmp_path, threads):
     """A 100-chunk stream (4 KB, 0.1 s apart) left after 20 KB is closed within 2 s,
@@ -100,6 +101,7 @@ def one_thread(conf: str) -> str:
     return conf.replace("global\n", "global\n    nbthread 1\n", 1)
 
 
+@pytest.mark.slow
 def test_haproxy_aborts_on_a_multiplexed_connection(tmp_path):
     """HAProxy multiplexes two visitors' requests on one FastCGI connection. One who
     leaves during an upload makes it send FCGI_ABORT_REQUEST for that request alone:
@@ -134,6 +136,7 @@ def test_haproxy_aborts_on_a_multiplexed_connection(tmp_path):
     assert len(re.findall(r"connection \d+: opened", text)) == 2  # the probe's, HAProxy's one
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", ["1", "2"])
 def test_request_timeout_answers_504_cuts_a_begun_response_and_reloads_in_place(tmp_path, threads):
     """--request-timeout 2: a request stuck for 30 s gets 504 within 6 s and one begun

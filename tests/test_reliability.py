@@ -246,6 +246,7 @@ def test_beyond_max_connections_new_ones_wait_in_the_backlog(serve):
     assert unused[0].read_record() is None  # the least recently used, closed for it
 
 
+@pytest.mark.slow
 def test_visitor_leaving_mid_response_cuts_the_body_so_only_defer_always_runs(
     serve, tmp_path, monkeypatch, caplog
 ):
