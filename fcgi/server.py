@@ -207,13 +207,15 @@ class Server:
             log.info("%s: the new code is checked again once the check under way ends", why)
             return
         self._checking = True
-        self._record_reload("checking")
         threading.Thread(
             target=self._check_then_reload, args=(why,), name="fcgi-reload", daemon=True
         ).start()
 
     def _check_then_reload(self, why: str) -> None:
         options = self.options
+        # here, not in reload(): from a signal handler, the scoreboard's lock may be held by
+        # the very code the signal interrupted (a request ending on the main thread)
+        self._record_reload("checking")
         log.info("%s: reloading; importing %s in a child process first", why, options.app)
         affinity.unbind_thread()  # the import check has a GIL of its own: every CPU
         try:
