@@ -422,7 +422,8 @@ def test_an_alarm_due_while_a_reload_imports_the_app_does_not_kill_the_worker(tm
             "the alarm, handled after the reload",
         )
         assert proc.poll() is None, f"the worker ended: {proc.returncode}"
-        assert log_path.read_text().count("serving on") == 2
+        # (the alarm is handled as the handlers go in, just before the worker serves)
+        wait_for(lambda: log_path.read_text().count("serving on") == 2, what="the reload")
         client = Client(sock)
         assert body(client) == str(proc.pid)
         client.close()
