@@ -459,8 +459,9 @@ def large_bodies(tmp: Path) -> None:
 
 def file_downloads(tmp: Path) -> None:
     """5 MB files through nginx, one worker with default settings: wsgi.file_wrapper
-    against the same file returned as a generator of 64 KB reads, alternating rounds;
-    also the worker's CPU per download."""
+    against the same file returned as a generator of 64 KB reads, alternating rounds.
+    The goal is the worker's CPU per download (nginx bounds the throughput here, and
+    the worker's share of that is what the file wrapper changes); MB/s beside it."""
     path = tmp / "5mb.bin"
     tmp.mkdir(parents=True, exist_ok=True)
     path.write_bytes(os.urandom(5 << 20))
@@ -482,19 +483,22 @@ def file_downloads(tmp: Path) -> None:
     table(
         "5. 5 MB file downloads, wsgi.file_wrapper or a plain iterable (MB/s)", res, "mbps", "MB/s"
     )
-    ratio = med(res["wsgi.file_wrapper"], "mbps") / med(res["plain iterable"], "mbps")
-    cpu = med(res["plain iterable"], "cpu_us") / med(res["wsgi.file_wrapper"], "cpu_us")
+    mbps = med(res["wsgi.file_wrapper"], "mbps") / med(res["plain iterable"], "mbps")
+    # each round's plain run against the file_wrapper run just before it, then the median
+    pairs = zip(res["wsgi.file_wrapper"], res["plain iterable"], strict=True)
+    cpu = statistics.median(p.cpu_us / w.cpu_us for w, p in pairs)
     sections.append(
         "Worker CPU per 5 MB download (µs): "
         + ", ".join(f"{name} {med(runs, 'cpu_us'):,.0f}" for name, runs in res.items())
-        + f"; plain iterable / file_wrapper {cpu:.2f}.\n"
+        + f"; plain iterable / file_wrapper {cpu:.2f} (median of the rounds' ratios); "
+        f"throughput file_wrapper / plain iterable {mbps:.2f}.\n"
     )
     goal(
-        "5. file downloads, file_wrapper vs plain iterable",
-        ratio,
+        "5. file downloads, worker CPU: plain iterable / file_wrapper",
+        cpu,
         ">= 1.0x",
-        ratio >= 1.0,
-        f"worker CPU ratio {cpu:.2f}",
+        cpu >= 1.0,
+        f"throughput ratio {mbps:.2f}",
     )
 
 
