@@ -41,6 +41,7 @@ from .wire.connection import IncomingRequest
 from .wsgi.files import FileWrapper
 from .wsgi.request import BAD_REQUEST, Request
 from .wsgi.runners import InlineRunner, ThreadRunner
+from .wsgi.running import Running
 from .wsgi.streams import ErrorStream, RequestBody
 
 log = logging.getLogger("fcgi")
@@ -95,12 +96,15 @@ class Server:
         self._check_again = False  # a reload was asked for during that check
         self.handover: Handover | None = None  # what the next interpreter adopts
         # every request handed to the runner -> the id of the thread running it (0: queued)
-        self.in_progress: dict[Request, int] = {}
+        self.in_progress = Running()
         self._overdue: threading.Timer | None = None  # bounds a real stop, once begun
         self._draining: DrainHook | None = None  # the drain hook running, for that bound's log
         self.watchdog = (
             Watchdog(
-                self.in_progress, options.slow_request, options.request_timeout, self._time_out
+                self.in_progress.snapshot,
+                options.slow_request,
+                options.request_timeout,
+                self._time_out,
             )
             if options.slow_request or options.request_timeout
             else None
@@ -263,7 +267,7 @@ class Server:
     def _stop_overdue(self) -> None:
         if self._stopped.is_set():
             return
-        running = list(self.in_progress)
+        running = list(self.in_progress.snapshot())
         for request in running:
             log.error("%s still running at the graceful deadline; abandoned", request)
         log.error(
@@ -469,8 +473,16 @@ class Server:
                 return None
         abandoned = 0
         if not self.runner.stop(deadline):
-            for request in list(self.in_progress):
+            for request in self.in_progress.snapshot():
                 log.error("%s still running at the graceful deadline; abandoned", request)
+                abandoned += 1
+        if not self.reloading:  # a reload's exec is what ends their threads
+            for request in self.in_progress.given_up():
+                log.error(
+                    "%s timed out (--request-timeout) and still runs in the app at the "
+                    "stop; abandoned",
+                    request,
+                )
                 abandoned += 1
         for hook in self.drain_hooks:
             self._draining = hook
@@ -526,7 +538,7 @@ class Server:
         else:
             busy = len(self.in_progress) - self.runner.detached
             request.waited = busy >= self.options.threads
-        self.in_progress[request] = 0
+        self.in_progress.queued(request)
         if self.requests == self.recycle_after:
             self.reload(f"recycling after {self.requests} requests")
         self.runner.submit(request)
@@ -564,7 +576,7 @@ class Server:
         (504, or a cut), its thread abandoned (Python cannot end a thread), and the worker
         reloads in place once the others have drained: the exec ends that thread, as
         uWSGI's harakiri recycles a worker."""
-        if self.in_progress.pop(request, None) is None:
+        if not self.in_progress.give_up(request):
             return
         outcome = request.time_out()
         if not request.thread:
@@ -574,26 +586,33 @@ class Server:
         self.timeouts += 1
         if self.scoreboard is not None:
             self.scoreboard.timed_out()
-        reload = not (self.stopping or self._checking)  # else one is under way already
+        if self.stopping and not self.reloading:
+            then = "the stop goes on without it (the exit abandons its thread)"
+        elif self.stopping or self._checking:
+            then = "the reload under way ends its thread"
+        else:
+            then = "the worker reloads in place once the others have drained"
         log.error(
             "request timed out: %s running for %.1f s (--request-timeout %g), thread %d; "
-            "%s; the worker reloads in place once the others have drained:\n%s",
+            "%s; %s:\n%s",
             request,
             running_for,
             self.options.request_timeout,
             thread,
             outcome,
+            then,
             stack,
         )
         self.runner.abandon(request)
-        if reload:
+        if not (self.stopping or self._checking):  # else one is under way already
             self.reload(f"{request} ran past --request-timeout")
 
     # -- running a request, on a runner thread ------------------------------------
 
     def handle(self, request: Request) -> None:
         request.started = time.monotonic()
-        self.in_progress[request] = request.thread = threading.get_ident()
+        request.thread = thread = threading.get_ident()
+        self.in_progress.started(request, thread)
         environ = request.build_environ(self.base_environ, self.options.mount)
         if self.access_log is not None:
             environ["fcgi.log_fields"] = {}
@@ -623,8 +642,7 @@ class Server:
         finally:
             if request.incoming.body is not None:
                 request.incoming.body.close()
-            # (gone already if --request-timeout gave up on it)
-            self.in_progress.pop(request, None)
+            self.in_progress.ended(request)  # (given up on already, past --request-timeout)
             request.thread = 0  # ended: no longer the loop's to move (runners.InlineRunner)
             if board is not None:
                 board.request_ended()

@@ -263,3 +263,25 @@ def test_sighup_reloads_in_place_after_running_the_deferred_work(tmp_path):
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+@pytest.mark.slow
+def test_a_request_timing_out_during_a_graceful_stop_is_abandoned_by_the_stop(tmp_path):
+    """A watchdog tick during a stop: the request past --request-timeout is answered 504,
+    the stop goes on (no reload is begun under it), and since its thread still runs in
+    the app when the worker exits, the stop says so and exits 3."""
+    log = tmp_path / "work.log"
+    env = python_env(TEST_APP_LOG=str(log))
+    args = ("--threads", "2", "--graceful-timeout", "20", "--request-timeout", "2")
+    with worker(tmp_path, "tests.apps_attack:stuck", *args, env=env) as (proc, sock):
+        client = Client(str(sock))
+        client.send(request_bytes("/stuck?60"))
+        wait_for(lambda: log.exists() and "running" in log.read_text(), what="the request")
+        proc.send_signal(signal.SIGTERM)
+        assert client.read_response().status == 504
+        assert proc.wait(30) == 3  # at once after the timeout, not at the 20 s deadline
+        client.close()
+    text = _worker_log(tmp_path).read_text()
+    assert "the stop goes on without it" in text
+    assert "(GET /stuck?60) timed out (--request-timeout) and still runs in the app" in text
+    assert "reloading" not in text and "reloads in place" not in text

@@ -29,12 +29,12 @@ class Watchdog:
 
     def __init__(
         self,
-        in_progress: Mapping[Any, int],
+        running: Callable[[], Mapping[Any, int]],
         limit: float,
         timeout: float = 0.0,
         on_timeout: Callable[[Any, float, int, str], None] | None = None,
     ) -> None:
-        self.in_progress = in_progress  # running request -> the id of its thread (0: queued)
+        self.running = running  # () -> each running request and its thread (0: queued)
         self.limit = limit
         self.timeout = timeout
         self.on_timeout = on_timeout
@@ -56,7 +56,7 @@ class Watchdog:
 
     def check(self, now: float) -> None:
         frames = None
-        running = dict(self.in_progress)
+        running = self.running()
         for request, thread_id in running.items():
             if not thread_id:
                 continue  # queued, not started
@@ -89,7 +89,8 @@ def _stack(frames: dict[int, FrameType], thread_id: int) -> str:
 
 def thread_frames() -> dict[int, FrameType]:
     """``sys._current_frames()`` with the collector paused: before CPython 3.11.9 and
-    3.12.3 a collection inside it could deadlock the interpreter (CPython gh-106883)."""
+    3.12.3 a collection inside it could deadlock the interpreter (CPython gh-106883).
+    (wsgi_app's executor has the same guard: the two packages do not import each other.)"""
     enabled = gc.isenabled()
     gc.disable()
     try:
