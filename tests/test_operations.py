@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -422,3 +423,24 @@ def test_max_children_reached_counts_requests_that_found_every_worker_busy_and_h
     header, *procs = rows.tables["processes"]
     assert header[:3] == ["pid", "state", "start time"] and len(procs) == 1
     assert dict(zip(header, procs[0], strict=True))["request uri"] == "/fcgi-status?html&full"
+
+
+def test_the_status_page_on_threads_1_answers_while_another_process_holds_the_pool_lock(
+    tmp_path,
+):
+    """With --threads 1 the status page is served on the I/O loop's thread: it reads the
+    pool's figures without their lock, so another worker holding it (stalled, or slow
+    on a busy disk) never holds this worker's loop."""
+    board = tmp_path / "board"
+    args = ("--threads", "1", "--status-path", "/status", "--scoreboard", str(board))
+    with worker(tmp_path, "tests.apps:hello", *args) as (_proc, sock):
+        client = Client(str(sock))
+        client.sock.settimeout(10)
+        assert json.loads(client.request("/status?json").body)["total processes"] == 1
+        with open(board / "pool.lock", "a") as lock, open(board / "pool.json", "a") as figures:
+            for f in (lock, figures):  # another process's locks (on either): the worker's wait
+                fcntl.lockf(f, fcntl.LOCK_EX)
+            data = json.loads(client.request("/status?json").body)
+            assert data["total processes"] == 1 and data["accepted conn"] == 2
+            assert client.request("/").body == b"Hello world\n"
+        client.close()

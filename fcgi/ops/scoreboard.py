@@ -81,6 +81,8 @@ def _offset(name: str) -> int:
 
 
 _ACTIVE_AT, _THREADS_AT = _offset("active"), _offset("threads")
+POOL = "pool.json"  # what outlives one worker: the pool's start, marks, counts
+POOL_LOCK = "pool.lock"  # the lock its writers take (pool.json is renamed over, not locked)
 _POOL_LOCK = threading.Lock()  # POSIX locks do not exclude threads of one process
 
 
@@ -105,7 +107,7 @@ class Scoreboard:
             # the first worker of a new pool (not this one's reload): its start time and
             # marks begin now
             with contextlib.suppress(FileNotFoundError):
-                (self.dir / "pool.json").unlink()
+                (self.dir / POOL).unlink()
         try:
             self.path.write_bytes(bytes(SLOT.size))
         except FileNotFoundError:  # the pool's last worker removed the folder meanwhile
@@ -263,7 +265,8 @@ class Scoreboard:
         elif self.shared and not self.read_all(sample=False):
             # the pool's last worker; a worker starting meanwhile recreates the folder
             with contextlib.suppress(OSError):
-                (self.dir / "pool.json").unlink()
+                (self.dir / POOL).unlink()
+                (self.dir / POOL_LOCK).unlink()
                 self.dir.rmdir()
 
     # -- reading the pool ------------------------------------------------------------
@@ -313,35 +316,45 @@ class Scoreboard:
                 self._peers[path] = (peer_file, peer)
 
     def pool(self) -> dict[str, Any]:
-        return self._update_pool()
+        """The pool's figures as pool.json has them, read without its lock: the status
+        page reads them on whatever thread serves it (with --threads 1, the loop's), which
+        must never wait for another worker holding the lock."""
+        pool = {"start_time": self.values["start_time"], "max_active": 0}
+        pool.update(max_children_reached=0, request_timeouts=0)
+        pool.update(self._read_pool())
+        return pool
+
+    def _read_pool(self) -> dict[str, Any]:
+        try:
+            found = json.loads((self.dir / POOL).read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
 
     @contextlib.contextmanager
-    def _locked_pool(self) -> Iterator[IO[str]]:
-        """pool.json, open and locked against this pool's other workers and this one's
-        other threads. A POSIX record lock (``lockf``), not ``flock``: a process forked
-        meanwhile (the deferred-work helper, an app's own child) does not inherit it,
-        where an inherited ``flock`` stayed held by the child and hung this worker."""
-        with _POOL_LOCK, open(self.dir / "pool.json", "a+", encoding="utf-8") as f:
+    def _locked_pool(self) -> Iterator[None]:
+        """pool.json's lock (on ``pool.lock``), against this pool's other workers and this
+        one's other threads. A POSIX record lock (``lockf``), not ``flock``: a process
+        forked meanwhile (the deferred-work helper, an app's own child) does not inherit
+        it, where an inherited ``flock`` stayed held by the child and hung this worker."""
+        with _POOL_LOCK, open(self.dir / POOL_LOCK, "a", encoding="utf-8") as f:
             fcntl.lockf(f, fcntl.LOCK_EX)
-            yield f
+            yield
 
     def _update_pool(self, active: int = 0, reached: int = 0, timeouts: int = 0) -> dict[str, Any]:
-        """Read and update pool.json under a lock: start time, high-water marks, the
-        ``reached`` count of a worker giving its slot up, request timeouts."""
-        with self._locked_pool() as f:
-            f.seek(0)
-            try:
-                pool = json.loads(f.read() or "{}")
-            except ValueError:
-                pool = {}
+        """Update pool.json under its lock: start time, high-water marks, the ``reached``
+        count of a worker giving its slot up, request timeouts. Written whole to a new
+        file and renamed over the old, so a reader without the lock never sees half."""
+        with self._locked_pool():
+            pool = self._read_pool()
             pool.setdefault("start_time", time.time())
             pool["max_active"] = max(pool.get("max_active", 0), active)
             # of workers gone; the live ones' are in their slots
             pool["max_children_reached"] = pool.get("max_children_reached", 0) + reached
             pool["request_timeouts"] = pool.get("request_timeouts", 0) + timeouts
-            f.seek(0)
-            f.truncate()
-            f.write(json.dumps(pool))
+            fresh = self.dir / f"{POOL}.{os.getpid()}"
+            fresh.write_text(json.dumps(pool), encoding="utf-8")
+            os.replace(fresh, self.dir / POOL)
         return pool
 
 

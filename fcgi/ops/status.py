@@ -22,7 +22,7 @@ OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 def pool_status(board: Scoreboard, pool_name: str, full: bool) -> dict[str, Any]:
     """The status as PHP-FPM names it, plus the deferred-work fields."""
     now = time.time()
-    slots = board.read_all()
+    slots = board.read_all(sample=False)  # the refresher samples: never the serving thread
     pool = board.pool()
     active = [s for s in slots if s["busy_since"]]
     data: dict[str, Any] = {
