@@ -144,7 +144,6 @@ class Request:
         "finished",
         "headers",
         "headers_sent",
-        "id",
         "in_app",
         "incoming",
         "no_body",
@@ -153,6 +152,7 @@ class Request:
         "on_stream",
         "outside_mount",
         "request_id",
+        "rid",
         "started",
         "status",
         "thread",
@@ -162,7 +162,7 @@ class Request:
     def __init__(self, conn: Channel, incoming: IncomingRequest) -> None:
         self.conn = conn
         self.incoming = incoming
-        self.id = incoming.id  # the FastCGI request id, nearly always 1
+        self.rid = incoming.id  # the FastCGI request id (nearly always 1), as the wire has it
         self.request_id = ""  # the worker's own: environ["fcgi.request_id"]
         self.waited = False  # it found every thread of the worker taken
         self.error = incoming.error  # why the request is refused with 400, if it is
@@ -191,7 +191,7 @@ class Request:
         return f"{params.get('REQUEST_METHOD', '-')} {params.get('REQUEST_URI', '-')}"
 
     def __str__(self) -> str:
-        return f"request {self.request_id or self.id} ({self.describe()})"
+        return f"request {self.request_id or self.rid} ({self.describe()})"
 
     @property
     def aborted(self) -> bool:
@@ -290,7 +290,7 @@ class Request:
                 chunks = []
                 size = 0
             chunks.insert(0, self._head)
-        if not self.conn.send_stdout(self.id, chunks, self.incoming):
+        if not self.conn.send_stdout(self.rid, chunks, self.incoming):
             if self.finished:  # ended meanwhile from another thread (--request-timeout)
                 self.dropped += len(data)
                 return
@@ -326,7 +326,7 @@ class Request:
                 chunks = []
                 size = 0
             chunks.insert(0, self._head)
-        if self.conn.end_request(self.id, chunks, self.incoming):
+        if self.conn.end_request(self.rid, chunks, self.incoming):
             self.body_bytes += size
         else:
             self._gone()
@@ -404,7 +404,7 @@ class Request:
     def _send_file(self, wrapper: FileWrapper) -> None:
         """``wsgi.file_wrapper``'s file, by blocks read straight into records (one read,
         one send each); iterated as any result if it has no descriptor to read."""
-        blocks = Blocks.of(wrapper, self.id)
+        blocks = Blocks.of(wrapper, self.rid)
         if blocks is None or self.status is None:
             self._stream(wrapper)
             return
@@ -418,7 +418,7 @@ class Request:
             head = self._head
             if len(head) > MAX_HEAD:  # too long to share a record with the file's start
                 self.headers_sent = True
-                if not conn.send_stdout(self.id, [head], incoming):
+                if not conn.send_stdout(self.rid, [head], incoming):
                     raise ClientDisconnected
                 head = b""
         try:
@@ -427,7 +427,7 @@ class Request:
                 block = blocks.next(conn.out_size, head)
                 if block is None:
                     return
-                if not conn.send_framed(self.id, block, incoming):
+                if not conn.send_framed(self.rid, block, incoming):
                     if self.finished:  # ended from another thread (--request-timeout)
                         return
                     raise ClientDisconnected
@@ -445,7 +445,7 @@ class Request:
             return "its response had ended (fcgi.finish_request); the app's thread is abandoned"
         self.finished = True
         answer = GATEWAY_TIMEOUT
-        sent = self.conn.expire(self.id, [answer.head, answer.body], self.incoming)
+        sent = self.conn.expire(self.rid, [answer.head, answer.body], self.incoming)
         if sent is None:
             outcome = "the web server had given up on it"
         elif sent:
@@ -487,7 +487,7 @@ class Request:
         )
         self.finished = True
         self.status = "500 (cut)"
-        self.conn.cut(self.id, self.incoming)
+        self.conn.cut(self.rid, self.incoming)
         self._ended()
 
     def _ended(self) -> None:
