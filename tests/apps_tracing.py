@@ -7,7 +7,8 @@ wsgi's middleware around ours, as an app would set it up.
 
 ``/signup?tag=T`` binds T in a context variable, defers ``send_welcome`` (which opens
 a span of its own and notes the tag it sees on its span) and ``charge`` (which fails),
-and answers the request id and the ids of the span current in the view.
+and answers the request id and the ids of the span current in the view; with
+``&gate=PATH``, a first call waits at that gate (tests/gate.py) before them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from urllib.parse import parse_qs
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
@@ -23,6 +25,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.apps_context import request_tag
+from tests.gate import wait_at
 from wsgi_app.deferred import DeferredMiddleware, defer
 
 
@@ -84,8 +87,11 @@ def _json(start_response, data: object):
 def _view(environ, start_response):
     if environ["PATH_INFO"] == "/spans":
         return _json(start_response, [as_dict(span) for span in memory.get_finished_spans()])
-    token = request_tag.set(environ["QUERY_STRING"].partition("tag=")[2] or "<none>")
+    query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    token = request_tag.set(query.get("tag", "<none>"))
     try:
+        if "gate" in query:
+            defer(environ, wait_at, query["gate"])
         defer(environ, send_welcome, "ada@example.org")
         defer(environ, charge, 1999)
     finally:

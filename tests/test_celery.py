@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +130,47 @@ def test_with_a_journal_calls_not_yet_published_survive_a_kill_and_are_published
     runs = collections.Counter(line.split()[0] for line in lines(out))
     assert runs == {f"r{r}-{i}": 1 for r in range(5) for i in range(2)}
     assert {line.split()[1] for line in lines(out)} == {str(celery_pid)}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_calls_run_by_celery_join_the_requests_trace_directly_and_through_the_outbox(
+    tmp_path: Path,
+) -> None:
+    """OpenTelemetry in the web workers and in the Celery worker (each writes its spans to
+    one file): a call handed to Celery directly, and one recorded in the journal first
+    (the outbox), runs in a span under its request's span; context variables stay behind."""
+    spans_file = tmp_path / "spans.jsonl"
+    app = "tests.apps_tracing:application"
+    views = {}
+    with (
+        redis(tmp_path) as broker,
+        # the Celery worker imports tests.apps_tracing (its SDK and exporter) with the calls
+        celery_worker(tmp_path, broker, TEST_SPANS=str(spans_file)) as celery_pid,
+    ):
+        for name, journal in (
+            ("direct", {}),
+            ("outbox", {"DEFERRED_JOURNAL": str(tmp_path / "j")}),
+        ):
+            env = python_env(DEFERRED_CELERY=broker, TEST_SPANS=str(spans_file), **journal)
+            with worker(tmp_path, app, env=env, name=name) as (_, sock):
+                client = Client(str(sock))
+                views[name] = json.loads(client.request(f"/signup?tag={name}").body)
+                client.close()
+
+        def ended() -> list[dict]:
+            spans = [json.loads(line) for line in lines(spans_file)]
+            ours = [s for s in spans if s["pid"] == celery_pid]
+            return sum(s["name"].startswith("deferred ") for s in ours) == 4 and ours
+
+        spans = wait_for(ended, 30, "the four calls' spans in the Celery worker")
+    for name, view in views.items():
+        trace = {s["name"]: s for s in spans if s["trace_id"] == view["trace_id"]}
+        assert sorted(trace) == ["deferred charge", "deferred send_welcome", "smtp send"], name
+        welcome, charge = trace["deferred send_welcome"], trace["deferred charge"]
+        assert welcome["parent_id"] == charge["parent_id"] == view["span_id"]
+        assert trace["smtp send"]["parent_id"] == welcome["span_id"]
+        assert (welcome["status"], welcome["attributes"]["deferred.outcome"]) == ("UNSET", "done")
+        assert (charge["status"], charge["attributes"]["deferred.outcome"]) == ("ERROR", "failed")
+        assert charge["description"] == "RuntimeError: card declined for 1999 cents"
+        assert welcome["attributes"]["shop.tag"] == "<none>"  # documented: it stays behind

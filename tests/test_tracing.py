@@ -20,13 +20,15 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.apps_context import request_tag
 from tests.apps_tracing import as_dict
 from tests.fcgi_client import Client
+from tests.gate import Gate
 from tests.inprocess import call_app
 from tests.procs import HTTP, ROOT, lines, nginx, python_env, wait_for, worker
 from wsgi_app.deferred import DeferredMiddleware, defer
 from wsgi_app.runtime import tracing
-from wsgi_app.runtime.tracing import context_from, traceparent
+from wsgi_app.runtime.tracing import carried, context_from, context_of, traceparent
 
 
 @pytest.fixture
@@ -207,6 +209,22 @@ def test_a_traceparent_carries_a_contexts_span_and_reads_back(provider):
     assert context_from("00-not-a-traceparent-01") is None and context_from(None) is None
 
 
+def test_a_travelling_calls_metadata_names_its_span_only_when_it_has_one(provider):
+    """What the journal and Celery carry: the traceparent, or no key at all; read back
+    into a copy of a given context (the Celery task's), whose own variables stay."""
+    with provider.get_tracer("tests").start_as_current_span("GET /signup"):
+        meta = carried(contextvars.copy_context())
+    assert meta == {"traceparent": traceparent(context_from(meta["traceparent"]))}
+    assert carried(contextvars.Context()) is None and carried(None) is None
+    task = contextvars.copy_context()
+    task.run(request_tag.set, "bound by the Celery worker")
+    joined = context_of(meta, task)
+    assert traceparent(joined) == meta["traceparent"]
+    assert joined.run(request_tag.get) == "bound by the Celery worker"
+    assert task.run(trace.get_current_span) is trace.INVALID_SPAN  # a copy was changed
+    assert context_of(None, task) is None and context_of({}) is None
+
+
 @pytest.mark.e2e
 def test_one_request_through_nginx_is_one_trace_with_its_deferred_calls(tmp_path):
     env = python_env()
@@ -284,6 +302,54 @@ def test_in_the_helper_process_the_trace_crosses_and_context_variables_do_not(tm
     assert f"id={view['request_id']} trace={view['trace_id']}" in line  # the text format
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_journaled_calls_taken_over_after_a_kill_run_in_the_requests_trace(tmp_path):
+    """The calls wait behind a first one held at a gate; SIGKILL; a fresh worker on the
+    journal takes them over (and retries the failing one): each in a span under the
+    request's, from its traceparent in the journal; context variables stay behind."""
+    spans_file = tmp_path / "spans.jsonl"
+    env = python_env(
+        TEST_SPANS=str(spans_file),
+        DEFERRED_JOURNAL=str(tmp_path / "j.sqlite3"),
+        DEFERRED_ATTEMPTS="2",
+        DEFERRED_RETRY="0.05",
+    )
+    app = "tests.apps_tracing:application"
+    with Gate(tmp_path / "gate") as gate, worker(tmp_path, app, env=env) as (first, sock):
+        client = Client(str(sock))
+        view = json.loads(client.request(f"/signup?tag=ada&gate={gate.path}").body)
+        client.close()
+        first.kill()
+        first.wait()
+    with worker(tmp_path, app, env=env, name="next") as (second, sock):
+        # a first request says the app is served here (OpenTelemetry's middleware around
+        # ours does not hand on fcgi_startup): takeovers start
+        client = Client(str(sock))
+        assert client.request("/spans").status == 200
+        client.close()
+
+        def ended() -> list[dict]:
+            spans = [json.loads(line) for line in lines(spans_file)]
+            ours = [s for s in spans if s["pid"] == second.pid]
+            names = [s["name"] for s in ours]
+            return names.count("deferred charge") == 2 and "deferred send_welcome" in names and ours
+
+        spans = wait_for(ended, 30, "the taken-over calls' spans, the retry's too")
+    calls = [s for s in spans if s["name"].startswith("deferred ")]
+    assert {s["name"] for s in calls} == {
+        "deferred wait_at",
+        "deferred send_welcome",
+        "deferred charge",
+    }
+    for span in calls:
+        assert (span["trace_id"], span["parent_id"]) == (view["trace_id"], view["span_id"])
+    by_name = {s["name"]: s for s in spans}
+    assert by_name["smtp send"]["parent_id"] == by_name["deferred send_welcome"]["span_id"]
+    assert by_name["deferred send_welcome"]["attributes"]["shop.tag"] == "<none>"  # documented
+    assert [s["status"] for s in calls if s["name"] == "deferred charge"] == ["ERROR", "ERROR"]
+
+
 def test_without_opentelemetry_calls_run_in_their_context_with_no_span_and_no_import():
     script = """
 import contextvars, json, logging, sys
@@ -314,6 +380,7 @@ wait_for(lambda: records)
 print(json.dumps({
     "enabled": tracing.ENABLED,
     "tracer": repr(app.executor.tracer),
+    "carried": tracing.carried(contextvars.copy_context()),
     "seen": seen,
     "fields": {k: getattr(records[0], k, None) for k in ("request_id", "trace_id")},
     "imported": sorted(m for m, v in sys.modules.items() if "opentelemetry" in m and v),
@@ -331,6 +398,7 @@ print(json.dumps({
     assert json.loads(out.stdout) == {
         "enabled": False,
         "tracer": "None",
+        "carried": None,
         "seen": ["ada"],
         "fields": {"request_id": "7-1", "trace_id": None},
         "imported": [],

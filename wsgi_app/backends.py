@@ -2,7 +2,8 @@
 
 The middleware asks a backend three things per request that defers work:
 ``encode`` at each ``defer()`` (so a call that cannot travel is refused there,
-naming it), ``record`` before any part of the response that follows the calls can
+naming it; its metadata, which travels with it, carries its place in the request's
+trace), ``record`` before any part of the response that follows the calls can
 reach the visitor (one write for the calls deferred until then; at once for a call
 deferred after the finish), and ``accept`` once the response is over, which says
 what of the batch the worker's executor still runs. ``forget`` drops recorded
@@ -26,6 +27,7 @@ from typing import Any
 from .journal.store import Journal, Row
 from .journal.sweeper import Sweeper
 from .journal.takeover import CLAIM_REQUESTS
+from .runtime import tracing
 from .runtime.callpath import Unrecordable, dumps_args, loads_args, path_of, resolve
 from .runtime.calls import Batch, Call, State
 from .runtime.executor import DeferredExecutor
@@ -102,11 +104,9 @@ class JournalBackend:
             )
         return self.journal.flush(seconds_left)
 
-    def encode(
-        self, func: Callable[..., Any], args: tuple, kwargs: dict
-    ) -> tuple[str, bytes, None]:
-        path = path_of(func)
-        return path, dumps_args(path, args, kwargs), None
+    def encode(self, call: Call) -> tuple[str, bytes, dict[str, str] | None]:
+        path = path_of(call.func)
+        return path, dumps_args(path, call.args, call.kwargs), tracing.carried(call.context)
 
     def record(self, batch: Batch, records: Records) -> None:
         """On the serving thread: one write to the log for these calls."""
@@ -179,13 +179,14 @@ class JournalBackend:
         return self.executor.threads - self.executor.load()
 
     def _run(self, rows: list[Row]) -> None:
-        """Run a claimed request's calls (a dead worker's, or retries) in their order."""
+        """Run a claimed request's calls (a dead worker's, or retries) in their order,
+        each in its request's trace when it carries one."""
         batch = Batch(origin=f"{rows[0].origin}, taken over")
         ids = []
         for row in rows:
             try:
                 args, kwargs = loads_args(row.payload)
-                call = Call(resolve(row.path), args, kwargs)
+                call = Call(resolve(row.path), args, kwargs, context=tracing.context_of(row.meta))
             except Exception as exc:  # the code changed since: a failure like any other
                 log.exception("deferred %s cannot be loaded (request %s)", row.path, row.origin)
                 self.journal.failed(row.id, _one_line(exc))
@@ -251,12 +252,12 @@ class CeleryBackend:
         self.outbox.flush()
         return left
 
-    def encode(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        path = path_of(func)
-        self._check(path, args, kwargs)
+    def encode(self, call: Call) -> Any:
+        path = path_of(call.func)
+        self._check(path, call.args, call.kwargs)
         if self.outbox is not None:
-            return self.outbox.encode(func, args, kwargs)
-        return path, None, None
+            return self.outbox.encode(call)
+        return path, None, tracing.carried(call.context)
 
     def record(self, batch: Batch, records: Records) -> None:
         if self.outbox is not None:

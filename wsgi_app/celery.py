@@ -7,18 +7,26 @@ Start its workers (any number, on any machine that has the app's code)::
 The web worker's publisher (``Publisher``, a background thread: serving threads
 never publish) sends the calls of the requests that ended in the last
 ``SEND_EVERY`` seconds (50 ms) as one task, ``wsgi_app.deferred_batches``, carrying
-``(origin, [(import path, args, kwargs), ...])`` for each request: a publish costs
-the web worker about 0.4 ms of Python (kombu), so one per request would take a
-large part of its capacity. Each request's calls run in the order it registered
-them, coroutine functions included. A failing call is logged with its traceback
-and the request it came from, and the rest go on, as in the worker. Tasks are
-acknowledged after they ran (``acks_late``), so a Celery worker killed mid-task
-leaves it to another: at least once.
+``(origin, [(import path, args, kwargs[, metadata]), ...])`` for each request: a
+publish costs the web worker about 0.4 ms of Python (kombu), so one per request
+would take a large part of its capacity. Each request's calls run in the order it
+registered them, coroutine functions included. A failing call is logged with its
+traceback and the request it came from, and the rest go on, as in the worker.
+Tasks are acknowledged after they ran (``acks_late``), so a Celery worker killed
+mid-task leaves it to another: at least once.
+
+With OpenTelemetry, a call carries the W3C ``traceparent`` of the request's span in
+its metadata, and runs here in a span ``deferred <callable>`` under it, as in the web
+worker (``wsgi_app.runtime.tracing``): one trace from the request to the Celery
+worker. Each call runs in a copy of the task's context (what the Celery worker's own
+signal handlers bound is there; what a call sets does not reach the next); the
+request's other context variables do not travel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -31,7 +39,9 @@ from typing import Any
 from celery import Celery
 from kombu.utils.json import dumps
 
+from .runtime import tracing
 from .runtime.callpath import Unrecordable, resolve
+from .runtime.calls import Batch, Call, State
 from .runtime.cpus import background
 
 log = logging.getLogger("wsgi_app.deferred")
@@ -58,16 +68,43 @@ def deferred_batch(origin: str, calls: list[list[Any]]) -> int:
     """Run one request's calls in order; returns how many failed (each is logged). A
     call is ``[path, args, kwargs]``, and a fourth item, its metadata (a dict), when
     it has some."""
+    batch, tracer, task = Batch(origin), tracing.tracer(), contextvars.copy_context()
     failed = 0
-    for path, args, kwargs, *_meta in calls:
+    for path, args, kwargs, *meta in calls:
         try:
-            result = resolve(path)(*args, **kwargs)
-            if inspect.isawaitable(result):
-                asyncio.run(_awaited(result))
+            call = Call(resolve(path), args, kwargs)
         except Exception:
             failed += 1
             log.exception("deferred %s failed (request %s)", path, origin)
+            continue
+        call.context = tracing.context_of(meta[0] if meta else None, task) or task.copy()
+        failed += call.context.run(_run, tracer, batch, call, path)
     return failed
+
+
+def _run(tracer: Any, batch: Batch, call: Call, path: str) -> bool:
+    """In the call's context: run it in its span (under the request's when it carries
+    its traceparent); True if it failed."""
+    if tracer is not None:
+        tracing.begin(tracer, batch, call)
+    call.state = State.RUNNING
+    try:
+        result = call.func(*call.args, **call.kwargs)
+        if inspect.isawaitable(result):
+            asyncio.run(_awaited(result))
+    except Exception as exc:
+        call.state = State.FAILED
+        log.exception(
+            "deferred %s failed (request %s)",
+            path,
+            batch.origin,
+            extra=tracing.log_fields(batch, call),
+        )
+        tracing.end(call, exc)
+        return True
+    call.state = State.DONE
+    tracing.end(call)
+    return False
 
 
 @app.task(name=BATCHES_TASK)

@@ -698,7 +698,7 @@ def _add(environ: WSGIEnvironment, func: Callable[..., Any], args: Any, kwargs: 
     if recorder is None:
         batch.calls.append(call)
         return
-    record = recorder.backend.encode(func, args, kwargs)
+    record = recorder.backend.encode(call)
     batch.calls.append(call)
     try:
         recorder.add(call, record)  # recorded at once after the finish

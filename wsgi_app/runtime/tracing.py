@@ -10,9 +10,11 @@ deadline). Spans need only ``opentelemetry-api`` (``pip install
 fcgi-finish[opentelemetry]``) and whatever SDK the app configures; without it the
 import below is the whole cost.
 
-Where a ``Context`` cannot go (a pickled batch to the helper process, later a
-journal row or a Celery message), ``traceparent()`` writes a call's place in its
-trace as a W3C ``traceparent`` string and ``context_from()`` reads it back.
+Where a ``Context`` cannot go (a pickled batch to the helper process, a journal row,
+a Celery message), ``traceparent()`` writes a call's place in its trace as a W3C
+``traceparent`` string and ``context_from()`` reads it back; ``carried()`` and
+``context_of()`` do so in the metadata a journaled or Celery-bound call travels with.
+Nothing else of the request's context travels.
 """
 
 from __future__ import annotations
@@ -139,17 +141,36 @@ def traceparent(context: contextvars.Context | None) -> str | None:
     return carrier.get("traceparent")
 
 
-def context_from(traceparent: str | None) -> contextvars.Context | None:
-    """A fresh context whose current span is the remote one ``traceparent`` names, so a
-    call run in it joins that trace; None when there is nothing to carry."""
+def context_from(
+    traceparent: str | None, base: contextvars.Context | None = None
+) -> contextvars.Context | None:
+    """A copy of ``base`` (else a fresh context) whose current span is the remote one
+    ``traceparent`` names, so a call run in it joins that trace; None when there is
+    nothing to carry."""
     if _trace is None or not traceparent:
         return None
-    found = _W3C.extract({"traceparent": traceparent})
+    context = contextvars.Context() if base is None else base.copy()
+    found = context.run(_W3C.extract, {"traceparent": traceparent})
     if not _trace.get_current_span(found).get_span_context().is_valid:
         return None  # malformed: the call starts a trace of its own
-    context = contextvars.Context()
     context.run(_otel.attach, found)
     return context
+
+
+def carried(context: contextvars.Context | None) -> dict[str, str] | None:
+    """The metadata of a call that travels (``meta``, beside its arguments): the
+    ``traceparent`` of the span current in its defer()'s ``context``; None without a
+    span or OpenTelemetry, so such a call carries no key at all."""
+    written = traceparent(context)
+    return {"traceparent": written} if written else None
+
+
+def context_of(
+    meta: dict[str, Any] | None, base: contextvars.Context | None = None
+) -> contextvars.Context | None:
+    """The context a travelled call runs in (a copy of ``base``, else a fresh one) under
+    the span its metadata names (see ``carried``); None when it names none."""
+    return context_from(meta.get("traceparent"), base) if meta else None
 
 
 def flush(timeout: float = 5.0) -> None:
