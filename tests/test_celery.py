@@ -169,6 +169,7 @@ def test_calls_run_by_celery_join_the_requests_trace_directly_and_through_the_ou
         assert sorted(trace) == ["deferred charge", "deferred send_welcome", "smtp send"], name
         welcome, charge = trace["deferred send_welcome"], trace["deferred charge"]
         assert welcome["parent_id"] == charge["parent_id"] == view["span_id"]
+        assert charge["attributes"]["deferred.request_id"] == view["request_id"]
         assert trace["smtp send"]["parent_id"] == welcome["span_id"]
         assert (welcome["status"], welcome["attributes"]["deferred.outcome"]) == ("UNSET", "done")
         assert (charge["status"], charge["attributes"]["deferred.outcome"]) == ("ERROR", "failed")

@@ -344,6 +344,7 @@ def test_journaled_calls_taken_over_after_a_kill_run_in_the_requests_trace(tmp_p
     }
     for span in calls:
         assert (span["trace_id"], span["parent_id"]) == (view["trace_id"], view["span_id"])
+        assert span["attributes"]["deferred.request_id"] == view["request_id"]
     by_name = {s["name"]: s for s in spans}
     assert by_name["smtp send"]["parent_id"] == by_name["deferred send_welcome"]["span_id"]
     assert by_name["deferred send_welcome"]["attributes"]["shop.tag"] == "<none>"  # documented

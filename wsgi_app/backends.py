@@ -45,10 +45,6 @@ def _one_line(error: BaseException | None) -> str:
     return text[0][:500] if text else type(error).__name__
 
 
-def _origin(batch: Batch) -> str:
-    return f"{batch.origin} id={batch.request_id}" if batch.request_id else batch.origin
-
-
 class JournalBackend:
     """Calls recorded in an SQLite journal before the visitor has the response, run by
     this worker's executor, taken over by another worker of the app when this one dies."""
@@ -110,7 +106,7 @@ class JournalBackend:
 
     def record(self, batch: Batch, records: Records) -> None:
         """On the serving thread: one write to the log for these calls."""
-        keys = self.journal.record(_origin(batch), [record for _, record in records])
+        keys = self.journal.record(batch.travelling(), [record for _, record in records])
         self._ids.update(zip([call for call, _ in records], keys, strict=True))
 
     def accept(self, batch: Batch, records: Records) -> Batch:
@@ -181,7 +177,7 @@ class JournalBackend:
     def _run(self, rows: list[Row]) -> None:
         """Run a claimed request's calls (a dead worker's, or retries) in their order,
         each in its request's trace when it carries one."""
-        batch = Batch(origin=f"{rows[0].origin}, taken over")
+        batch = Batch.travelled(rows[0].origin, ", taken over")
         ids = []
         for row in rows:
             try:
@@ -271,7 +267,7 @@ class CeleryBackend:
         durable = [call for call, _ in records]
         calls = [_message(path, call.args, call.kwargs, meta) for call, (path, _, meta) in records]
         tokens = durable if self.outbox is None else self.outbox.handed(durable)
-        self.publisher.put(_origin(batch), calls, tokens)
+        self.publisher.put(batch.travelling(), calls, tokens)
         travelled = set(durable)
         batch.calls = [call for call in batch.calls if call not in travelled]
         return batch
@@ -298,7 +294,8 @@ class CeleryBackend:
         for row in rows:
             args, kwargs = loads_args(row.payload)
             calls.append(_message(row.path, args, kwargs, row.meta))
-        self.publisher.put(f"{rows[0].origin}, taken over", calls, [row.id for row in rows])
+        origin = Batch.travelled(rows[0].origin, ", taken over").travelling()
+        self.publisher.put(origin, calls, [row.id for row in rows])
 
 
 def _message(path: str, args: tuple, kwargs: dict, meta: dict[str, Any] | None) -> list[Any]:

@@ -68,7 +68,7 @@ def deferred_batch(origin: str, calls: list[list[Any]]) -> int:
     """Run one request's calls in order; returns how many failed (each is logged). A
     call is ``[path, args, kwargs]``, and a fourth item, its metadata (a dict), when
     it has some."""
-    batch, tracer, task = Batch(origin), tracing.tracer(), contextvars.copy_context()
+    batch, tracer, task = Batch.travelled(origin), tracing.tracer(), contextvars.copy_context()
     failed = 0
     for path, args, kwargs, *meta in calls:
         try:
@@ -97,7 +97,7 @@ def _run(tracer: Any, batch: Batch, call: Call, path: str) -> bool:
         log.exception(
             "deferred %s failed (request %s)",
             path,
-            batch.origin,
+            batch.travelling(),
             extra=tracing.log_fields(batch, call),
         )
         tracing.end(call, exc)

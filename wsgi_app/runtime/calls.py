@@ -101,6 +101,20 @@ class Batch:
     on_done: Callable[[int, float, int], None] | None = None  # (count, seconds, failures)
     closed: bool = False  # the response ended: calls were handed over, no more are taken
 
+    def travelling(self) -> str:
+        """The request as its calls carry it where they travel (a journal row, a Celery
+        message): ``METHOD /uri id=REQUEST_ID``."""
+        return f"{self.origin} id={self.request_id}" if self.request_id else self.origin
+
+    @classmethod
+    def travelled(cls, origin: str, note: str = "") -> Batch:
+        """A batch for calls that travelled, from the ``origin`` they carry (see
+        ``travelling``), ``note`` (", taken over") after the request."""
+        request, found, request_id = origin.rpartition(" id=")
+        if not found:
+            request, request_id = origin, ""
+        return cls(origin=request + note, request_id=request_id)
+
     def label(self) -> str:
         """How logs name the request: ``(request GET /uri) id=123-4``, the id as in
         the access log."""

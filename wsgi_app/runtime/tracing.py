@@ -161,7 +161,7 @@ def carried(context: contextvars.Context | None) -> dict[str, str] | None:
     """The metadata of a call that travels (``meta``, beside its arguments): the
     ``traceparent`` of the span current in its defer()'s ``context``; None without a
     span or OpenTelemetry, so such a call carries no key at all."""
-    written = traceparent(context)
+    written = traceparent(context) if _trace is not None else None
     return {"traceparent": written} if written else None
 
 
