@@ -174,6 +174,23 @@ def test_a_log_cut_short_at_a_kill_gives_every_whole_frame(tmp_path: Path, caplo
         assert journal_log.files(journal.logs) == []
 
 
+def test_a_place_a_killed_write_left_between_whole_frames_hides_none_after_it(
+    tmp_path: Path,
+) -> None:
+    """Appends write at once, each at its reserved place: a kill may stop one while a
+    later one was written whole, leaving its start and zeros between them."""
+    path = tmp_path / "j.sqlite3"
+    record_and_die(path, ["a1"], ["b1"], ["c1"])
+    [log] = journal_log.files(tmp_path / "j.sqlite3.logs")
+    data = bytearray(log.read_bytes())
+    first = journal_log.HEADER.size + journal_log.HEADER.unpack_from(data, 0)[0]
+    second = journal_log.HEADER.size + journal_log.HEADER.unpack_from(data, first)[0]
+    data[first + 10 : first + second] = bytes(second - 10)  # b1's write stopped 10 bytes in
+    log.write_bytes(data)
+    with contextlib.closing(Journal(path)) as journal:
+        assert [texts(g) for g in journal.claim()] == [["a1"], ["c1"]]
+
+
 def test_a_log_already_moved_is_not_read_twice_after_a_kill(tmp_path: Path) -> None:
     """A kill between the move's commit and the file's removal leaves both: the
     moved_logs mark says the rows are in SQLite already."""
@@ -685,6 +702,100 @@ def test_a_write_cut_short_by_a_full_disk_is_refused_and_hides_no_later_call(
     assert said.split() == ["refused", "1"]
     with contextlib.closing(Journal(path)) as journal:
         assert [texts(g) for g in journal.claim()] == [["a1"], ["c1"]]
+
+
+class StallingDisk:
+    """CallLog's write on a disk that stalls: a write from a thread in ``stalled`` waits
+    until ``release`` is set, then writes (only its first ``keep`` bytes, if set)."""
+
+    def __init__(self) -> None:
+        self.real = journal_log.CallLog.write
+        self.stalled: set[int] = set()
+        self.waiting = threading.Event()
+        self.release = threading.Event()
+        self.keep: int | None = None
+
+    def __call__(self, fd: int, frame: bytes, *where: int) -> int:
+        if threading.get_ident() in self.stalled:
+            self.waiting.set()
+            self.release.wait()
+            frame = frame if self.keep is None else frame[: self.keep]
+        return self.real(fd, frame, *where)
+
+    def append_stalled(self, log: journal_log.CallLog, frame: bytes, keys: list[int]):
+        """Append from a thread whose write stalls; (the thread, what it raised)."""
+        raised: list[BaseException] = []
+
+        def run() -> None:
+            self.stalled.add(threading.get_ident())
+            try:
+                log.append(frame, keys)
+            except BaseException as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        wait_for(self.waiting.is_set, what="the write stalled on the disk")
+        return thread, raised
+
+
+@pytest.fixture
+def stalling_disk(monkeypatch):
+    """Every CallLog's writes on a ``StallingDisk``; released at the end whatever happens."""
+    disk = StallingDisk()
+    monkeypatch.setattr(journal_log.CallLog, "write", disk)
+    yield disk
+    disk.release.set()
+
+
+def frame(key: int) -> bytes:
+    return journal_log.encode("r", "GET /", 0.0, "", [("m:f", b"args", None)], [key])
+
+
+def appended(log: journal_log.CallLog, key: int) -> threading.Thread:
+    """Append call ``key`` from another thread, which ends once it is written."""
+    thread = threading.Thread(target=log.append, args=(frame(key), [key]), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_append_stalled_on_the_disk_holds_up_no_other_append_nor_the_turn(
+    tmp_path: Path, stalling_disk
+) -> None:
+    """A serving thread whose write stalls (a slow disk) must not hold up the others'
+    appends, nor the sweeper's turn; its file is due once its write is done."""
+    disk = stalling_disk
+    log = journal_log.CallLog(tmp_path / "logs", "w")
+    slow, raised = disk.append_stalled(log, frame(-1), [-1])
+    quick = appended(log, -2)
+    wait_for(lambda: not quick.is_alive(), what="the second append, while the first stalls")
+    assert log.turn() == []  # the stalled write's file is not closed under it
+    disk.release.set()
+    slow.join()
+    [(path, keys)] = log.turn()
+    assert (raised, sorted(keys)) == ([], [-2, -1])
+    assert [call.key for call in journal_log.pending([path])] == [-1, -2]  # as reserved
+
+
+def test_a_write_cut_short_while_a_later_one_went_on_hides_nothing_after_it(
+    tmp_path: Path, stalling_disk, caplog
+) -> None:
+    """The stalled write ends cut short (a full disk) after a later frame was written
+    beyond it: it is refused, the later frame read, the next append in a new file."""
+    disk = stalling_disk
+    disk.keep = 10  # its header and a little of its pickle
+    log = journal_log.CallLog(tmp_path / "logs", "w")
+    slow, raised = disk.append_stalled(log, frame(-1), [-1])
+    quick = appended(log, -2)
+    wait_for(lambda: not quick.is_alive(), what="the second append, while the first stalls")
+    disk.release.set()
+    slow.join()
+    assert [type(exc) for exc in raised] == [OSError] and "cut short" in str(raised[0])
+    log.append(frame(-3), [-3])
+    due = log.turn(everything=True)
+    assert [keys for _, keys in due] == [[-2], [-3]]
+    assert [call.key for call in journal_log.pending([path for path, _ in due])] == [-2, -3]
+    assert "at byte 0 cut short or damaged, skipped to the next whole frame" in caplog.text
 
 
 def test_a_clean_exit_without_a_drain_runs_no_ended_call_again(tmp_path: Path) -> None:

@@ -18,7 +18,9 @@ created, app, [(path, payload, meta), ...], keys)`` for a request's calls (``app
 names the app they belong to; ``meta`` is a call's own metadata beside its
 arguments, a dict or None), ``("ended", keys)`` for calls that ended since (written
 every ``DONE_DELAY`` by the journal's flusher, so a taken-over log runs again only
-what ended in the last moments). Reading stops at a frame cut short or damaged.
+what ended in the last moments). Reading skips what is not a whole frame (a write cut
+short, a place left by a write the kill stopped while later ones went on) to the next
+whole one: a frame is a call's only when its CRC and its pickle check.
 Frames of the first version, ``("calls", ...)`` without app or metadata, are read
 as the app "".
 
@@ -34,6 +36,7 @@ import itertools
 import logging
 import os
 import pickle
+import re
 import struct
 import threading
 import zlib
@@ -45,6 +48,7 @@ log = logging.getLogger("wsgi_app.deferred")
 
 MOVE_EVERY = 0.25  # seconds between new files; a call still running past one is moved
 HEADER = struct.Struct("<II")  # length of the pickle, its CRC-32
+_NONZERO = re.compile(rb"[^\x00]")
 SUFFIX = ".log"
 
 FILE_MODE = 0o600  # what the journal creates: private to the workers' user
@@ -104,31 +108,63 @@ def pending(paths: Sequence[Path], warn: bool = True) -> Iterator[Logged]:
 
 
 def read(path: Path, warn: bool = True) -> Iterator[tuple]:
-    """The frames of a log file, up to the first one cut short or damaged (``warn``:
-    say so; a file still written to may end in a frame half written)."""
+    """The whole frames of a log file. A stretch that is not one (a write cut short, a
+    place reserved by a write a kill stopped while later ones went on, zeros, damage)
+    is skipped to the next whole frame (``warn``: say so; a file still written to may
+    end in a frame half written)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return
     pos = 0
     while pos < len(data):
-        if pos + HEADER.size > len(data):
+        frame, end = _frame_at(data, pos)
+        if frame is not None:
+            yield frame
+            pos = end
+            continue
+        end = _next_frame(data, pos + 1)
+        if warn:
+            where = "at its end" if end == len(data) else f"at byte {pos}"
+            log.warning(
+                "deferred journal log %s: %d byte(s) %s cut short or damaged, %s",
+                path,
+                end - pos,
+                where,
+                "ignored" if end == len(data) else "skipped to the next whole frame",
+            )
+        pos = end
+
+
+def _frame_at(data: bytes, pos: int) -> tuple[tuple | None, int]:
+    """The frame starting at ``pos`` and where it ends, or None if none whole starts
+    there (zeros too: an empty body's CRC is 0)."""
+    if pos + HEADER.size > len(data):
+        return None, pos
+    length, crc = HEADER.unpack_from(data, pos)
+    end = pos + HEADER.size + length
+    if not length or end > len(data):
+        return None, pos
+    body = data[pos + HEADER.size : end]
+    if zlib.crc32(body) != crc:
+        return None, pos
+    return _decoded(body), end
+
+
+def _next_frame(data: bytes, pos: int) -> int:
+    """Where the first whole frame at or after ``pos`` starts, else the end of ``data``.
+    A frame's length is not 0, so one of its first four bytes is not: zeros (a crash's
+    tail, a place never written) are passed over at the speed of a search."""
+    while pos < len(data):
+        nonzero = _NONZERO.search(data, pos)
+        if nonzero is None:
             break
-        length, crc = HEADER.unpack_from(data, pos)
-        body = data[pos + HEADER.size : pos + HEADER.size + length]
-        if not length or len(body) < length or zlib.crc32(body) != crc:
-            break  # zeros (an empty body's CRC is 0) are a tail never written too
-        frame = _decoded(body)
-        if frame is None:
-            break
-        yield frame
-        pos += HEADER.size + length
-    if pos < len(data) and warn:
-        log.warning(
-            "deferred journal log %s: %d byte(s) at its end cut short or damaged, ignored",
-            path,
-            len(data) - pos,
-        )
+        first = nonzero.start()
+        for start in range(max(pos, first - 3), first + 1):  # its low bytes may be zeros
+            if _frame_at(data, start)[0] is not None:
+                return start
+        pos = first + 1
+    return len(data)
 
 
 def _decoded(body: bytes) -> tuple | None:
@@ -180,60 +216,132 @@ def by_owner(paths: Iterable[Path]) -> dict[str, list[Path]]:
     return grouped
 
 
+class _File:
+    """(Under its log's lock.) A log file while frames may still be written to it."""
+
+    __slots__ = ("closed", "end", "fd", "keys", "path", "writing")
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+        self.end = 0  # where the next frame goes: each append reserves its place
+        self.keys: list[int] = []  # of the calls in the frames written whole
+        self.writing = 0  # frames being written
+        self.closed = False
+
+
 class CallLog:
     """One worker process's log: the file appended to now, and the files it started
-    before, each with the keys of the calls appended to it."""
+    before, each with the keys of the calls appended to it.
+
+    Appends from several threads write at once, each at the place it reserved, so a
+    disk that stalls one write holds up no other append; the lock orders the
+    reservations, the keys, and the switch to a new file (which waits for the writes
+    still in the old one before it closes it), and is held for no system call. A
+    frame not written whole is cut back if nothing follows it; if something does,
+    ``read`` skips it.
+    """
+
+    write = staticmethod(os.pwrite)  # (fd, frame, offset) -> bytes written; tests stub it
 
     def __init__(self, directory: Path, worker: str) -> None:
         self.directory = directory
         self.worker = worker
         self.pid = os.getpid()
-        self._lock = threading.Lock()  # orders appends and the switch to a new file
-        self._fd = -1  # opened at the first append
-        self._path: Path | None = None
-        self._size = 0  # of the current file: what a write cut short is cut back to
-        self._keys: list[int] = []  # of the calls in the current file
+        self._lock = threading.Lock()
+        self._file: _File | None = None  # appended to now; opened at the first append
         self._older: list[tuple[Path, list[int]]] = []  # files started before, oldest first
 
     def append(self, frame: bytes, keys: Sequence[int]) -> None:
-        """Write ``frame`` (the calls ``keys``) in one ``write``; OSError if it is not
-        written whole (a full disk): then nothing of it is left to hide later frames."""
-        with self._lock:
-            if self._fd < 0:
-                self._fd, self._path = self._open()
-                self._size = 0
-            try:
-                written = os.write(self._fd, frame)
-                if written != len(frame):
-                    raise OSError(
-                        errno.ENOSPC, f"log write cut short ({written} of {len(frame)} bytes)"
-                    )
-            except OSError:
-                # cut it back, and start a new file: a torn frame would end the reading
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-                self._close()
-                raise
-            self._size += written
-            self._keys.extend(keys)
+        """Write ``frame`` (the calls ``keys``) in one write; OSError if it is not written
+        whole (a full disk): then the next appends go to a new file."""
+        size = len(frame)
+        lock = self._lock
+        lock.acquire()  # not ``with``: its lookups and calls were a fifth of an append
+        try:
+            file = self._file
+            if file is not None:
+                file.writing += 1
+                offset = file.end
+                file.end = offset + size
+        finally:
+            lock.release()
+        if file is None:
+            file, offset = self._first(size)
+        try:
+            written = self.write(file.fd, frame, offset)
+            if written != size:
+                raise OSError(errno.ENOSPC, f"log write cut short ({written} of {size} bytes)")
+        except BaseException:
+            self._cut_back(file, offset, size)
+            raise
+        lock.acquire()
+        try:
+            file.writing -= 1
+            file.keys.extend(keys)
+            closing = file is not self._file and self._release(file)
+        finally:
+            lock.release()
+        if closing:
+            os.close(file.fd)  # the last write in a file turn() closed meanwhile
 
-    def _close(self) -> None:
-        """(Under ``_lock``.) Close the current file: the next append opens another."""
-        if self._fd >= 0 and self._path is not None:
-            os.close(self._fd)
-            self._older.append((self._path, self._keys))
-        self._fd, self._path, self._keys = -1, None, []
+    def _first(self, size: int) -> tuple[_File, int]:
+        """A new file and the place of the first ``size`` bytes in it (made outside the
+        lock: its system calls hold up no other append)."""
+        fd, path = self._open()
+        with self._lock:
+            file = self._file
+            if file is None:
+                file = self._file = _File(fd, path)
+                fd = -1
+            file.writing += 1
+            offset = file.end
+            file.end = offset + size
+        if fd >= 0:  # another append made one meanwhile
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return file, offset
+
+    def _cut_back(self, file: _File, offset: int, size: int) -> None:
+        """The write at ``offset`` failed: the next appends go to a new file; this one is
+        cut back to ``offset`` if nothing was placed after it (else ``read`` skips it)."""
+        with self._lock:
+            last = file.end == offset + size
+            if self._file is file:
+                self._file = None
+        if last:
+            with contextlib.suppress(OSError):
+                os.ftruncate(file.fd, offset)
+        with self._lock:
+            file.writing -= 1
+            closing = self._release(file)
+        if closing:
+            os.close(file.fd)
+
+    def _release(self, file: _File) -> bool:
+        """(Under ``_lock``.) A file no longer appended to, with no write left in it, joins
+        the older ones; True once: then its descriptor is to be closed."""
+        if file is self._file or file.writing or file.closed:
+            return False
+        file.closed = True
+        self._older.append((file.path, file.keys))
+        return True
 
     def turn(self, everything: bool = False) -> list[tuple[Path, list[int]]]:
         """Start a new file; return the files whose calls are due to move (those started
-        before the previous turn), or with ``everything`` all of them."""
+        before the previous turn), or with ``everything`` all of them. A file still being
+        written to joins them when its last write ends."""
         with self._lock:
-            closed = self._fd >= 0
-            self._close()
+            file, self._file = self._file, None
+            closed = file is not None and self._release(file)
             if everything or not closed:  # what is older has aged a whole turn at least
                 due, self._older = self._older, []
             else:
                 due, self._older = self._older[:-1], self._older[-1:]
+        if closed:
+            assert file is not None
+            os.close(file.fd)
         return due
 
     def keep(self, due: list[tuple[Path, list[int]]]) -> None:
@@ -244,7 +352,7 @@ class CallLog:
     def _open(self) -> tuple[int, Path]:
         private_folder(self.directory)
         path = self.directory / f"{self.worker}.{next(_numbers)}{SUFFIX}"
-        return private_file(path, os.O_WRONLY | os.O_APPEND), path
+        return private_file(path, os.O_WRONLY), path
 
 
 def private_folder(path: Path, ours: bool = True) -> None:
