@@ -21,7 +21,7 @@ FF := $(VENV)/bin/fcgi-finish
 # `make help-settings`). The Makefile's own variables stay here.
 SETTINGS = $(filter-out PYTHON=% ARGS=%,$(MAKEOVERRIDES))
 
-.PHONY: install compiled pure system-packages test-packages run start stop restart reload status logs demo config service help-settings test test-quick lint format bench clean
+.PHONY: install compiled pure system-packages test-packages run start stop restart reload status logs demo config service help-settings test test-quick lint format bench docs clean
 
 install: $(VENV)/.installed system-packages
 
@@ -97,6 +97,12 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(VENV)/bin/pip install --quiet --no-cache-dir --force-reinstall --no-deps uwsgi
 	touch $@
+
+# docs/configuration.md is made from the tables the code reads (the worker's options, the
+# middleware's settings, the stack's), never written by hand: run this after changing one.
+# tests/test_docs.py fails when the file is not what this makes now.
+docs: install
+	$(PY) -m fcgi_finish.reference docs/configuration.md
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -137,18 +137,6 @@ def test_unix_socket_mode_and_removal(tmp_path):
     assert not path.exists()
 
 
-def test_readme_documents_every_option_and_setting():
-    from wsgi_app.deferred import SETTINGS
-
-    readme = (ROOT / "README.md").read_text()
-    for opt in OPTIONS:
-        # one row of the Configuration table: the flag and its own variable together
-        row = rf"^\| `{opt.flag} {opt.metavar}` \| `{opt.env}` \| [^|]+ \| [^|]+ \|$"
-        assert re.search(row, readme, re.MULTILINE), opt.name
-    for s in SETTINGS:
-        assert f"| `{s.name}` | `{s.env}` | {s.default} |" in readme, s.name
-
-
 def project(tmp_path):
     """A Django-shaped project: proj/src/mysite/wsgi.py, importable as mysite.wsgi."""
     package = tmp_path / "proj" / "src" / "mysite"
