@@ -50,8 +50,9 @@ def render() -> str:
         ),
         "## Middleware settings\n",
         "Keyword arguments of `DeferredMiddleware(app, ...)`, or environment variables "
-        "read when the middleware is built; a keyword argument wins. A bad value stops the "
-        "worker at start with one line naming the setting (exit status 2).\n",
+        "read when the middleware is built; a keyword argument wins. A bad value raises "
+        "`SettingError` naming the setting; the FastCGI worker prints that one line at start "
+        "and exits 2.\n",
         *_table(
             ("setting", "variable", "default", "meaning"),
             ((f"`{s.name}`", f"`{s.env}`", _setting_default(s), s.help) for s in SETTINGS),
