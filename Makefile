@@ -4,7 +4,7 @@
 
 # Debian's python3 by default, even with pyenv's shims first on PATH: it is built with
 # PGO and LTO, and a worker spends about a quarter more CPU per request on a default
-# pyenv build (see README, Performance). PYTHON=python3.13 builds its own virtualenv
+# pyenv build (see docs/performance.md). PYTHON=python3.13 builds its own virtualenv
 # (.venv-python3.13), so switching back and forth reuses both; a pyenv-installed
 # version works without `pyenv global`.
 PYTHON ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,python3)

@@ -1,8 +1,9 @@
 """Flask with deferred work: ``fcgi-serve examples.flask_app:app``.
 
 ``defer_in_app`` runs the call after the response inside a fresh application
-context, so ``current_app`` (config, extensions) works there; ``request`` and
-the request's ``g`` are gone by then, so pass what the call needs.
+context, so ``current_app`` (config, extensions) works there; ``g`` is a fresh one
+and ``request`` is the finished request (its body gone, its session never saved),
+so pass what the call needs.
 """
 
 from flask import Flask, current_app, request

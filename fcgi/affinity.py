@@ -5,7 +5,7 @@ it on another core, the serving thread waits for it to come back across cores
 (a wake-up between cores, cold caches), and that costs more than the call's
 own work: one plain deferred call per twenty hello-world requests cost 370 µs
 of CPU each with the worker free to move, 112 µs with it bound to one CPU (see
-the README, Performance). Bound, the turns are cheap, and no core is lost: one
+docs/performance.md). Bound, the turns are cheap, and no core is lost: one
 thread runs Python at a time anyway. Processes the worker starts for work of
 their own (the deferred helper, commands after the response) use every CPU
 the worker was allowed, which ``FCGI_CPUS`` keeps for them and for a reload

@@ -5,5 +5,6 @@ One floor above both ``fcgi`` (the worker) and ``wsgi_app`` (the middleware): it
 import both; neither imports it. ``settings`` (the table), ``config`` (the saved file),
 ``render`` (the templates), ``checks`` (before start), ``supervisor`` (talking to
 supervisord), ``readiness`` (whether a start worked), ``stack`` (its life),
-``reloads`` (a reload's outcome per worker), ``cli`` (the command).
+``reloads`` (a reload's outcome per worker), ``reference`` (docs/configuration.md,
+made from the tables), ``cli`` (the command).
 """

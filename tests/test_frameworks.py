@@ -1,4 +1,4 @@
-"""The README's Flask and Django examples, served by the worker; add_task() without an environ."""
+"""The Flask and Django examples of the README, served by the worker; add_task() without an environ."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every "Coming from PHP" example of the README, run under the real worker."""
+"""Every "Coming from PHP" example (docs/coming-from.md), run under the real worker."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The deferred-work journal: calls written to SQLite before the visitor has the response.
 
-One database file per app (``DEFERRED_JOURNAL=var/lib/deferred-APP.sqlite3``),
-shared by every worker of its pools. A request's calls are appended to the
+One database file per app (the stack's default is ``STATE/lib/deferred.sqlite3``,
+one state folder per app), shared by every worker of its pools. A request's calls are appended to the
 worker's log file before the response is finished (``journal.log``: one
 ``write``), moved into SQLite by the worker's sweeper if they are still pending a
 ``MOVE_EVERY`` later, deleted once they end, and claimed by another worker when
