@@ -1,4 +1,4 @@
-"""The Flask and Django examples of the README, served by the worker; add_task() without an environ."""
+"""The README's Flask and Django examples, served by the worker; add_task() with no environ."""
 
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
 """The deferred-work journal: calls written to SQLite before the visitor has the response.
 
 One database file per app (the stack's default is ``STATE/lib/deferred.sqlite3``,
-one state folder per app), shared by every worker of its pools. A request's calls are appended to the
-worker's log file before the response is finished (``journal.log``: one
-``write``), moved into SQLite by the worker's sweeper if they are still pending a
-``MOVE_EVERY`` later, deleted once they end, and claimed by another worker when
-theirs is gone: its pid no longer alive, or its heartbeat older than ``LEASE``
-seconds (its log files are read into SQLite first). So once the visitor has the
-page, the calls run at least once even if the worker is SIGKILLed, OOM-killed or
-crashes; only a call running at that moment (or ended in the ``DONE_DELAY`` before)
-may run twice.
+one state folder per app), shared by every worker of its pools. A request's calls
+are appended to the worker's log file before the response is finished
+(``journal.log``: one ``write``), moved into SQLite by the worker's sweeper if they
+are still pending a ``MOVE_EVERY`` later, deleted once they end, and claimed by
+another worker when theirs is gone: its pid no longer alive, or its heartbeat older
+than ``LEASE`` seconds (its log files are read into SQLite first). So once the
+visitor has the page, the calls run at least once even if the worker is SIGKILLed,
+OOM-killed or crashes; only a call running at that moment (or ended in the
+``DONE_DELAY`` before) may run twice.
 
 Each call carries the app it belongs to (``app``: the middleware's ``DEFERRED_APP``,
 else the worker's MODULE:CALLABLE and folder, else the file of the module that
