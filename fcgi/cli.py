@@ -23,7 +23,9 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -132,8 +134,30 @@ def drop_privileges(user: str, socket_path: str | None = None) -> None:
         os.setuid(entry.pw_uid)
     except OSError as exc:
         raise UserError(f"--user {user}: {exc}") from None
+    closed = _closed_to_me(os.path.dirname(os.__file__))
+    if closed:
+        raise UserError(
+            f"--user {user} cannot read this Python's standard library (at "
+            f"{os.path.dirname(os.__file__)}): {closed} is closed to it; use a Python "
+            f"{user} can read (e.g. /usr/bin/python3, or a virtualenv made from one), or "
+            f"give --user a user that can"
+        )
     group = grp.getgrgid(entry.pw_gid).gr_name
     log.debug("running as user %s, group %s", user, group)
+
+
+def _closed_to_me(path: str) -> str:
+    """The first folder on ``path``'s way this process may not enter, with its mode,
+    or '' if it reaches ``path``: a user whose lazy imports would fail later."""
+    folder = "/"
+    for part in Path(path).parts[1:]:
+        folder = os.path.join(folder, part)
+        if not os.access(folder, os.R_OK | os.X_OK):
+            try:
+                return f"{folder} (mode {stat.S_IMODE(os.stat(folder).st_mode):o})"
+            except OSError:
+                return folder
+    return ""
 
 
 def cpu_pool(options: Options, listener: Listener) -> Path:
@@ -235,4 +259,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.chdir(start_dir)
         exec_in_place(handover)
 
-    return server.serve(reexec)
+    served = threading.Event()
+    threading.Thread(
+        target=_exit_once_stopped, args=(server, served), name="fcgi-exit", daemon=True
+    ).start()
+    code = server.serve(reexec)
+    served.set()
+    return code
+
+
+EXIT_GRACE = 1.0  # seconds serve() is given to return once the stop is over
+
+
+def _exit_once_stopped(server: Server, served: threading.Event) -> None:
+    """End the process once the stop is over, if this (the main) thread cannot: with
+    --threads 1 it may be the one a request given up on (--request-timeout) still holds
+    in the app, and it would hold the exit for as long as the app runs."""
+    server.stopped.wait()
+    if served.wait(EXIT_GRACE):
+        return
+    logging.getLogger("fcgi").error(
+        "stopped; the main thread is still in the app (a request given up on), exiting %d",
+        server.exit_code,
+    )
+    logging.shutdown()
+    os._exit(server.exit_code)

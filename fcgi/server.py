@@ -9,7 +9,10 @@ thread watches every socket with epoll (``loop.IOLoop``), parses what arrives
 (``wire.connection``), and hands only complete requests to the runner;
 ``finish_request`` gives the connection straight back to the loop.
 
-Signals only set a flag and wake the loop; nothing stops by an exception.
+Signal handlers only set a flag, wake the loop, and queue what needs a thread (a
+reload's check, a stop's deadline) for the signal thread: a handler runs between two
+bytecodes of whatever the main thread was doing, which may hold the very locks
+starting a thread takes. Nothing stops by an exception.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import gc
 import ipaddress
 import logging
 import os
+import queue
 import random
 import signal
 import socket
@@ -109,7 +113,6 @@ class Server:
             if options.slow_request or options.request_timeout
             else None
         )
-        self.timeouts = 0  # requests given up on (--request-timeout)
         # status page, ping, outside --mount; after a reload (what the previous interpreter
         # of this process handed over) the pool's figures go on
         kept = None if reloaded is None else reloaded.scoreboard
@@ -166,7 +169,9 @@ class Server:
         self._owner: object = None  # the token of the thread running the loop
         self._deadline: float | None = None  # of the graceful stop, once begun
         self._reexec: Callable[[Handover], None] | None = None
-        self._stopped = threading.Event()
+        self.stopped = threading.Event()  # the stop (or a reload's drain) is over
+        # what the signal handlers leave for the signal thread: (what, why)
+        self._signaled: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
 
     @property
     def conns(self) -> dict[int, Channel]:
@@ -176,6 +181,7 @@ class Server:
     # -- lifecycle ---------------------------------------------------------------
 
     def install_signals(self) -> None:
+        threading.Thread(target=self._act_on_signals, name="fcgi-signals", daemon=True).start()
         signal.signal(signal.SIGTERM, self.handle_term)
         signal.signal(signal.SIGINT, self.handle_term)
         signal.signal(signal.SIGQUIT, self.handle_quit)
@@ -188,21 +194,36 @@ class Server:
             signal.signal(signal.SIGALRM, self.handle_alarm)
         release_signals()  # held across the exec of a reload, if this is one
 
+    def _act_on_signals(self) -> None:
+        """The signal thread: what the handlers asked for that takes a thread or a lock."""
+        while True:
+            what, why = self._signaled.get()
+            if what == "reload":
+                self.reload(why)
+            elif what == "term" and self._overdue is None:
+                # the graceful stop runs on the loop's thread: a request stuck on that
+                # thread (--threads 1) would hold it for ever, so a timer bounds the stop
+                limit = self.options.graceful_timeout + 2.0
+                self._overdue = threading.Timer(limit, self._stop_overdue)
+                self._overdue.daemon = True
+                self._overdue.start()
+            elif what == "alarm" and not self._alarm_told:
+                self._alarm_told = True
+                log.warning(
+                    "SIGALRM ignored: the app set no handler for it (signal.alarm() without "
+                    "signal.signal()?), and its default would end the worker; later ones "
+                    "are ignored without a word"
+                )
+
     def handle_alarm(self, signum: int, frame: Any) -> None:
-        if not self._alarm_told:
-            self._alarm_told = True
-            log.warning(
-                "SIGALRM ignored: the app set no handler for it (signal.alarm() without "
-                "signal.signal()?), and its default would end the worker; later ones are "
-                "ignored without a word"
-            )
+        self._signaled.put(("alarm", ""))  # SimpleQueue.put: safe in a signal handler
 
     def handle_reload(self, signum: int, frame: Any) -> None:
-        self.reload(f"{signal.Signals(signum).name}")
+        self._signaled.put(("reload", signal.Signals(signum).name))
 
     def reload(self, why: str) -> None:
-        """Reload in place once the new code is known to import; safe from a signal
-        handler or another thread (the check runs in a thread of its own)."""
+        """Reload in place once the new code is known to import (the check runs in a
+        thread of its own); from any thread but a signal handler (``handle_reload``)."""
         if self.stopping:
             log.info("%s: a reload or stop is already under way", why)
             return
@@ -256,16 +277,11 @@ class Server:
 
     def handle_term(self, signum: int, frame: Any) -> None:
         self.reloading = False  # a real stop wins over a reload under way
-        if self._overdue is None:
-            # the graceful stop runs on the loop's thread: a request stuck on that thread
-            # (--threads 1) would hold it for ever, so a timer bounds the stop
-            self._overdue = threading.Timer(self.options.graceful_timeout + 2.0, self._stop_overdue)
-            self._overdue.daemon = True
-            self._overdue.start()
+        self._signaled.put(("term", ""))  # the signal thread bounds the stop
         self.stop()
 
     def _stop_overdue(self) -> None:
-        if self._stopped.is_set():
+        if self.stopped.is_set():
             return
         running = list(self.in_progress.snapshot())
         for request in running:
@@ -354,7 +370,7 @@ class Server:
         self._reexec = reexec
         self._owner = token = object()
         self._run_loop(token)
-        self._stopped.wait()  # the loop may have moved to another thread meanwhile
+        self.stopped.wait()  # the loop may have moved to another thread meanwhile
         return self.exit_code
 
     def _offer_extensions(self) -> None:
@@ -431,9 +447,12 @@ class Server:
                     # from this thread, whichever it is: the main one may be held by a
                     # request given up on (--threads 1), so it cannot be waited for
                     if self.handover is not None and self._reexec is not None:
-                        self._reexec(self.handover)  # returns only if the exec failed
+                        self._reexec(self.handover)  # does not return but by raising
+                except OSError:
+                    log.exception("the reload's exec failed; stopping")
+                    self.exit_code = 1
                 finally:
-                    self._stopped.set()
+                    self.stopped.set()
 
     def _graceful_stop(self, still_owner: Callable[[], bool]) -> int | None:
         """Drain, then stop the runner and run the drain hooks; the exit code, or None if
@@ -579,11 +598,10 @@ class Server:
         if not self.in_progress.give_up(request):
             return
         outcome = request.time_out()
-        if not request.thread:
+        if outcome is None or not request.thread:
             return  # it ended on its own meanwhile
         # counted and told before it is abandoned: that may move the loop, whose new owner
         # may finish a drain under way and exec at once
-        self.timeouts += 1
         if self.scoreboard is not None:
             self.scoreboard.timed_out()
         if self.stopping and not self.reloading:

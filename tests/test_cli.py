@@ -210,3 +210,34 @@ def test_environment_values_are_converted_once_and_the_command_line_wins():
     assert options.mount == "/app" and options.threads == 2
     assert options.pythonpath == ("a", "b")
     assert Options.parse(["x:app"], {}).threads == 1
+
+
+def test_a_folder_closed_to_the_workers_user_is_named_with_its_mode(shared_dir):
+    """``--user`` checks, once it is that user, that it can reach this Python's standard
+    library (lazy imports would fail later, inside the app); the check names the first
+    closed folder on the way. Run as nobody in a child, against a 0700 folder of root's
+    inside one open to all."""
+    import os
+    import pwd
+
+    from fcgi.cli import _closed_to_me
+
+    closed = shared_dir / "closed"
+    (closed / "lib").mkdir(parents=True)
+    closed.chmod(0o700)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become nobody, report both answers, exit without cleanup
+        try:
+            os.setuid(pwd.getpwnam("nobody").pw_uid)
+            answers = f"{_closed_to_me(str(closed / 'lib'))}|{_closed_to_me(os.path.dirname(os.__file__))}"
+            os.write(write, answers.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        answers = f.read()
+    os.waitpid(pid, 0)
+    inside, stdlib = answers.split("|")
+    assert inside == f"{closed} (mode 700)"
+    assert stdlib in ("", "/root (mode 700)")  # Debian's Python is open; pyenv's under /root

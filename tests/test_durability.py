@@ -268,22 +268,33 @@ def test_a_journal_the_worker_cannot_write_stops_it_at_start_with_the_path_and_t
     tmp_path: Path,
 ) -> None:
     """A read-only journal file in a writable folder (root's, the workers run as nobody):
-    exit 2 and one line naming the file and the fix, instead of a 500 per request."""
+    exit 2 and one line naming the file and the fix, instead of a 500 per request.
+
+    Run from a copy of the code with Debian's Python, which nobody can read wherever the
+    checkout and the suite's interpreter are (under /root, 0700, they are closed to it)."""
     base = Path(tempfile.mkdtemp(prefix="fcgi-journal-"))  # tmp_path is 0700: nobody's way in
     try:
         base.chmod(0o755)
+        code = base / "code"
+        for package in ("fcgi", "wsgi_app"):
+            shutil.copytree(ROOT / package, code / package)
+        (code / "app.py").write_text(
+            "from wsgi_app.deferred import DeferredMiddleware\n"
+            "application = DeferredMiddleware(lambda environ, start_response: [])\n"
+        )
         folder = base / "lib"
         folder.mkdir()
         folder.chmod(0o777)
         path = folder / "j.sqlite3"
         Journal(path).close()  # root's, 0600
-        done = run_fcgi(
-            "--bind",
-            f"unix:{base}/app.sock",
-            "--user",
-            "nobody",
-            APP,
-            env=python_env(DEFERRED_JOURNAL=str(path)),
+        done = subprocess.run(
+            ["/usr/bin/python3", "-m", "fcgi", "--bind", f"unix:{base}/app.sock"]
+            + ["--user", "nobody", "app:application"],
+            cwd=code,
+            env=dict(os.environ, PYTHONPATH=str(code), DEFERRED_JOURNAL=str(path)),
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     finally:
         shutil.rmtree(base)

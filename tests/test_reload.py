@@ -304,7 +304,7 @@ def test_reloads_and_recycles_under_post_load_fail_no_request(tmp_path):
     assert text.count("restarting in place") >= 4 + total // 4000 - 2  # and the recycles
     assert "the new code is refused" not in text
     supervisord = (logs / "supervisord.log").read_text()
-    assert "exited: app_" not in supervisord, supervisord
+    assert "exited: app_" not in supervisord, supervisord + text
 
 
 def test_the_hand_over_round_trips_and_a_bad_one_is_ignored(caplog):

@@ -14,7 +14,7 @@ from flup.server import fcgi_base as flup
 from fcgi.wire import records
 from tests import apps
 from tests.fcgi_client import begin, params, record, request_bytes, stdin
-from tests.gate import Gate
+from tests.gate import Gate, wait_at
 from tests.procs import wait_for
 
 
@@ -407,3 +407,27 @@ def test_a_file_wrapper_under_the_middleware_keeps_the_fast_way_and_its_deferred
     assert client.read_response().end[0] == 1  # (a web server reads on to END_REQUEST)
     wait_for(lambda: len(sent) == 2, what="the aborted download to stop")
     assert sent[1] < len(data) and ran == ["/whole"]
+
+
+def test_a_request_that_returns_after_its_timeout_logs_no_application_error(
+    serve, tmp_path, caplog
+):
+    """The worker answered 504 for it; when the app's thread comes back and calls
+    start_response and writes, that is dropped quietly, not logged as the app's error."""
+    returned = threading.Event()
+
+    def late(environ, start_response):
+        wait_at(environ["QUERY_STRING"])
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"too late")
+        returned.set()
+        return [b"and this"]
+
+    running = serve(late, threads=2, request_timeout=0.5)
+    client = running.client()
+    with Gate(tmp_path / "gate") as gate, caplog.at_level(logging.INFO, "fcgi"):
+        assert client.request(f"/?{gate.path}").status == 504
+    assert returned.wait(10)
+    wait_for(lambda: not running.server.in_progress, what="the app's thread to come back")
+    assert not [r for r in caplog.records if "application error" in r.getMessage()]
+    assert "request timed out" in caplog.text

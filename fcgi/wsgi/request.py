@@ -156,6 +156,7 @@ class Request:
         "started",
         "status",
         "thread",
+        "timed_out",
         "waited",
     )
 
@@ -185,6 +186,7 @@ class Request:
         self.detached = False  # finished early and counted as detached by its runner
         self.on_finish: Callable[[Request], None] | None = None
         self.outside_mount = False
+        self.timed_out = False  # --request-timeout ended it (its thread may still run)
 
     def describe(self) -> str:
         params = self.incoming.params
@@ -192,11 +194,6 @@ class Request:
 
     def __str__(self) -> str:
         return f"request {self.request_id or self.rid} ({self.describe()})"
-
-    @property
-    def aborted(self) -> bool:
-        """The web server gave up on it, or its connection broke."""
-        return self.incoming.aborted
 
     def build_environ(self, base: dict[str, Any], mount: str) -> dict[str, Any]:
         """The WSGI environ: the params, the per-worker ``base`` keys, this request's own."""
@@ -249,6 +246,8 @@ class Request:
             finally:
                 exc_info = None
         elif self.status is not None:
+            if self.timed_out:  # the worker answered for it (504): what comes is dropped
+                return self.write
             raise AssertionError("start_response called twice without exc_info")
         try:
             key: tuple[Any, ...] | None = (status, *headers)
@@ -291,7 +290,7 @@ class Request:
                 size = 0
             chunks.insert(0, self._head)
         if not self.conn.send_stdout(self.rid, chunks, self.incoming):
-            if self.finished:  # ended meanwhile from another thread (--request-timeout)
+            if self.timed_out:  # ended meanwhile from another thread (--request-timeout)
                 self.dropped += len(data)
                 return
             raise ClientDisconnected
@@ -328,6 +327,8 @@ class Request:
             chunks.insert(0, self._head)
         if self.conn.end_request(self.rid, chunks, self.incoming):
             self.body_bytes += size
+        elif self.timed_out:  # --request-timeout ended it first, from its own thread
+            return True
         else:
             self._gone()
         if self.on_finish is not None or self.in_app:
@@ -437,15 +438,21 @@ class Request:
         finally:
             blocks.settle()
 
-    def time_out(self) -> str:
+    def time_out(self) -> str | None:
         """``--request-timeout`` gave up on it, from the watchdog's thread while the app's
         own thread is still in it: 504 if none of the response went out, else a cut; what
-        that thread sends later is dropped. Returns what became of the request."""
+        that thread sends later is dropped. Returns what became of the request, or None
+        if its response had ended on its own meanwhile (the channel decides, under its
+        lock, which of the two threads ends it)."""
         if self.finished:
             return "its response had ended (fcgi.finish_request); the app's thread is abandoned"
-        self.finished = True
         answer = GATEWAY_TIMEOUT
+        self.timed_out = True  # first: the app's thread, failing to send, drops its output
         sent = self.conn.expire(self.rid, [answer.head, answer.body], self.incoming)
+        if sent is None and not self.incoming.aborted:
+            self.timed_out = False  # the app's thread finished it first: nothing timed out
+            return None
+        self.finished = True
         if sent is None:
             outcome = "the web server had given up on it"
         elif sent:

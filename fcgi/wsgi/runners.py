@@ -242,25 +242,29 @@ class ThreadRunner(_Detaching):
         with self._cond:
             self._abandoned.add(thread)
             self._workers = {w for w in self._workers if w.ident != thread}
+            self._cond.notify_all()  # a stop waits for the others only
         if not self._release(request):
             self._spawn()
 
     def stop(self, deadline: float) -> bool:
-        """Run what is queued, then end every thread; False if some were busy at the deadline."""
+        """Run what is queued, then end every thread; False if some were busy at the
+        deadline. A thread given up on meanwhile (``abandon``) is no longer waited for."""
         for _ in range(self.threads):
             self._queue.put(None)
         with self._cond:
-            workers = list(self._workers)
-        for worker in workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
-        return not any(worker.is_alive() for worker in workers)
+            while self._workers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
 
     def _spawn(self) -> None:
-        with self._cond:
+        with self._cond:  # started before a stop can see it: join() refuses one not started
             self._seq += 1
             worker = threading.Thread(target=self._work, name=f"request-{self._seq}", daemon=True)
             self._workers.add(worker)
-        worker.start()
+            worker.start()
 
     def _work(self) -> None:
         try:
@@ -279,3 +283,4 @@ class ThreadRunner(_Detaching):
         finally:
             with self._cond:
                 self._workers.discard(threading.current_thread())
+                self._cond.notify_all()
