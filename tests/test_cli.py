@@ -230,7 +230,8 @@ def test_a_folder_closed_to_the_workers_user_is_named_with_its_mode(shared_dir):
     if pid == 0:  # the child: become nobody, report both answers, exit without cleanup
         try:
             os.setuid(pwd.getpwnam("nobody").pw_uid)
-            answers = f"{_closed_to_me(str(closed / 'lib'))}|{_closed_to_me(os.path.dirname(os.__file__))}"
+            stdlib = os.path.dirname(os.__file__)
+            answers = f"{_closed_to_me(str(closed / 'lib'))}|{_closed_to_me(stdlib)}"
             os.write(write, answers.encode())
         finally:
             os._exit(0)

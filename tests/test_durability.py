@@ -287,9 +287,18 @@ def test_a_journal_the_worker_cannot_write_stops_it_at_start_with_the_path_and_t
         folder.chmod(0o777)
         path = folder / "j.sqlite3"
         Journal(path).close()  # root's, 0600
+        bind = f"unix:{base}/app.sock"
         done = subprocess.run(
-            ["/usr/bin/python3", "-m", "fcgi", "--bind", f"unix:{base}/app.sock"]
-            + ["--user", "nobody", "app:application"],
+            [
+                "/usr/bin/python3",
+                "-m",
+                "fcgi",
+                "--bind",
+                bind,
+                "--user",
+                "nobody",
+                "app:application",
+            ],
             cwd=code,
             env=dict(os.environ, PYTHONPATH=str(code), DEFERRED_JOURNAL=str(path)),
             capture_output=True,
