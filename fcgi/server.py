@@ -126,14 +126,7 @@ class Server:
             "FCGI_MAX_REQS": str(options.threads + options.max_detached),
             "FCGI_MPXS_CONNS": "1",
         }
-        self.loop = IOLoop(
-            listener,
-            options,
-            self._on_request,
-            self._on_body,
-            self.fcgi_values,
-            self.scoreboard.accepted if self.scoreboard is not None else None,
-        )
+        self.loop = IOLoop(listener, options, self._on_request, self._on_body, self.fcgi_values)
         if options.threads == 1:
             self.runner: InlineRunner | ThreadRunner = InlineRunner(
                 self.handle, options.max_detached, self.hand_over_loop

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import threading
+import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -276,14 +277,25 @@ def test_overlapping_requests_keep_the_slot_busy_from_the_oldest(tmp_path):
     from fcgi.ops.scoreboard import Scoreboard
 
     board = Scoreboard(tmp_path / "board", private=True)
-    first = board.request_started("GET", "/first", "")
+    started, end = threading.Event(), threading.Event()
+
+    def first() -> None:  # each request runs on its own thread, start to end
+        board.request_started("GET", "/first", "")
+        started.set()
+        end.wait(30)
+        board.request_ended()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    started.wait(30)
     began = time.time()
-    second = board.request_started("POST", "/second", "12")
-    board.request_ended(first)
+    board.request_started("POST", "/second", "12")
+    end.set()
+    thread.join(30)
     (proc,) = status.pool_status(board, "p", full=True)["processes"]
     assert proc["state"] == "Running" and proc["request uri"] == "/second"
     assert 0 <= proc["request duration"] < 5_000_000
-    board.request_ended(second)
+    board.request_ended()
     data = status.pool_status(board, "p", full=True)
     (proc,) = data["processes"]
     assert proc["state"] == "Idle" and proc["requests"] == 2
@@ -444,3 +456,33 @@ def test_the_status_page_on_threads_1_answers_while_another_process_holds_the_po
             assert data["total processes"] == 1 and data["accepted conn"] == 2
             assert client.request("/").body == b"Hello world\n"
         client.close()
+
+
+def test_a_peer_slot_replaced_under_the_same_pid_is_read_anew(tmp_path):
+    """A worker reads the others' slots through maps it keeps; a slot file replaced at
+    the same path (a new worker with a reused pid) must be mapped anew, not read through
+    the map of the file that was removed."""
+    from fcgi.ops import scoreboard
+    from fcgi.ops.scoreboard import SLOT, Scoreboard
+
+    board = Scoreboard(tmp_path / "board", private=True)
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        slot = tmp_path / "board" / f"{peer.pid}.slot"
+
+        def write_slot(active: int) -> None:
+            values = dict.fromkeys(scoreboard.NAMES, 0)
+            values.update(pid=peer.pid, method=b"", uri=b"", active=active, threads=1)
+            slot.unlink(missing_ok=True)
+            slot.write_bytes(SLOT.pack(*values.values()))
+
+        write_slot(active=1)
+        board.read_all()
+        assert board._peers_busy()
+        write_slot(active=0)  # a new file where the other was
+        board.read_all()
+        assert not board._peers_busy()
+    finally:
+        peer.kill()
+        peer.wait()
+        board.close()

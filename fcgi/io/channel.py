@@ -200,9 +200,6 @@ class Channel:
             self.loop.attend(self)
         return bool(parts)
 
-    def is_active(self, rid: int, incoming: IncomingRequest | None = None) -> bool:
-        return self.proto.is_active(rid, incoming)
-
     def _push(self, parts: list[Chunk]) -> bool:
         """Under ``lock``: queue ``parts``, trying one non-blocking send first if nothing
         was queued; True when the loop must look at the connection (watch or close)."""

@@ -81,13 +81,11 @@ class IOLoop:
         on_request: OnRequest,
         on_body: OnBody,
         fcgi_values: dict[str, str],
-        on_accept: Callable[[], None] | None = None,
     ) -> None:
         self.listener = listener
         self.options = options
         self.on_request = on_request
         self.on_body = on_body
-        self.on_accept = on_accept
         self.fcgi_values = fcgi_values
         self.epoll = select.epoll()
         self.conns: collections.OrderedDict[int, Channel] = collections.OrderedDict()
@@ -343,8 +341,6 @@ class IOLoop:
                     continue
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.setblocking(False)
-            if self.on_accept is not None:
-                self.on_accept()
             opts = self.options
             proto = Connection(self.fcgi_values, opts.max_params, multiplex=True)
             conn = Channel(client, proto, self, opts.write_timeout)

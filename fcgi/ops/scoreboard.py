@@ -16,7 +16,7 @@ Beside each slot, ``<pid>.reload`` holds the outcome of the worker's last reload
 reload`` can tell what each worker did; it lives as long as the worker (its pid).
 
 ``accepted`` counts requests, as PHP-FPM's ``accepted conn`` does (monitors turn
-it into requests per second); ``connections`` counts the connections accepted.
+it into requests per second).
 A worker may run several requests at once (``--threads``, PHP-style requests
 after their finish): the slot is busy while any runs, since the oldest began.
 
@@ -60,7 +60,6 @@ FIELDS = (
     ("deferred_failed", "Q"),
     ("deferred_abandoned", "Q"),
     ("last_deferred", "d"),
-    ("connections", "Q"),
     ("active", "Q"),  # requests running now
     ("deferred_journal_pending", "Q"),  # journal-wide (every worker sees the same file)
     ("deferred_journal_dead", "Q"),
@@ -116,12 +115,11 @@ class Scoreboard:
         self._file = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
         self._map = mmap.mmap(self._file.fileno(), SLOT.size)
         self._lock = threading.Lock()  # request threads and the refresher write the slot
-        self._running: dict[object, tuple[float, str, str, int]] = {}
-        self._by_thread: dict[int, object] = {}  # the request each thread runs now
+        self._running: dict[int, tuple[float, str, str, int]] = {}  # by thread
         self.values: dict[str, Any] = dict.fromkeys(NAMES, 0)
         self.values.update(pid=os.getpid(), start_time=time.time(), method=b"", uri=b"")
         self.values["threads"] = threads
-        self._peers: dict[Path, tuple[IO[bytes], mmap.mmap]] = {}  # the others' slots
+        self._peers: dict[tuple[Path, int], tuple[IO[bytes], mmap.mmap]] = {}  # the others'
         self.reload_path = self.dir / f"{os.getpid()}.reload"
         record = read_reload(self.dir, os.getpid())  # this pid's earlier lives, if any
         if record:
@@ -154,19 +152,11 @@ class Scoreboard:
             return cls(reloaded, private=True, threads=threads, reloaded=True)
         return cls(tempfile.mkdtemp(prefix="fcgi-status-"), private=True, threads=threads)
 
-    def accepted(self) -> None:
-        """A connection was accepted (PHP-FPM's "accepted conn" counts requests instead)."""
-        with self._lock:
-            self.values["connections"] += 1
-            self._write()
-
     def request_started(
         self, method: str, uri: str, content_length: str, waited: bool = False
-    ) -> object:
-        """A request began (``waited``: it found every thread of this worker taken);
-        returns the token ``request_ended`` takes (default: the calling thread, which
-        runs the request to its end)."""
-        token = object()
+    ) -> None:
+        """A request began on this thread, which runs it to its end (``waited``: it found
+        every thread of this worker taken)."""
         now = time.time()
         length = int(content_length) if content_length.isdigit() else 0
         with self._lock:
@@ -174,23 +164,19 @@ class Scoreboard:
             v["accepted"] += 1
             if waited and self._peers_busy():
                 v["children_reached"] += 1
-            self._running[token] = (now, method, uri, length)
-            self._by_thread[threading.get_ident()] = token
+            self._running[threading.get_ident()] = (now, method, uri, length)
             v["active"] = len(self._running)
             v["busy_since"] = v["busy_since"] or now
             v["method"] = method.encode("latin-1", "replace")[:8]
             v["uri"] = uri.encode("latin-1", "replace")[:200]
             v["content_length"] = length
             self._write()
-        return token
 
-    def request_ended(self, token: object = None) -> None:
+    def request_ended(self) -> None:
         now = time.time()
         with self._lock:
             v = self.values
-            if token is None:
-                token = self._by_thread.pop(threading.get_ident(), None)
-            began = self._running.pop(token, None)
+            began = self._running.pop(threading.get_ident(), None)
             v["requests"] += 1
             if began is not None:
                 v["last_duration"] = now - began[0]
@@ -297,23 +283,31 @@ class Scoreboard:
         return slots
 
     def _map_peers(self, paths: set[Path]) -> None:
-        """Keep the other live workers' slots mapped, for ``_peers_busy``."""
-        with self._lock:
-            for path in set(self._peers) - paths:
-                peer_file, peer = self._peers.pop(path)
-                peer.close()
+        """Keep the other live workers' slots mapped, for ``_peers_busy``: keyed by file
+        (path and inode), so a pid reused by a new worker is mapped anew. The files are
+        opened outside the lock, which request threads take as they start."""
+        wanted: dict[tuple[Path, int], None] = {}
+        for path in paths:
+            with contextlib.suppress(OSError):
+                wanted[(path, path.stat().st_ino)] = None
+        opened: dict[tuple[Path, int], tuple[IO[bytes], mmap.mmap]] = {}
+        for key in wanted.keys() - self._peers.keys():
+            try:
+                peer_file = open(key[0], "rb")  # noqa: SIM115 - closed with the map
+            except OSError:
+                continue
+            try:
+                peer = mmap.mmap(peer_file.fileno(), SLOT.size, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # cut short: a worker of another version
                 peer_file.close()
-            for path in paths - set(self._peers):
-                try:
-                    peer_file = open(path, "rb")  # noqa: SIM115 - closed with the map
-                except OSError:
-                    continue
-                try:
-                    peer = mmap.mmap(peer_file.fileno(), SLOT.size, access=mmap.ACCESS_READ)
-                except (OSError, ValueError):  # cut short: a worker of another version
-                    peer_file.close()
-                    continue
-                self._peers[path] = (peer_file, peer)
+                continue
+            opened[key] = (peer_file, peer)
+        with self._lock:
+            gone = [self._peers.pop(key) for key in self._peers.keys() - wanted.keys()]
+            self._peers.update(opened)
+        for peer_file, peer in gone:
+            peer.close()
+            peer_file.close()
 
     def pool(self) -> dict[str, Any]:
         """The pool's figures as pool.json has them, read without its lock: the status
