@@ -9,8 +9,8 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import sys
+import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path
