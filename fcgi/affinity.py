@@ -71,6 +71,7 @@ def bind(choice: str | int, pool: Path | None = None) -> int | None:
         try:
             os.sched_setaffinity(0, {cpu})
         except OSError:  # FCGI_CPUS names a CPU no longer ours (a narrowed cpuset)
+            _release()  # the lock of that CPU, if claimed: it would be held for nothing
             os.environ.pop(ENV, None)
             cpus = sorted(os.sched_getaffinity(0))
             continue
@@ -123,13 +124,24 @@ def _kept_lock(cpus: list[int]) -> int | None:
         return None
     fd, cpu, inode = map(int, fields)
     try:
-        if cpu not in cpus or os.fstat(fd).st_ino != inode:
+        if os.fstat(fd).st_ino != inode:
+            return None  # not the lock's descriptor any more: not ours to close
+        if cpu not in cpus:
+            os.close(fd)  # a CPU this process may no longer use: give its lock up
             return None
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: this only confirms
     except OSError:
         return None
     os.environ[LOCK_ENV] = ":".join(fields)
     return cpu
+
+
+def _release() -> None:
+    """Close the descriptor of the CPU lock this process claimed, and so the lock."""
+    fields = os.environ.pop(LOCK_ENV, "").split(":")
+    if len(fields) == 3 and fields[0].isascii() and fields[0].isdigit():
+        with contextlib.suppress(OSError):
+            os.close(int(fields[0]))
 
 
 def unbind_thread() -> None:

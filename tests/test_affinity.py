@@ -187,3 +187,21 @@ def test_auto_binds_nothing_when_the_pool_folder_is_unusable(tmp_path: Path) -> 
     with worker(tmp_path, "tests.apps:hello", *args) as (proc, _):
         assert cpus(proc.pid) == ALL
     assert "not bound to a CPU" in (tmp_path / "app.log").read_text()
+
+
+def test_a_kept_lock_of_a_cpu_no_longer_allowed_is_given_up(tmp_path: Path) -> None:
+    """After a reload into a narrower cpuset, the lock of the CPU it held is closed, not
+    held for nothing by a worker that cannot run there (and claims another)."""
+    import fcntl
+
+    from fcgi import affinity
+
+    fd = os.open(tmp_path / "cpu7.0.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.environ[affinity.LOCK_ENV] = f"{fd}:7:{os.fstat(fd).st_ino}"
+    try:
+        assert affinity._kept_lock([0, 1]) is None
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed, and the lock with it
+    finally:
+        os.environ.pop(affinity.LOCK_ENV, None)
