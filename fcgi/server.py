@@ -127,6 +127,7 @@ class Server:
             "FCGI_MPXS_CONNS": "1",
         }
         self.loop = IOLoop(listener, options, self._on_request, self._on_body, self.fcgi_values)
+        self.loop.count_waits = self.scoreboard is not None and options.threads == 1
         if options.threads == 1:
             self.runner: InlineRunner | ThreadRunner = InlineRunner(
                 self.handle, options.max_detached, self.hand_over_loop

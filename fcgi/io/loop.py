@@ -100,6 +100,7 @@ class IOLoop:
         self._next_sweep = 0.0
         self.batch = 0  # counts the batches of events polled
         self.last_blocked = 0  # the last batch whose poll waited for its events
+        self.count_waits = False  # keep last_blocked (the scoreboard's, with --threads 1)
         self._local = threading.local()  # still_owner of the thread polling, per thread
         self._listen_fd = listener.sock.fileno()
         self.epoll.register(self._wake_r, select.EPOLLIN)
@@ -154,14 +155,17 @@ class IOLoop:
         if timeout < 0 or timeout > until:
             timeout = until if until > 0.0 else 0.0
         conns = self.conns
-        # events already waiting, or wait for them (the second poll only when idle, so it
-        # costs nothing): whether the loop waited tells if a request found it busy
-        ready = self.epoll.poll(0)
         self.batch += 1
-        if not ready:
-            self.last_blocked = self.batch
-            if timeout:
-                ready = self.epoll.poll(timeout)
+        if self.count_waits:
+            # events already waiting, or wait for them (the second poll only when idle):
+            # whether the loop waited tells if a request found it busy
+            ready = self.epoll.poll(0)
+            if not ready:
+                self.last_blocked = self.batch
+                if timeout:
+                    ready = self.epoll.poll(timeout)
+        else:
+            ready = self.epoll.poll(timeout)
         for fd, mask in ready:
             conn = conns.get(fd)
             if conn is None:
