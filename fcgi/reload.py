@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,20 +54,28 @@ HELD_SIGNALS = frozenset(
     )
 )
 
+# The check ends itself with os._exit once it has its answer: an app may start, as it
+# is imported, threads that never end (a scheduler, a pool's keep-alive) or children
+# that outlive it; neither may hold a reload.
 _CHECK = """\
-import sys, traceback
+import os, sys, traceback
 from fcgi.cli import AppLoadError, load_app, setup_path
 from fcgi.reload import try_request
+code = 0
 try:
     setup_path("", sys.argv[3:])  # the folder is inherited; --pythonpath is not
     app = load_app(sys.argv[1])
 except AppLoadError as exc:
     traceback.print_exception(exc.__cause__ or exc)
-    sys.exit(1)
-failure = try_request(app, sys.argv[2]) if sys.argv[2] else None
-if failure:
-    print(failure, file=sys.stderr)
-    sys.exit(1)
+    code = 1
+else:
+    failure = try_request(app, sys.argv[2]) if sys.argv[2] else None
+    if failure:
+        print(failure, file=sys.stderr)
+        code = 1
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)
 """
 
 
@@ -192,22 +201,27 @@ def check_app(
     with ``check_path`` call it once there (``try_request``); None if it loads (and
     answers), else what it printed."""
     env = {k: v for k, v in os.environ.items() if k != HANDOVER_ENV}
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", _CHECK, app, check_path, *pythonpath],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return f"importing {app} took over {timeout:.0f} s"
-    except OSError as exc:
-        return f"cannot start {sys.executable}: {exc}"
+    # its output goes to a file, not a pipe: a child the app started may keep a pipe
+    # open long after the check has ended, and reading it to its end would wait for it
+    with tempfile.TemporaryFile() as out:
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", _CHECK, app, check_path, *pythonpath],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return f"importing {app} took over {timeout:.0f} s"
+        except OSError as exc:
+            return f"cannot start {sys.executable}: {exc}"
+        out.seek(0)
+        text = out.read().decode(errors="replace").strip()
     if result.returncode == 0:
         return None
-    return (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
+    return text or f"exit status {result.returncode}"
 
 
 def exec_in_place(handover: Handover) -> None:

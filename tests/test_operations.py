@@ -486,3 +486,32 @@ def test_a_peer_slot_replaced_under_the_same_pid_is_read_anew(tmp_path):
         peer.kill()
         peer.wait()
         board.close()
+
+
+def test_the_scoreboard_refresher_has_ended_when_the_slot_is_given_up(tmp_path):
+    """The refresher writes the slot and pool.json twice a second; the worker's close
+    waits for it first, else it wrote into a closed map or a removed private folder."""
+    from types import SimpleNamespace
+
+    from fcgi.ops.answers import Answers
+
+    options = SimpleNamespace(
+        status_path="/status",
+        ping_path="",
+        ping_response="",
+        mount="",
+        scoreboard="",
+        bind="unix:x",
+        pool_name="p",
+        threads=1,
+    )
+    listener = socket.socket(socket.AF_UNIX)
+    answers = Answers(options, lambda: (0, {}), listener)
+    answers.start()
+    refresher = answers._refresher
+    assert refresher is not None and refresher.is_alive()
+    folder = answers.scoreboard.dir
+    answers.close()
+    listener.close()
+    assert not refresher.is_alive()
+    assert not folder.exists()  # private: removed with the worker

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import os
 import re
 import shutil
 import signal
@@ -72,8 +73,8 @@ class Worker:
         # serving, not only bound: a signal sent while the app loads reloads it only later
         wait_for(lambda: "serving on" in self.log, what="the worker to serve")
 
-    def write_app(self, version: str, broken: bool = False) -> None:
-        text = APP.format(version=version) + ("\n1 / 0\n" if broken else "")
+    def write_app(self, version: str, broken: bool = False, extra: str = "") -> None:
+        text = APP.format(version=version) + ("\n1 / 0\n" if broken else "") + extra
         (self.tmp / "reloadable.py").write_text(text)
         # A .pyc is checked by the source's mtime (in seconds) and size: both may match.
         shutil.rmtree(self.tmp / "__pycache__", ignore_errors=True)
@@ -133,6 +134,41 @@ def test_reload_keeps_the_pid_the_socket_and_the_connections(reloadable, sig):
     assert "keeping 3 connection(s)" in worker.log
     assert worker.close() == 0
     assert not Path(worker.sock).exists()  # removed at the real exit
+
+
+# Imported, the new code starts a thread that never ends on its own and a child that
+# keeps the worker's output open, as schedulers and pools do: both end when told.
+LINGERING = """
+import subprocess, sys, threading
+
+def _linger(path="lingering-done"):
+    import os, time
+    while not os.path.exists(path):
+        time.sleep(0.05)
+
+threading.Thread(target=_linger).start()  # not a daemon: it holds an interpreter's exit
+_child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+with open("lingering-pids", "a") as _f:
+    _f.write(f"{_child.pid}\\n")
+"""
+
+
+def test_a_reload_is_not_held_by_threads_or_children_the_new_code_starts(reloadable):
+    """The import check ends itself once it has its answer, and its output is a file:
+    it had waited for the app's thread to end, and for its child to close the pipe,
+    until the check's 60 s limit refused the reload."""
+    worker = reloadable()
+    worker.write_app("2", extra=LINGERING)
+    try:
+        worker.signal_and_wait(signal.SIGHUP)
+        assert body(worker.client()).startswith("v2")
+        assert "refused" not in worker.log
+    finally:
+        (worker.tmp / "lingering-done").touch()
+        pids = worker.tmp / "lingering-pids"
+        for pid in pids.read_text().split() if pids.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ class Answers:
         self.counters = counters
         self._stop = threading.Event()
         self.scoreboard: Scoreboard | None = None
+        self._refresher: threading.Thread | None = None
         self.by_path: dict[str, Answer] = {}
         if options.status_path:
             self.scoreboard = Scoreboard.for_socket(
@@ -61,7 +62,8 @@ class Answers:
 
     def start(self) -> None:
         if self.scoreboard is not None:
-            threading.Thread(target=self._refresh, name="scoreboard", daemon=True).start()
+            self._refresher = threading.Thread(target=self._refresh, name="scoreboard", daemon=True)
+            self._refresher.start()
 
     @property
     def kept_folder(self) -> str:
@@ -71,6 +73,8 @@ class Answers:
 
     def close(self, reloading: bool = False) -> None:
         self._stop.set()
+        if self._refresher is not None:  # it writes the slot: ended before the slot goes
+            self._refresher.join(5.0)
         if self.scoreboard is not None:
             self.scoreboard.close(reloading)
 
