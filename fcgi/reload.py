@@ -195,9 +195,11 @@ def check_app(
     pythonpath: Sequence[str] = (),
     check_path: str = "",
     timeout: float = CHECK_TIMEOUT,
+    folder: str | None = None,
 ) -> str | None:
     """Import ``app`` (MODULE:CALLABLE) in a child process with this process's
-    environment, folder (``--chdir`` applied), ``--pythonpath`` and interpreter, and
+    environment, ``--pythonpath`` and interpreter, in ``folder`` (the one the app was
+    loaded from, ``--chdir`` applied: the app may have changed the process's since), and
     with ``check_path`` call it once there (``try_request``); None if it loads (and
     answers), else what it printed."""
     env = {k: v for k, v in os.environ.items() if k != HANDOVER_ENV}
@@ -212,6 +214,7 @@ def check_app(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 timeout=timeout,
+                cwd=folder,
             )
         except subprocess.TimeoutExpired:
             return f"importing {app} took over {timeout:.0f} s"

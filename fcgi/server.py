@@ -81,6 +81,7 @@ class Server:
         self.drain_hooks: list[DrainHook] = []
         self.stats_hooks: list[Callable[[], dict[str, Any]]] = []
         self.pid = os.getpid()
+        self.folder = os.getcwd()  # the app's, --chdir applied (the app may chdir later)
         self.seq_base = _seq_base()
         self.access_log = (
             AccessLog(options.access_log, options.access_log_format, self.pid)
@@ -154,7 +155,7 @@ class Server:
             },
             # which app this is (MODULE:CALLABLE, and the folder it runs in): a journal's
             # calls belong to it, and only its workers take them over
-            "fcgi.app": {"spec": options.app, "folder": os.getcwd()},
+            "fcgi.app": {"spec": options.app, "folder": self.folder},
         }
         # the loop's batch in which a request last ran inline, and its connection
         self._inline_last: tuple[int, Channel | None] = (-1, None)
@@ -237,11 +238,18 @@ class Server:
         self._record_reload("checking")
         log.info("%s: reloading; importing %s in a child process first", why, options.app)
         affinity.unbind_thread()  # the import check has a GIL of its own: every CPU
+        check = functools.partial(
+            check_app,
+            options.app,
+            options.pythonpath,
+            options.reload_check_path,
+            folder=self.folder,
+        )
         try:
-            failure = check_app(options.app, options.pythonpath, options.reload_check_path)
+            failure = check()
             while self._check_again and failure is None:
                 self._check_again = False
-                failure = check_app(options.app, options.pythonpath, options.reload_check_path)
+                failure = check()
         finally:
             self._checking = self._check_again = False
         if failure is not None:

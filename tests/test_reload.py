@@ -406,6 +406,47 @@ def test_a_reload_checks_the_new_code_with_chdir_and_pythonpath(tmp_path):
         client.close()
 
 
+CHDIR_APP = """
+import os
+
+VERSION = "{version}"
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/cd":
+        os.chdir(environ["QUERY_STRING"])  # a careless app (or library) moves the process
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [f"v{{VERSION}}".encode()]
+"""
+
+
+def test_a_reload_checks_the_new_code_in_the_apps_folder_after_the_app_chdirs(tmp_path):
+    """The import check ran in the process's folder of the moment: once the app had
+    called os.chdir(), its module was not found there and every reload (SIGHUP,
+    recycling, --request-timeout) was refused for good. It runs in the app's folder."""
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    proj.mkdir()
+    elsewhere.mkdir()
+    (proj / "moving.py").write_text(CHDIR_APP.format(version="1"))
+    sock = str(tmp_path / "app.sock")
+    args = ("--bind", f"unix:{sock}", "--chdir", "proj", "moving:app")
+    with logged_worker(tmp_path, *args) as (proc, log_path):
+        wait_for(lambda: "serving on" in log_path.read_text(), what="the worker to serve")
+        client = Client(sock)
+        assert body(client, f"/cd?{elsewhere}") == "v1"
+        (proj / "moving.py").write_text(CHDIR_APP.format(version="2"))
+        shutil.rmtree(proj / "__pycache__", ignore_errors=True)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: "refused" in log_path.read_text() or "reloaded" in log_path.read_text(),
+            20,
+            "the reload's outcome",
+        )
+        assert "the new code is refused" not in log_path.read_text()
+        assert body(client) == "v2"  # the same connection, the new code
+        client.close()
+
+
 @pytest.mark.slow
 def test_sighup_while_the_app_loads_reloads_once_serving(tmp_path):
     (tmp_path / "slowstart.py").write_text(
