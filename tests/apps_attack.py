@@ -123,3 +123,11 @@ def forking(environ, start_response):
         return [b"parent"]
     start_response("200 OK", OK)
     return [b"child"]
+
+
+def moving(environ, start_response):
+    """Changes the process's folder to QUERY_STRING (when given), as a careless app may."""
+    if environ["QUERY_STRING"]:
+        os.chdir(environ["QUERY_STRING"])
+    start_response("200 OK", OK)
+    return [b"ok"]

@@ -287,3 +287,24 @@ def test_a_request_timing_out_during_a_graceful_stop_is_abandoned_by_the_stop(tm
     assert "the stop goes on without it" in text
     assert "(GET /stuck?60) timed out (--request-timeout) and still runs in the app" in text
     assert "reloading" not in text and "reloads in place" not in text
+
+
+def test_the_access_log_reopens_where_it_was_after_the_app_changes_folder(tmp_path):
+    """A relative --access-log was reopened (SIGUSR1, after a rotation) relative to the
+    folder of the moment: once the app had called os.chdir(), the lines went elsewhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    args = ("--access-log", "access.log")
+    with worker(tmp_path, "tests.apps_attack:moving", *args, cwd=tmp_path) as (proc, sock):
+        client = Client(str(sock))
+        assert client.request(f"/cd?{elsewhere}").body == b"ok"
+        (tmp_path / "access.log").rename(tmp_path / "access.log.1")
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(
+            lambda: client.request("/after").status == 200 and (tmp_path / "access.log").exists(),
+            what="the reopened log",
+        )
+        client.close()
+    assert "/cd?" in (tmp_path / "access.log.1").read_text()
+    assert "GET /after" in (tmp_path / "access.log").read_text()
+    assert not (elsewhere / "access.log").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import re
 import string
 import sys
@@ -76,7 +77,8 @@ class AccessLog:
     """Formats and writes access lines; ``reopen()`` is safe from a signal handler."""
 
     def __init__(self, path: str, fmt: str, pid: int) -> None:
-        self.path = path
+        # absolute: a reopen must find the same file after the app changed folder
+        self.path = path if path == "-" else os.path.abspath(path)
         self.json = fmt == "json"
         self.format = COMBINED if fmt == "combined" else fmt
         # JSON-shaped: starts with a literal brace, written {{ in a format string
