@@ -894,3 +894,23 @@ def test_a_memory_middleware_inside_a_journaled_one_runs_its_calls(tmp_path: Pat
     wait_for(lambda: lines(out) == [f"inner {os.getpid()}"], what="the inner call")
     outer.backend.flush()
     outer.backend.sweeper.close()
+
+
+def test_a_relative_journal_path_stays_the_same_file_after_the_app_changes_folder(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Each thread opens its own SQLite connection: with a relative DEFERRED_JOURNAL, a
+    thread that opened it after the app's os.chdir() opened another (empty) file."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    with contextlib.closing(Journal("j.sqlite3")) as journal:
+        journal.record("GET /", [("m:call", b"1", None)])
+        journal.move(everything=True)
+        os.chdir(elsewhere)
+        seen: list = []
+        thread = threading.Thread(target=lambda: seen.append([r.path for r in journal.rows()]))
+        thread.start()
+        thread.join(10)
+        assert seen == [["m:call"]]
+    assert list(elsewhere.iterdir()) == []

@@ -113,7 +113,8 @@ class Journal(Takeover):
         app: str | None = "",
         slots: int = BOARD_SLOTS,
     ):
-        self.path = Path(path)
+        # absolute: each thread opens its own connection, and the app may change folder
+        self.path = Path(os.path.abspath(path))
         self.attempts = attempts  # failures before a call is declared dead
         self.retry = retry  # seconds before the first retry; doubles each time
         self.app = app
