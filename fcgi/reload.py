@@ -56,20 +56,29 @@ HELD_SIGNALS = frozenset(
 
 # The check ends itself with os._exit once it has its answer: an app may start, as it
 # is imported, threads that never end (a scheduler, a pool's keep-alive) or children
-# that outlive it; neither may hold a reload.
+# that outlive it; neither may hold a reload. It also ends once the worker is gone (a
+# stop during the check): its time limit is kept by the worker, and an import that
+# hangs would otherwise run on as an orphan.
 _CHECK = """\
-import os, sys, traceback
+import os, sys, threading, time, traceback
+
+def _orphaned(worker):
+    while os.getppid() == worker:
+        time.sleep(0.2)
+    os._exit(1)
+
+threading.Thread(target=_orphaned, args=(int(sys.argv[1]),), daemon=True).start()
 from fcgi.cli import AppLoadError, load_app, setup_path
 from fcgi.reload import try_request
 code = 0
 try:
-    setup_path("", sys.argv[3:])  # the folder is inherited; --pythonpath is not
-    app = load_app(sys.argv[1])
+    setup_path("", sys.argv[4:])  # the folder is inherited; --pythonpath is not
+    app = load_app(sys.argv[2])
 except AppLoadError as exc:
     traceback.print_exception(exc.__cause__ or exc)
     code = 1
 else:
-    failure = try_request(app, sys.argv[2]) if sys.argv[2] else None
+    failure = try_request(app, sys.argv[3]) if sys.argv[3] else None
     if failure:
         print(failure, file=sys.stderr)
         code = 1
@@ -208,7 +217,7 @@ def check_app(
     with tempfile.TemporaryFile() as out:
         try:
             result = subprocess.run(
-                [sys.executable, "-c", _CHECK, app, check_path, *pythonpath],
+                [sys.executable, "-c", _CHECK, str(os.getpid()), app, check_path, *pythonpath],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -447,6 +447,52 @@ def test_a_reload_checks_the_new_code_in_the_apps_folder_after_the_app_chdirs(tm
         client.close()
 
 
+HANGING_IMPORT_APP = """
+import os
+import time
+
+if os.path.exists("hang"):  # the reload's import check: it hangs (a database down)
+    with open("check.pid", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended (a zombie left for an init that does not reap counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_stop_during_a_reloads_import_check_leaves_no_check_process(tmp_path):
+    """The check's time limit was kept by the worker's thread: a worker stopped while
+    the check hung left it running, an orphan, for as long as the import hung. The check
+    ends itself once the worker that asked for it is gone."""
+    (tmp_path / "hanging.py").write_text(HANGING_IMPORT_APP)
+    sock = str(tmp_path / "app.sock")
+    with logged_worker(tmp_path, "--bind", f"unix:{sock}", "hanging:app") as (proc, log_path):
+        wait_for(lambda: "serving on" in log_path.read_text(), what="the worker to serve")
+        (tmp_path / "hang").touch()
+        proc.send_signal(signal.SIGHUP)
+        pid_file = tmp_path / "check.pid"
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the check to hang")
+        check = int(pid_file.read_text())
+        try:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            wait_for(lambda: _gone(check), what="the check process to end with the worker")
+        finally:
+            if not _gone(check):
+                os.kill(check, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_sighup_while_the_app_loads_reloads_once_serving(tmp_path):
     (tmp_path / "slowstart.py").write_text(
