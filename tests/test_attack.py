@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import struct
 import threading
 import time
 
@@ -14,7 +15,7 @@ from flup.server import fcgi_base as flup
 
 from fcgi.ops.scoreboard import Scoreboard
 from tests import apps_attack
-from tests.fcgi_client import Client, record, request_bytes
+from tests.fcgi_client import Client, begin, record, request_bytes
 from tests.procs import python_env, wait_for, worker
 
 
@@ -308,3 +309,23 @@ def test_the_access_log_reopens_where_it_was_after_the_app_changes_folder(tmp_pa
     assert "/cd?" in (tmp_path / "access.log.1").read_text()
     assert "GET /after" in (tmp_path / "access.log").read_text()
     assert not (elsewhere / "access.log").exists()
+
+
+def test_a_connection_beginning_more_requests_than_fcgi_max_reqs_gets_overloaded(serve):
+    """Each request may send --max-params of params, but a connection could begin any
+    number of them at once (2000 half-sent ones held 600 MB). Beyond FCGI_MAX_REQS (what
+    the worker answers FCGI_GET_VALUES with) a request is refused with OVERLOADED."""
+    running = serve(apps_attack.sleepy, threads=1, max_detached=2)
+    most = int(running.server.fcgi_values["FCGI_MAX_REQS"])
+    assert most == 3
+    client = running.client()
+    half = flup.encode_pair(b"HTTP_X", b"a" * 1000)
+    for rid in range(1, most + 3):
+        client.send(begin(rid) + record(flup.FCGI_PARAMS, rid, half))
+    refused = [client.read_record() for _ in range(2)]
+    end_body = struct.pack(flup.FCGI_EndRequestBody, 0, flup.FCGI_OVERLOADED)
+    assert refused == [(flup.FCGI_END_REQUEST, rid, end_body) for rid in (most + 1, most + 2)]
+    # the requests taken are served on the same connection
+    client.send(request_bytes("/first")[len(begin(1)) :])
+    response = client.read_response()
+    assert (response.status, response.body) == (200, b"/first")

@@ -87,6 +87,8 @@ class IOLoop:
         self.on_request = on_request
         self.on_body = on_body
         self.fcgi_values = fcgi_values
+        # what FCGI_GET_VALUES answers is also the most requests a connection may have
+        self.max_requests = int(fcgi_values.get("FCGI_MAX_REQS") or 0)
         self.epoll = select.epoll()
         self.conns: collections.OrderedDict[int, Channel] = collections.OrderedDict()
         self.accepting = False  # the listener is registered
@@ -346,7 +348,9 @@ class IOLoop:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.setblocking(False)
             opts = self.options
-            proto = Connection(self.fcgi_values, opts.max_params, multiplex=True)
+            proto = Connection(
+                self.fcgi_values, opts.max_params, multiplex=True, max_requests=self.max_requests
+            )
             conn = Channel(client, proto, self, opts.write_timeout)
             log.debug("connection %d: opened", conn.fd)
             self.conns[conn.fd] = conn
@@ -460,7 +464,9 @@ class IOLoop:
         sock = socket.socket(fileno=kept.fd)
         sock.setblocking(False)
         opts = self.options
-        proto = Connection(self.fcgi_values, opts.max_params, multiplex=True)
+        proto = Connection(
+            self.fcgi_values, opts.max_params, multiplex=True, max_requests=self.max_requests
+        )
         proto.fresh = kept.fresh
         proto.ignore_ids(kept.ended)
         conn = Channel(sock, proto, self, opts.write_timeout)

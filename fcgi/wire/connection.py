@@ -146,10 +146,14 @@ class Connection:
         values: dict[str, str],
         max_params: int = 1 << 20,
         multiplex: bool = False,
+        max_requests: int = 0,
     ) -> None:
         self.values = values  # FCGI_GET_VALUES answers
         self.max_params = max_params
         self.multiplex = multiplex
+        # requests on it at once, each of which may hold max_params: more are refused
+        # (OVERLOADED); 0: no limit
+        self.max_requests = max_requests
         self.state = ConnState.IDLE
         self.requests: dict[int, IncomingRequest] = {}
         self.fresh = True  # no request begun on it yet
@@ -160,6 +164,7 @@ class Connection:
         self._out: list[bytes] = []
         self._ignored: set[int] = set()
         self._arriving = 0  # requests begun and not yet complete
+        self._told_overloaded = False
 
     # -- bytes in, events out ------------------------------------------------------
 
@@ -323,6 +328,17 @@ class Connection:
             log.debug("request %d refused: role %d (UNKNOWN_ROLE)", rid, role)
             self._ignore(rid)
             self._out.append(records.reject(rid, records.UNKNOWN_ROLE))
+        elif self.max_requests and len(self.requests) >= self.max_requests:
+            if not self._told_overloaded:  # once per connection: a peer may insist
+                self._told_overloaded = True
+                log.warning(
+                    "request %d refused: %d requests already on its connection "
+                    "(FCGI_MAX_REQS); answered OVERLOADED",
+                    rid,
+                    self.max_requests,
+                )
+            self._ignore(rid)
+            self._out.append(records.reject(rid, records.OVERLOADED))
         else:
             self.requests[rid] = IncomingRequest(rid, bool(flags & records.KEEP_CONN))
             self._arriving += 1
