@@ -58,7 +58,10 @@ HELD_SIGNALS = frozenset(
 # is imported, threads that never end (a scheduler, a pool's keep-alive) or children
 # that outlive it; neither may hold a reload. It also ends once the worker is gone (a
 # stop during the check): its time limit is kept by the worker, and an import that
-# hangs would otherwise run on as an orphan.
+# hangs would otherwise run on as an orphan. A check that passed says so in a last line
+# of its own (PASSED): with SIGCHLD ignored (an app may), the kernel reaps the child and
+# Python reads its exit status as 0, whatever it was.
+PASSED = "fcgi-serve: the reload check passed"
 _CHECK = """\
 import os, sys, threading, time, traceback
 
@@ -69,7 +72,7 @@ def _orphaned(worker):
 
 threading.Thread(target=_orphaned, args=(int(sys.argv[1]),), daemon=True).start()
 from fcgi.cli import AppLoadError, load_app, setup_path
-from fcgi.reload import try_request
+from fcgi.reload import PASSED, try_request
 code = 0
 try:
     setup_path("", sys.argv[4:])  # the folder is inherited; --pythonpath is not
@@ -82,6 +85,8 @@ else:
     if failure:
         print(failure, file=sys.stderr)
         code = 1
+if code == 0:
+    print("\\n" + PASSED)
 sys.stdout.flush()
 sys.stderr.flush()
 os._exit(code)
@@ -231,8 +236,11 @@ def check_app(
             return f"cannot start {sys.executable}: {exc}"
         out.seek(0)
         text = out.read().decode(errors="replace").strip()
-    if result.returncode == 0:
+    lines = text.splitlines()
+    if result.returncode == 0 and PASSED in lines:
         return None
+    if result.returncode == 0:  # (an exit status read as 0: SIGCHLD ignored)
+        return text or "the check ended without its verdict"
     return text or f"exit status {result.returncode}"
 
 

@@ -463,6 +463,24 @@ def app(environ, start_response):
 """
 
 
+def test_broken_new_code_is_refused_when_the_app_ignores_sigchld(reloadable):
+    """With SIGCHLD ignored (an app's "no zombies"), the kernel reaps the check itself and
+    Python reads its exit status as 0: broken code passed the check, was exec'd, and the
+    worker died. The check's verdict no longer rests on its exit status alone."""
+    worker = reloadable()
+    sigchld = "\nimport signal\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
+    worker.write_app("2", extra=sigchld)
+    worker.signal_and_wait(signal.SIGHUP)  # the worker now ignores SIGCHLD
+    client = worker.client()
+    assert body(client).startswith("v2")
+    worker.write_app("3", broken=True, extra=sigchld)
+    worker.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "the new code is refused" in worker.log, 20, "the check to refuse it")
+    assert "ZeroDivisionError" in worker.log
+    assert body(client).startswith("v2")  # the old code serves on, on the same connection
+    assert worker.proc.poll() is None
+
+
 def _gone(pid: int) -> bool:
     """The process has ended (a zombie left for an init that does not reap counts)."""
     try:
