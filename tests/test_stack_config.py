@@ -106,6 +106,12 @@ def test_config_prints_each_setting_and_where_it_came_from(tmp_path):
     result = fcgi_finish("status", "--state-dir", str(state), "NUMPROCS=4")
     assert result.returncode == 2 and "fcgi-finish restart NUMPROCS=4" in result.stderr
     assert fcgi_finish("status", "--state-dir", str(state), "NUMPROCS=3").returncode == 3
+    # make passes its KEY=VALUE words in the environment too: still refused, not ignored
+    for command in ("status", "reload", "stop"):
+        env = {**os.environ, "FCGI_THREADS": "4"}
+        result = fcgi_finish(command, "--state-dir", str(state), "FCGI_THREADS=4", env=env)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "make restart FCGI_THREADS=4" in result.stderr
 
 
 @pytest.mark.slow
