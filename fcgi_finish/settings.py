@@ -159,7 +159,7 @@ STACK: tuple[Entry, ...] = (
         "NGINX_BIN",
         any_text,
         default_nginx,
-        "the nginx binary (found on PATH or in /usr/sbin)",
+        "the nginx binary (empty: the one found on PATH or in /usr/sbin at each start)",
         "--nginx",
         "PATH",
     ),

@@ -168,6 +168,20 @@ def test_a_taken_port_and_a_missing_nginx_are_named_with_the_fix():
             checks.port_free(f"127.0.0.1:{port}")
     with pytest.raises(checks.CheckFailed, match="apt-get install -y nginx-light"):
         checks.nginx_installed("/nonexistent/nginx")
+    with pytest.raises(checks.CheckFailed, match=r"not installed \(not on PATH nor in /usr/sbin"):
+        checks.nginx_installed("nginx", given=False)
+
+
+def test_an_empty_nginx_bin_is_the_nginx_found_at_start(tmp_path):
+    from fcgi_finish import stack
+
+    state = tmp_path / "var"
+    found = settings.default_nginx(state)
+    assert stack.nginx_bin(config.load(state, {"NGINX_BIN": ""}, environ={})) == found
+    given = config.load(state, {"NGINX_BIN": "/opt/nginx/sbin/nginx"}, environ={})
+    assert stack.nginx_bin(given) == "/opt/nginx/sbin/nginx"
+    blank = config.load(state, {"NGINX_BIN": ""}, environ={})
+    assert f"command={found} " in stack.supervisord_conf(blank)
 
 
 def test_the_rendered_supervisord_conf_follows_the_configuration(tmp_path):
