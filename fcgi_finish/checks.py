@@ -230,7 +230,13 @@ def workers_can_run(
                     f"RUN_USER {user} cannot import the code with {python}: {problem['error']}"
                 )
         elif problem["kind"] == "chdir":
-            lines.append(f"FCGI_CHDIR: {problem['error']}")
+            if closed:
+                lines.append(f"FCGI_CHDIR: {problem['error']}")
+            else:
+                lines.append(
+                    f"FCGI_CHDIR={problem['error']}: give the folder that holds the app with "
+                    "FCGI_CHDIR=... (--chdir)"
+                )
         elif not closed:
             lines.append(
                 f"cannot import module {problem['module']!r} from FCGI_CHDIR={app_dirs[0]}"

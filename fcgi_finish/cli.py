@@ -59,7 +59,7 @@ def _settings_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fcgi-finish",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
         epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -65,6 +65,7 @@ def test_mistakes_are_refused_naming_the_setting_and_the_fix(tmp_path):
         "NUMPROCS=abc": ("NUMPROCS='abc' (--workers)", "expected N"),
         "NUMPROCS=0": ("NUMPROCS='0'", "must be 1 or more"),
         "NGINX_LISTEN=8080": ("NGINX_LISTEN='8080'", "HOST:PORT"),
+        "NGINX_LISTEN=127.0.0.1:99999": ("NGINX_LISTEN='127.0.0.1:99999'", "port from 1 to 65535"),
         "FCGI_BIND=unix:x": ("FCGI_BIND is set by the stack", "supervisord"),
         "FCGI_USER=bob": ("FCGI_USER is set by the stack", "RUN_USER"),
         "DEFERRED_THREDS=2": ("DEFERRED_THREDS", "did you mean DEFERRED_THREADS?"),
@@ -154,6 +155,12 @@ def test_the_workers_user_is_checked_for_the_app_folder_and_its_sqlite_files(sha
     assert "cannot import the code with /usr/bin/python3" in text
     assert f"cannot import module 'nosuchsite.wsgi' from FCGI_CHDIR={app}" in check(
         "nosuchsite.wsgi:a"
+    )
+    with pytest.raises(checks.CheckFailed) as failed:  # a folder that is not there
+        checks.workers_can_run("www-data", python, [], [app / "nope"], "x:a", "", {})
+    assert (
+        f"FCGI_CHDIR={app / 'nope'}: No such file or directory: give the folder that holds "
+        "the app with FCGI_CHDIR=" in str(failed.value)
     )
 
 
