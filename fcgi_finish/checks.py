@@ -114,11 +114,13 @@ def port_free(listen: str) -> None:
             ) from None
 
 
-def nginx_installed(nginx_bin: str) -> None:
+def nginx_installed(nginx_bin: str, given: bool = True) -> None:
+    """``given``: NGINX_BIN names it; else it was looked for on PATH and in /usr/sbin."""
     if not (os.path.isfile(nginx_bin) and os.access(nginx_bin, os.X_OK)):
+        where = f"no program at NGINX_BIN={nginx_bin}" if given else "not on PATH nor in /usr/sbin"
         raise CheckFailed(
-            f"nginx is not installed (NGINX_BIN={nginx_bin}): apt-get install -y nginx-light "
-            "(`make install` runs it as root), or give NGINX_BIN=/path/to/nginx"
+            f"nginx is not installed ({where}): as root, apt-get install -y nginx-light (from "
+            "a checkout, `make install` does it), or give NGINX_BIN=/path/to/nginx"
         )
 
 
@@ -228,7 +230,13 @@ def workers_can_run(
                     f"RUN_USER {user} cannot import the code with {python}: {problem['error']}"
                 )
         elif problem["kind"] == "chdir":
-            lines.append(f"FCGI_CHDIR: {problem['error']}")
+            if closed:
+                lines.append(f"FCGI_CHDIR: {problem['error']}")
+            else:
+                lines.append(
+                    f"FCGI_CHDIR={problem['error']}: give the folder that holds the app with "
+                    "FCGI_CHDIR=... (--chdir)"
+                )
         elif not closed:
             lines.append(
                 f"cannot import module {problem['module']!r} from FCGI_CHDIR={app_dirs[0]}"

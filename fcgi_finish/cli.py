@@ -21,8 +21,9 @@ from pathlib import Path
 from fcgi import __version__
 
 from . import reloads, stack
-from .config import COMMAND_LINE, Config, load, save
+from .config import COMMAND_LINE, Config, load, quote, save
 from .settings import ENTRIES, PATH_KEYS, SettingError
+from .supervisor import Supervisor
 
 _ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
 # Commands that take settings (and save them); the others run the stack as it is.
@@ -58,7 +59,7 @@ def _settings_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fcgi-finish",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
         epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -115,17 +116,29 @@ def _given(args: argparse.Namespace) -> dict[str, str]:
 
 def configuration(args: argparse.Namespace) -> Config:
     """What is in force; settings given to a command that does not (re)start the stack
-    must already be in force."""
+    must already be in force. A start refused because the stack runs saves nothing."""
     state = Path(args.state_dir)
     given = _given(args)
     config = load(state, given)
+    # What the stack was started with is the file alone: make passes the words it was
+    # given in the environment too, so a comparison with the environment sees no change.
+    saved = load(state, {}, environ={})
+    changed = [k for k in given if saved[k] != config[k]]
+    shown = " ".join(f"{k}={quote(config[k])}" for k in changed)
+    if args.command in ("start", "run"):
+        sup = Supervisor(config.state)
+        if sup.running():
+            fix = (
+                f"to apply {', '.join(changed)}: fcgi-finish restart {shown} (make restart "
+                f"{shown}); nothing was saved"
+                if changed
+                else "fcgi-finish status, or fcgi-finish restart (make status, make restart)"
+            )
+            raise stack.StackError(f"already running (supervisord pid {sup.pid()}): {fix}")
     if args.command in CONFIGURING:
         save(config)
         return config
-    saved = load(state, {})
-    changed = [k for k in given if saved[k] != config[k]]
     if changed:
-        shown = " ".join(f"{k}={config[k]}" for k in changed)
         raise SettingError(
             f"{args.command} does not change settings ({', '.join(changed)}): they take "
             f"effect at a start: fcgi-finish restart {shown} (make restart {shown})"

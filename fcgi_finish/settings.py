@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcgi.options import OPTIONS, bind_address, positive_int, seconds, user_name
+from fcgi.options import OPTIONS, positive_int, seconds, user_name
 from wsgi_app.deferred import SETTINGS
 
 DEMO_APP = "wsgi_app.demo:application"
@@ -59,9 +59,12 @@ def app_spec(text: str) -> str:
 
 
 def listen_address(text: str) -> str:
-    if text.startswith("unix:"):
+    host, sep, port = text.rpartition(":")
+    if text.startswith("unix:") or not sep or not host:
         raise ValueError("must be HOST:PORT, as in 127.0.0.1:8080 (nginx listens on TCP)")
-    return bind_address(text)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must end in a port from 1 to 65535, as in {host}:8080")
+    return text
 
 
 def user(text: str) -> str:
@@ -159,7 +162,7 @@ STACK: tuple[Entry, ...] = (
         "NGINX_BIN",
         any_text,
         default_nginx,
-        "the nginx binary (found on PATH or in /usr/sbin)",
+        "the nginx binary (empty: the one found on PATH or in /usr/sbin at each start)",
         "--nginx",
         "PATH",
     ),

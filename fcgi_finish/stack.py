@@ -20,7 +20,7 @@ import wsgi_app
 
 from . import checks, readiness, render
 from .config import Config
-from .settings import proxies, stop_wait
+from .settings import default_nginx, proxies, stop_wait
 from .supervisor import Supervisor
 
 
@@ -44,6 +44,11 @@ def command() -> str:
     return str(script) if script.exists() else f"{sys.executable} -m fcgi_finish"
 
 
+def nginx_bin(config: Config) -> str:
+    """NGINX_BIN, or (left empty) the nginx found on PATH or in /usr/sbin."""
+    return config["NGINX_BIN"] or default_nginx(config.state)
+
+
 def template_values(config: Config) -> dict[str, str]:
     """Every placeholder of the stack's templates, from the configuration."""
     state = config.state
@@ -60,7 +65,7 @@ def template_values(config: Config) -> dict[str, str]:
         PYTHON=python(),
         RUN_USER=config["RUN_USER"],
         CHDIR=str(config.path("FCGI_CHDIR")),
-        NGINX_BIN=config["NGINX_BIN"],
+        NGINX_BIN=nginx_bin(config),
         DEFERRED_JOURNAL=config["DEFERRED_JOURNAL"] and str(config.path("DEFERRED_JOURNAL")),
         DEFERRED_CELERY=config["DEFERRED_CELERY"],
         STOPWAITSECS=str(stop_wait(config["FCGI_GRACEFUL_TIMEOUT"])),
@@ -101,7 +106,7 @@ def check(config: Config, port: bool = True) -> None:
     try:
         if port:
             checks.port_free(config["NGINX_LISTEN"])
-        checks.nginx_installed(config["NGINX_BIN"])
+        checks.nginx_installed(nginx_bin(config), given=bool(config["NGINX_BIN"]))
         checks.tls_files(
             config["TLS_CERT"] and str(config.path("TLS_CERT")),
             config["TLS_KEY"] and str(config.path("TLS_KEY")),

@@ -79,6 +79,10 @@ def test_make_start_fails_fast_naming_the_mistake_with_nothing_left_running(chec
         assert all(part in result.stderr for part in expected), result.stderr
         assert "does not load" not in result.stderr and "usage:" not in result.stderr
     assert not (checkout / "var/run").exists()
+    # A setting given to a command that does not start the stack is refused, though make
+    # hands it over in the environment as well as on the command line.
+    result = make(checkout, "status", "FCGI_THREADS=4")
+    assert result.returncode != 0 and "make restart FCGI_THREADS=4" in result.stderr
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

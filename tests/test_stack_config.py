@@ -65,6 +65,7 @@ def test_mistakes_are_refused_naming_the_setting_and_the_fix(tmp_path):
         "NUMPROCS=abc": ("NUMPROCS='abc' (--workers)", "expected N"),
         "NUMPROCS=0": ("NUMPROCS='0'", "must be 1 or more"),
         "NGINX_LISTEN=8080": ("NGINX_LISTEN='8080'", "HOST:PORT"),
+        "NGINX_LISTEN=127.0.0.1:99999": ("NGINX_LISTEN='127.0.0.1:99999'", "port from 1 to 65535"),
         "FCGI_BIND=unix:x": ("FCGI_BIND is set by the stack", "supervisord"),
         "FCGI_USER=bob": ("FCGI_USER is set by the stack", "RUN_USER"),
         "DEFERRED_THREDS=2": ("DEFERRED_THREDS", "did you mean DEFERRED_THREADS?"),
@@ -106,6 +107,12 @@ def test_config_prints_each_setting_and_where_it_came_from(tmp_path):
     result = fcgi_finish("status", "--state-dir", str(state), "NUMPROCS=4")
     assert result.returncode == 2 and "fcgi-finish restart NUMPROCS=4" in result.stderr
     assert fcgi_finish("status", "--state-dir", str(state), "NUMPROCS=3").returncode == 3
+    # make passes its KEY=VALUE words in the environment too: still refused, not ignored
+    for command in ("status", "reload", "stop"):
+        env = {**os.environ, "FCGI_THREADS": "4"}
+        result = fcgi_finish(command, "--state-dir", str(state), "FCGI_THREADS=4", env=env)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "make restart FCGI_THREADS=4" in result.stderr
 
 
 @pytest.mark.slow
@@ -149,6 +156,12 @@ def test_the_workers_user_is_checked_for_the_app_folder_and_its_sqlite_files(sha
     assert f"cannot import module 'nosuchsite.wsgi' from FCGI_CHDIR={app}" in check(
         "nosuchsite.wsgi:a"
     )
+    with pytest.raises(checks.CheckFailed) as failed:  # a folder that is not there
+        checks.workers_can_run("www-data", python, [], [app / "nope"], "x:a", "", {})
+    assert (
+        f"FCGI_CHDIR={app / 'nope'}: No such file or directory: give the folder that holds "
+        "the app with FCGI_CHDIR=" in str(failed.value)
+    )
 
 
 def test_a_taken_port_and_a_missing_nginx_are_named_with_the_fix():
@@ -162,6 +175,20 @@ def test_a_taken_port_and_a_missing_nginx_are_named_with_the_fix():
             checks.port_free(f"127.0.0.1:{port}")
     with pytest.raises(checks.CheckFailed, match="apt-get install -y nginx-light"):
         checks.nginx_installed("/nonexistent/nginx")
+    with pytest.raises(checks.CheckFailed, match=r"not installed \(not on PATH nor in /usr/sbin"):
+        checks.nginx_installed("nginx", given=False)
+
+
+def test_an_empty_nginx_bin_is_the_nginx_found_at_start(tmp_path):
+    from fcgi_finish import stack
+
+    state = tmp_path / "var"
+    found = settings.default_nginx(state)
+    assert stack.nginx_bin(config.load(state, {"NGINX_BIN": ""}, environ={})) == found
+    given = config.load(state, {"NGINX_BIN": "/opt/nginx/sbin/nginx"}, environ={})
+    assert stack.nginx_bin(given) == "/opt/nginx/sbin/nginx"
+    blank = config.load(state, {"NGINX_BIN": ""}, environ={})
+    assert f"command={found} " in stack.supervisord_conf(blank)
 
 
 def test_the_rendered_supervisord_conf_follows_the_configuration(tmp_path):

@@ -128,6 +128,17 @@ def test_a_users_session_from_a_pip_install(shared_dir):
     ]
     assert "max children reached: 0" in status.stdout
 
+    # A second start with another port is refused and saves nothing: the file still
+    # says what runs, so status still reads this stack's page.
+    saved = (var / "fcgi-finish.env").read_bytes()
+    other = free_port()
+    result = ff("start", "--listen", f"127.0.0.1:{other}")
+    assert result.returncode == 1 and "already running" in result.stderr, result.stderr
+    assert f"fcgi-finish restart NGINX_LISTEN=127.0.0.1:{other}" in result.stderr
+    assert (var / "fcgi-finish.env").read_bytes() == saved
+    status = ff("status")
+    assert status.returncode == 0 and "max children reached: 0" in status.stdout
+
     # A bare restart: the same app on the same port, from the saved configuration.
     before = stack_pids(var)
     result = ff("restart")
