@@ -211,3 +211,29 @@ def test_the_rendered_supervisord_conf_follows_the_configuration(tmp_path):
     assert "--cpu-affinity off" in asked and "stopwaitsecs=70 " in asked
     assert 'DEFERRED_JOURNAL=""' in asked  # memory only
     assert "@" not in "".join(ln for ln in asked.splitlines() if not ln.startswith(";"))
+
+
+def test_a_bad_value_names_the_form_expected_in_full():
+    """A DEFERRED_* setting names its form (N, SECONDS, 1|0) as the FCGI_* ones do, and
+    its meaning is a whole clause: never cut where an aside in parentheses began."""
+    cases = {
+        "DEFERRED_THREADS": (
+            "abc",
+            "DEFERRED_THREADS='abc' (--deferred-threads): 'abc' is not a whole number; "
+            "expected N: most plain functions running at once: the pool grows while calls "
+            "block and shrinks when idle, so blocking calls overlap without holding requests",
+        ),
+        "DEFERRED_SLOW": ("-1", "expected SECONDS: log the stack of a call running longer"),
+        "DEFERRED_PROCESS": ("maybe", "must be 1 or 0 (true or false); expected 1|0: run"),
+        "FCGI_MAX_DETACHED": (
+            "x",
+            "expected N: requests that may go on running after fcgi.finish_request without "
+            "holding one of --threads",
+        ),
+        "FCGI_THREADS": ("abc", "expected N: requests run at once in this process"),
+    }
+    for key, (bad, expected) in cases.items():
+        with pytest.raises(settings.SettingError) as refused:
+            settings.check_value(settings.BY_KEY[key], bad)
+        assert expected in str(refused.value), str(refused.value)
+    assert [e.key for e in settings.ENTRIES if e.metavar == "VALUE"] == []
