@@ -4,7 +4,10 @@ mistakes refused naming the fix. No stack is started here."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
 import subprocess
 
@@ -177,6 +180,39 @@ def test_a_taken_port_and_a_missing_nginx_are_named_with_the_fix():
         checks.nginx_installed("/nonexistent/nginx")
     with pytest.raises(checks.CheckFailed, match=r"not installed \(not on PATH nor in /usr/sbin"):
         checks.nginx_installed("nginx", given=False)
+
+
+def test_a_taken_port_is_refused_with_a_port_free_now_or_none(monkeypatch):
+    """The port suggested instead is one nothing listens on at that moment (the next
+    one may be taken too), and none is suggested where no port near it would do."""
+    import socket
+
+    with contextlib.ExitStack() as held:
+        taken = held.enter_context(socket.socket())
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        nxt = held.enter_context(socket.socket())
+        with contextlib.suppress(OSError):  # if it is already taken, so much the better
+            nxt.bind(("127.0.0.1", port + 1))
+            nxt.listen()
+        with pytest.raises(checks.CheckFailed) as refused:
+            checks.port_free(f"127.0.0.1:{port}")
+        text = str(refused.value)
+        found = re.search(
+            r"--listen 127\.0\.0\.1:(\d+) \(make start NGINX_LISTEN=127\.0\.0\.1:(\d+)\)", text
+        )
+        assert found and found.group(1) == found.group(2), text
+        other = int(found.group(1))
+        assert other not in (port, port + 1), text
+        with socket.socket() as probe:  # free now: it can be listened on
+            probe.bind(("127.0.0.1", other))
+    # Every port near it taken too: none is suggested.
+    monkeypatch.setattr(checks, "_bind_error", lambda host, port: OSError(errno.EADDRINUSE, ""))
+    with pytest.raises(checks.CheckFailed) as refused:
+        checks.port_free(f"127.0.0.1:{port}")
+    assert "choose another port: fcgi-finish start --listen HOST:PORT" in str(refused.value)
+    assert "NGINX_LISTEN=" not in str(refused.value)
 
 
 def test_an_empty_nginx_bin_is_the_nginx_found_at_start(tmp_path):
