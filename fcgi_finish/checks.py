@@ -93,25 +93,46 @@ class CheckFailed(Exception):
 
 
 def port_free(listen: str) -> None:
-    host, _, port_text = listen.rpartition(":")
-    host, port = host.strip("[]") or "0.0.0.0", int(port_text)
+    """nginx can listen on ``listen``; else the error names who holds it and, if there is
+    one, a port near it that is free now."""
+    host_text, _, port_text = listen.rpartition(":")
+    host, port = host_text.strip("[]") or "0.0.0.0", int(port_text)
+    exc = _bind_error(host, port)
+    if exc is None:
+        return
+    why = "another program is listening there" if exc.errno == errno.EADDRINUSE else exc.strerror
+    other = free_port_near(host, port)
+    fix = (
+        f"choose another port: fcgi-finish start --listen {host_text}:{other} (make start "
+        f"NGINX_LISTEN={host_text}:{other}), free now"
+        if other
+        else "choose another port: fcgi-finish start --listen HOST:PORT"
+    )
+    raise CheckFailed(
+        f"nginx cannot listen on {listen} (port {port}): {why}. See which with "
+        f"`ss -ltnp 'sport = :{port}'`; stop it, or {fix}"
+    )
+
+
+def free_port_near(host: str, port: int, tries: int = 20) -> int | None:
+    """The first of the ``tries`` ports after ``port`` that ``host`` can listen on now."""
+    for other in range(port + 1, min(port + tries, 65535) + 1):
+        if _bind_error(host, other) is None:
+            return other
+    return None
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why a listener on host:port fails now (None: it can), binding as nginx does
+    (SO_REUSEADDR: a port left in TIME_WAIT is free)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
-            why = (
-                "another program is listening there"
-                if exc.errno == errno.EADDRINUSE
-                else exc.strerror
-            )
-            raise CheckFailed(
-                f"nginx cannot listen on {listen} (port {port}): {why}. See which with "
-                f"`ss -ltnp 'sport = :{port}'`; stop it, or choose another port: "
-                f"fcgi-finish start --listen {host}:{port + 1} (make start "
-                f"NGINX_LISTEN={host}:{port + 1})"
-            ) from None
+            return exc
+    return None
 
 
 def nginx_installed(nginx_bin: str, given: bool = True) -> None:

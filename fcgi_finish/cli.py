@@ -173,8 +173,9 @@ def cmd_stop(config: Config) -> int:
 
 
 def cmd_reload(config: Config) -> int:
-    text, ok = reloads.report(reloads.reload(config))
-    (sys.stdout if ok else sys.stderr).write(text)
+    live = stack.running(config)
+    text, ok = reloads.report(reloads.reload(live))
+    (sys.stdout if ok else sys.stderr).write(text + stack.drift(config, live))
     return 0 if ok else 1
 
 
@@ -196,6 +197,7 @@ def cmd_service(config: Config) -> int:
         f"install it: sudo cp {path} /etc/systemd/system/ && sudo systemctl daemon-reload "
         "&& sudo systemctl enable --now fcgi-finish"
     )
+    sys.stdout.write(stack.drift(config, stack.running(config)))
     return 0
 
 
@@ -203,14 +205,18 @@ def cmd_config(config: Config) -> int:
     sys.stdout.write(config.describe())
     if any(v.origin == COMMAND_LINE for v in config.values.values()):
         print(f"# saved in {config.file}; a running stack takes it at fcgi-finish restart")
+    note = stack.drift(config, stack.running(config))
+    if note:
+        print(f"# {note}", end="")
     return 0
 
 
 def cmd_demo(config: Config) -> int:
     from wsgi_app.demo import client
 
-    scheme = "https" if config["TLS_CERT"] else "http"
-    url = f"{scheme}://{config['NGINX_LISTEN']}/demo"
+    live = stack.running(config)
+    scheme = "https" if live["TLS_CERT"] else "http"
+    url = f"{scheme}://{live['NGINX_LISTEN']}/demo"
     return client.main([url, str(config.state / "log" / "demo.log")])
 
 

@@ -210,6 +210,30 @@ def save(config: Config) -> bool:
     return True
 
 
+def write_copy(config: Config, path: Path) -> None:
+    """Every setting in force, one ``KEY=value`` a line: a start leaves this beside what
+    it runs, so commands that talk to the running stack use what it was started with,
+    whatever the saved file says since."""
+    lines = [f"# the settings this stack was started with (the saved ones: {config.file})"]
+    lines += [f"{entry.key}={quote(config[entry.key])}" for entry in ENTRIES]
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_copy(state: Path, path: Path) -> Config | None:
+    """The settings ``write_copy`` left in ``path`` (a setting it lacks at its default);
+    None if there is none."""
+    if not path.exists():
+        return None
+    state = state.absolute()
+    values = {e.key: Value(e.default_for(state), DEFAULT) for e in ENTRIES}
+    for key, text, line in read(path):
+        if key in values:
+            values[key] = Value(text, f"{path}:{line}")
+    return Config(state, values)
+
+
 def _assigns(line: str) -> str | None:
     match = _LINE.fullmatch(line)
     return match.group(1) if match else None

@@ -5,13 +5,16 @@ Each worker checks the new code in a child process (it imports, and with
 records the outcome beside its scoreboard slot (``<pid>.reload``: checking, refused
 with the check's output, reloaded). This waits for every worker's record of this
 reload and says what each did; a refusal is an error, with its traceback, while the
-old code goes on serving.
+old code goes on serving. A refusal is shown as a person reads it (``readable``): the
+last traceback of a chain, at most ``LIMIT`` lines; the worker's log has it whole.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from fcgi.ops.scoreboard import read_reload
 from fcgi.reload import CHECK_TIMEOUT
@@ -28,6 +31,7 @@ class Outcome:
     pid: int
     state: str  # reloaded, refused, gone
     detail: str = ""
+    log: Path | None = None  # the worker's log, which has the refusal whole
 
 
 def reload(config: Config) -> list[Outcome]:
@@ -52,12 +56,13 @@ def reload(config: Config) -> list[Outcome]:
     while waiting and time.monotonic() < deadline:
         for pid, proc in list(waiting.items()):
             record = read_reload(board, pid)
+            log = config.state / "log" / f"{proc.name}.log"
             if record and record["attempt"] > before[pid] and record["state"] != "checking":
-                outcomes.append(Outcome(proc.full_name, pid, record["state"], record["detail"]))
+                outcome = Outcome(proc.full_name, pid, record["state"], record["detail"], log)
+                outcomes.append(outcome)
                 del waiting[pid]
             elif not alive(pid):
-                log = config.state / "log" / f"{proc.name}.log"
-                outcomes.append(Outcome(proc.full_name, pid, "gone", _tail(log)))
+                outcomes.append(Outcome(proc.full_name, pid, "gone", _tail(log), log))
                 del waiting[pid]
         time.sleep(0.05)
     for pid, proc in waiting.items():
@@ -75,7 +80,7 @@ def report(outcomes: list[Outcome]) -> tuple[str, bool]:
             lines.append(
                 f"{o.name} (pid {o.pid}): refused the new code; the old code keeps serving:"
             )
-            lines.append("    " + o.detail.replace("\n", "\n    "))
+            lines.append("    " + readable(o.detail, o.log).replace("\n", "\n    "))
         elif o.state == "gone":
             lines.append(f"{o.name} (pid {o.pid}): exited while reloading; its log ends:")
             lines.append("    " + o.detail.replace("\n", "\n    "))
@@ -83,6 +88,44 @@ def report(outcomes: list[Outcome]) -> tuple[str, bool]:
             lines.append(f"{o.name} (pid {o.pid}): {o.detail}")
     ok = bool(outcomes) and all(o.state == "reloaded" for o in outcomes)
     return "\n".join(lines) + "\n", ok
+
+
+LIMIT = 60  # lines of a refusal shown per worker
+_CHAINED = re.compile(
+    r"\n\n(?:During handling of the above exception, another exception occurred"
+    r"|The above exception was the direct cause of the following exception):\n\n"
+)
+_CARETS = re.compile(r"\s*[\^~]+\s*")  # the lines under a frame that point at its code
+
+
+def readable(detail: str, log: Path | None = None, limit: int = LIMIT) -> str:
+    """A refusal as a person reads it: of a chain of tracebacks (Django's error page
+    failing on the same import, again and again), the line it began with, the first
+    one's error and the last traceback whole; at most ``limit`` lines, the middle cut,
+    with how many lines were cut and where the whole text is (``log``)."""
+    total = len(detail.splitlines())
+    chain = _CHAINED.split(detail)
+    if len(chain) > 1:
+        first = chain[0].splitlines()
+        before = first[: next((i for i, ln in enumerate(first) if ln.startswith("Traceback")), 0)]
+        lines = [
+            *before,
+            f"(the last of {len(chain)} chained tracebacks; the first ended: {first[-1].strip()})",
+            *chain[-1].splitlines(),
+        ]
+    else:
+        lines = detail.splitlines()
+    lines = [ln for ln in lines if not _CARETS.fullmatch(ln)]
+    if len(lines) > limit:
+        head, tail = 4, limit - 6  # what failed and where; a traceback ends with its cause
+        middle = len(lines) - head - tail
+        lines = [*lines[:head], f"    ... {middle} lines ...", *lines[-tail:]]
+        total += 1  # the line just added is none of the text's
+    cut = total - len(lines)
+    if cut > 0:
+        where = f"; the whole text is in {log}" if log else ""
+        lines.append(f"({cut} of {total} lines cut{where})")
+    return "\n".join(lines)
 
 
 def _tail(path, lines: int = 20) -> str:

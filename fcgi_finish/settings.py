@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import pwd
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,7 +241,9 @@ def _deferred_entries() -> tuple[Entry, ...]:
         flag = "--deferred-" + setting.name.replace("_", "-")
         if flag in {opt.flag for opt in OPTIONS}:  # the worker's (--deferred-timeout)
             flag = ""
-        rows.append(Entry(setting.env, setting.convert, default, help_, flag, "VALUE", "deferred"))
+        rows.append(
+            Entry(setting.env, setting.convert, default, help_, flag, setting.metavar, "deferred")
+        )
     return tuple(rows)
 
 
@@ -275,7 +278,7 @@ def check_value(entry: Entry, value: str) -> None:
     except ValueError as exc:
         raise SettingError(
             f"{entry.key}={value!r}{_flag(entry)}: {_why(exc, value)}; expected "
-            f"{entry.metavar}: {_first_clause(entry.help)}"
+            f"{entry.metavar}: {meaning(entry.help)}"
         ) from None
 
 
@@ -292,8 +295,10 @@ def _why(exc: ValueError, value: str) -> str:
     return text if text.startswith(repr(value)) else f"{value!r} {text}"
 
 
-def _first_clause(text: str) -> str:
-    return text.split(";")[0].split(" (")[0]
+def meaning(text: str) -> str:
+    """The help's first clause whole (up to its first ";"), its asides in parentheses left
+    out: an error's "expected" part, never a phrase cut where an aside began."""
+    return re.sub(r"\s*\([^()]*\)", "", text).split(";")[0].strip()
 
 
 def stop_wait(graceful: str) -> int:

@@ -3,7 +3,9 @@
 
 One state folder (``./var`` by default) is one stack: ``fcgi-finish.env`` (the
 configuration), ``run/`` (sockets, pids, the rendered nginx.conf and supervisord.conf,
-the scoreboard), ``log/``, ``lib/`` (the journal), ``tmp/`` (nginx's buffers).
+a copy of the settings it was started with, the scoreboard), ``log/``, ``lib/`` (the
+journal), ``tmp/`` (nginx's buffers). What talks to the running stack uses that copy:
+the saved configuration may have changed since, and takes effect at a restart.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import fcgi
 import wsgi_app
 
 from . import checks, readiness, render
-from .config import Config
-from .settings import default_nginx, proxies, stop_wait
+from .config import FILE_NAME, Config, load_copy, quote, write_copy
+from .settings import ENTRIES, default_nginx, proxies, stop_wait
 from .supervisor import Supervisor
 
 
@@ -148,6 +150,28 @@ def prepare(config: Config) -> None:
             os.chown(path, entry.pw_uid, entry.pw_gid)
     _write(state / "run" / "nginx.conf", nginx_conf(config))
     _write(state / "run" / "supervisord.conf", supervisord_conf(config))
+    write_copy(config, state / "run" / FILE_NAME)
+
+
+def running(config: Config) -> Config:
+    """The settings the running stack was started with (the copy ``prepare`` left in
+    run/), else ``config``: the saved ones, which may differ until a restart."""
+    if not Supervisor(config.state).running():
+        return config
+    return load_copy(config.state, config.state / "run" / FILE_NAME) or config
+
+
+def drift(saved: Config, live: Config) -> str:
+    """A note of the saved settings that differ from those the stack runs with ("" if
+    none do)."""
+    changed = [e.key for e in ENTRIES if saved[e.key] != live[e.key]]
+    if not changed:
+        return ""
+    shown = ", ".join(f"{k}={quote(saved[k])} (running: {quote(live[k])})" for k in changed)
+    return (
+        f"saved settings differ from the running stack's: {shown}; `fcgi-finish restart` "
+        "(make restart) applies them\n"
+    )
 
 
 def _write(path: Path, text: str) -> None:
@@ -213,16 +237,18 @@ def stop(state: Path) -> str:
 
 
 def status(config: Config) -> tuple[str, bool]:
-    """supervisord's list of this stack's programs and the pool's status page; whether
-    everything runs."""
+    """supervisord's list of this stack's programs and the pool's status page, asked
+    where the running stack listens; whether everything runs. A note follows if the
+    saved settings differ from those it runs with."""
     sup = Supervisor(config.state)
     if not sup.running():
         return "not running: fcgi-finish start (make start)\n", False
+    live = running(config)
     procs = sup.processes()
     lines = [f"{p.full_name:<14} {p.state:<9} {p.description}" for p in procs]
-    listen = config["NGINX_LISTEN"]
+    listen = live["NGINX_LISTEN"]
     try:
-        resp, body = readiness.get(listen, bool(config["TLS_CERT"]), "/fcgi-status")
+        resp, body = readiness.get(listen, bool(live["TLS_CERT"]), "/fcgi-status")
     except OSError:
         page = f"nothing answers on {listen}; see {config.state}/log/nginx-error.log\n"
     else:
@@ -234,13 +260,16 @@ def status(config: Config) -> tuple[str, bool]:
                 f"see {config.state}/log/nginx-error.log\n"
             )
     ok = all(p.state == "RUNNING" for p in procs)
-    return "\n".join(lines) + "\n\n" + page, ok
+    return "\n".join(lines) + "\n\n" + page + drift(config, live), ok
 
 
 def service(config: Config) -> Path:
-    """The systemd unit for this stack, rendered into the state folder."""
+    """The systemd unit for this stack, rendered into the state folder. Under a running
+    stack, what it runs (run/) is left as it is: nginx restarted by supervisord would
+    read a changed nginx.conf."""
     check(config, port=False)
-    prepare(config)
+    if not Supervisor(config.state).running():
+        prepare(config)
     path = config.state / "fcgi-finish.service"
     _write(path, unit(config))
     return path

@@ -642,3 +642,44 @@ def test_the_check_request_refuses_a_5xx_with_what_the_app_logged():
     assert "django.request: Internal Server Error: /fails" in failure
     assert "ZeroDivisionError: division by zero" in failure
     assert try_request(app, "/missing") is None  # below 500: the new code answers
+
+
+@pytest.mark.slow
+def test_a_refused_django_reload_with_debug_on_is_shown_readable(tmp_path):
+    """With DEBUG=True Django's error page fails on the same broken import again, each
+    traceback chained to the last: fcgi-finish reload shows the first one's error and
+    the last traceback, at most reloads.LIMIT lines a worker, and says where the whole
+    text is."""
+    from fcgi.reload import check_app
+    from fcgi_finish import reloads
+
+    project = tmp_path / "project"
+    django_project.write(project)
+    settings = project / "mysite" / "settings.py"
+    settings.write_text(settings.read_text().replace("DEBUG = False", "DEBUG = True"))
+    django_project.views(project, "v2", broken=True)
+    failure = check_app("mysite.wsgi:application", (), "/hello", folder=str(project))
+    assert failure is not None and "During handling of the above exception" in failure
+
+    log = tmp_path / "var" / "log" / "app_00.log"
+    deep = "".join(f'  File "x.py", line {n}, in f\n    f()\n    ^^^\n' for n in range(200))
+    chained = "\n\nDuring handling of the above exception, another exception occurred:\n\n"
+    long = "GET /hello raised:\n" + chained.join(
+        f"Traceback (most recent call last):\n{deep}RuntimeError: attempt {n}" for n in range(9)
+    )
+    outcomes = [
+        reloads.Outcome("app:app_00", 11, "refused", failure, log),
+        reloads.Outcome("app:app_01", 12, "refused", long, log),
+    ]
+    text, ok = reloads.report(outcomes)
+    assert not ok
+    django, other = text.split("app:app_01 (pid 12)")
+    assert len(django.splitlines()) <= reloads.LIMIT + 2 and len(other.splitlines()) <= 62
+    assert "During handling" not in text and "^^^" not in text
+    assert "GET /hello raised:" in django and 'views.py", line 4, in <module>' in django
+    assert django.count("ModuleNotFoundError: No module named 'no_such_module'") == 2
+    assert "the first ended: ModuleNotFoundError" in django
+    assert re.search(rf"\(\d+ of \d+ lines cut; the whole text is in {log}\)", django), django
+    assert "(the last of 9 chained tracebacks; the first ended: RuntimeError: attempt 0)" in other
+    assert other.rstrip().splitlines()[-2].strip() == "RuntimeError: attempt 8"
+    assert f"lines cut; the whole text is in {log})" in other

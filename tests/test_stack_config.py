@@ -4,7 +4,10 @@ mistakes refused naming the fix. No stack is started here."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
 import subprocess
 
@@ -179,6 +182,39 @@ def test_a_taken_port_and_a_missing_nginx_are_named_with_the_fix():
         checks.nginx_installed("nginx", given=False)
 
 
+def test_a_taken_port_is_refused_with_a_port_free_now_or_none(monkeypatch):
+    """The port suggested instead is one nothing listens on at that moment (the next
+    one may be taken too), and none is suggested where no port near it would do."""
+    import socket
+
+    with contextlib.ExitStack() as held:
+        taken = held.enter_context(socket.socket())
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        nxt = held.enter_context(socket.socket())
+        with contextlib.suppress(OSError):  # if it is already taken, so much the better
+            nxt.bind(("127.0.0.1", port + 1))
+            nxt.listen()
+        with pytest.raises(checks.CheckFailed) as refused:
+            checks.port_free(f"127.0.0.1:{port}")
+        text = str(refused.value)
+        found = re.search(
+            r"--listen 127\.0\.0\.1:(\d+) \(make start NGINX_LISTEN=127\.0\.0\.1:(\d+)\)", text
+        )
+        assert found and found.group(1) == found.group(2), text
+        other = int(found.group(1))
+        assert other not in (port, port + 1), text
+        with socket.socket() as probe:  # free now: it can be listened on
+            probe.bind(("127.0.0.1", other))
+    # Every port near it taken too: none is suggested.
+    monkeypatch.setattr(checks, "_bind_error", lambda host, port: OSError(errno.EADDRINUSE, ""))
+    with pytest.raises(checks.CheckFailed) as refused:
+        checks.port_free(f"127.0.0.1:{port}")
+    assert "choose another port: fcgi-finish start --listen HOST:PORT" in str(refused.value)
+    assert "NGINX_LISTEN=" not in str(refused.value)
+
+
 def test_an_empty_nginx_bin_is_the_nginx_found_at_start(tmp_path):
     from fcgi_finish import stack
 
@@ -211,3 +247,29 @@ def test_the_rendered_supervisord_conf_follows_the_configuration(tmp_path):
     assert "--cpu-affinity off" in asked and "stopwaitsecs=70 " in asked
     assert 'DEFERRED_JOURNAL=""' in asked  # memory only
     assert "@" not in "".join(ln for ln in asked.splitlines() if not ln.startswith(";"))
+
+
+def test_a_bad_value_names_the_form_expected_in_full():
+    """A DEFERRED_* setting names its form (N, SECONDS, 1|0) as the FCGI_* ones do, and
+    its meaning is a whole clause: never cut where an aside in parentheses began."""
+    cases = {
+        "DEFERRED_THREADS": (
+            "abc",
+            "DEFERRED_THREADS='abc' (--deferred-threads): 'abc' is not a whole number; "
+            "expected N: most plain functions running at once: the pool grows while calls "
+            "block and shrinks when idle, so blocking calls overlap without holding requests",
+        ),
+        "DEFERRED_SLOW": ("-1", "expected SECONDS: log the stack of a call running longer"),
+        "DEFERRED_PROCESS": ("maybe", "must be 1 or 0 (true or false); expected 1|0: run"),
+        "FCGI_MAX_DETACHED": (
+            "x",
+            "expected N: requests that may go on running after fcgi.finish_request without "
+            "holding one of --threads",
+        ),
+        "FCGI_THREADS": ("abc", "expected N: requests run at once in this process"),
+    }
+    for key, (bad, expected) in cases.items():
+        with pytest.raises(settings.SettingError) as refused:
+            settings.check_value(settings.BY_KEY[key], bad)
+        assert expected in str(refused.value), str(refused.value)
+    assert [e.key for e in settings.ENTRIES if e.metavar == "VALUE"] == []

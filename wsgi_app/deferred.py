@@ -121,13 +121,15 @@ def _flag(text: str) -> bool:
 @dataclass(frozen=True)
 class Setting:
     """One middleware setting: keyword argument, environment variable, default, the
-    converter that validates it (ValueError names the problem), and its meaning."""
+    converter that validates it (ValueError names the problem), its meaning, and the form
+    a value takes (N, SECONDS, ...), which an error names."""
 
     name: str
     env: str
     default: Any
     convert: Callable[[str], Any]
     help: str
+    metavar: str = "VALUE"
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -138,6 +140,7 @@ SETTINGS: tuple[Setting, ...] = (
         _count,
         "most plain functions running at once: the pool grows while calls block and "
         "shrinks when idle, so blocking calls (mail, HTTP) overlap without holding requests",
+        "N",
     ),
     Setting(
         "concurrency",
@@ -145,6 +148,7 @@ SETTINGS: tuple[Setting, ...] = (
         1000,
         _count,
         "most requests' batches awaiting coroutines at once (they interleave on one loop)",
+        "N",
     ),
     Setting(
         "backlog",
@@ -153,6 +157,7 @@ SETTINGS: tuple[Setting, ...] = (
         _count,
         "calls waiting to start before each new batch is logged and counted as overflow; "
         "it still waits its turn, never dropped and never run on the serving thread",
+        "N",
     ),
     Setting(
         "slow",
@@ -160,6 +165,7 @@ SETTINGS: tuple[Setting, ...] = (
         0,
         _seconds,
         "log the stack of a call running longer than this many seconds (0: off)",
+        "SECONDS",
     ),
     Setting(
         "timeout",
@@ -167,6 +173,7 @@ SETTINGS: tuple[Setting, ...] = (
         0,
         _seconds,
         "cancel a coroutine running longer than this many seconds (0: off)",
+        "SECONDS",
     ),
     Setting(
         "process",
@@ -176,6 +183,7 @@ SETTINGS: tuple[Setting, ...] = (
         "run deferred calls in a helper process forked from the worker at its first call, "
         "outside the serving GIL; callables and arguments must pickle (others run in the "
         "worker) and open their connections themselves",
+        "1|0",
     ),
     Setting(
         "run_on_error",
@@ -183,6 +191,7 @@ SETTINGS: tuple[Setting, ...] = (
         False,
         _flag,
         "run deferred calls of requests that failed (raised, 5xx, body cut short) too",
+        "1|0",
     ),
     Setting(
         "journal",
@@ -192,6 +201,7 @@ SETTINGS: tuple[Setting, ...] = (
         "SQLite file recording each call before the visitor has the response, so it "
         "survives the worker's death; one per app, private to the workers' user (empty: "
         "memory only)",
+        "FILE",
     ),
     Setting(
         "app_name",
@@ -201,6 +211,7 @@ SETTINGS: tuple[Setting, ...] = (
         "journal: the name of the app its calls belong to; a worker takes over only its "
         "own app's calls (empty: the FastCGI worker's MODULE:CALLABLE and folder; under "
         "other servers, the file of the module that built the middleware)",
+        "NAME",
     ),
     Setting(
         "attempts",
@@ -209,6 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
         _count,
         "journal: failures of a call (it raised, or its worker died while it ran) before "
         "it is kept as dead; a reload or a stop uses none",
+        "N",
     ),
     Setting(
         "retry",
@@ -216,6 +228,7 @@ SETTINGS: tuple[Setting, ...] = (
         10,
         _seconds,
         "journal: seconds before a failed call runs again (doubling each time)",
+        "SECONDS",
     ),
     Setting(
         "celery",
@@ -224,6 +237,7 @@ SETTINGS: tuple[Setting, ...] = (
         _text,
         "Celery broker URL: hand the calls to `celery -A wsgi_app.celery worker` instead; "
         "with a journal too, the journal is Celery's outbox (nothing lost before publishing)",
+        "URL",
     ),
 )
 
