@@ -3,6 +3,7 @@ goes on serving (tests/apps_attack.py has the apps)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -329,3 +330,39 @@ def test_a_connection_beginning_more_requests_than_fcgi_max_reqs_gets_overloaded
     client.send(request_bytes("/first")[len(begin(1)) :])
     response = client.read_response()
     assert (response.status, response.body) == (200, b"/first")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_list_response_the_peer_breaks_off_before_it_went_out_is_logged_as_aborted(
+    serve, tmp_path, caplog, threads
+):
+    """The whole body is queued at the finish, then the web server's connection goes:
+    499 and the bytes that did go out, and the abort's info line. The app had produced
+    all of it, so for its deferred calls it counts as served (docs/deployment.md)."""
+    from wsgi_app.deferred import DeferredMiddleware, defer, defer_always
+
+    size = 16 << 20  # far past the socket's buffer and the channel's high-water mark
+    ran: list[str] = []
+
+    def inner(environ, start_response):
+        defer(environ, ran.append, "deferred")
+        defer_always(environ, ran.append, "always")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"y" * size]
+
+    access = tmp_path / "access.log"
+    running = serve(DeferredMiddleware(inner), threads=threads, access_log=str(access))
+    client = running.client()
+    with caplog.at_level(logging.INFO):
+        client.send(request_bytes("/big"))
+        assert client.read_record()[0] == flup.FCGI_STDOUT  # a list: all of it was queued
+        client.close()
+        wait_for(lambda: access.exists() and access.read_text(), what="the access-log line")
+        wait_for(lambda: len(ran) == 2, what="the deferred calls")
+    (line,) = [line for line in access.read_text().splitlines() if "/big" in line]
+    status, sent = re.search(r'" (\d+) (\d+) ', line).groups()
+    assert status == "499" and 0 <= int(sent) < size, line
+    assert ran == ["deferred", "always"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "gave up on it (the visitor left)" in m], messages
+    assert running.client().request("/").status == 200  # the worker serves on
