@@ -107,6 +107,45 @@ def _stop_while_starting(signum: int, frame: Any) -> None:
     raise _Stopped
 
 
+class _Starting:
+    """The handlers from main's first line until the server's own are in: TERM and INT
+    end the worker cleanly (``_Stopped``); HUP, USR2, USR1 and ALRM, whose default
+    actions would end it, are noted and acted on once it serves."""
+
+    HELD = (signal.SIGHUP, signal.SIGUSR2, signal.SIGUSR1, signal.SIGALRM)
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+        signal.signal(signal.SIGTERM, _stop_while_starting)
+        signal.signal(signal.SIGINT, _stop_while_starting)
+        for sig in self.HELD:
+            signal.signal(sig, self.note)
+
+    def note(self, signum: int, frame: Any) -> None:
+        self.asked.append(signum)
+
+    def hand_over(self, server: Server) -> None:
+        """Install the server's handlers in place of these (SIGALRM's too, unless the app
+        set its own while it loaded)."""
+        server.install_signals()
+        if signal.getsignal(signal.SIGALRM) == self.note:
+            signal.signal(signal.SIGALRM, server.handle_alarm)
+        else:  # the app set its own as it loaded: an alarm before that is not for it
+            self.asked = [sig for sig in self.asked if sig != signal.SIGALRM]
+
+    def replay(self, server: Server) -> None:
+        """Act on what came while starting: a HUP or USR2 is a reload (the code may have
+        changed while it loaded), a USR1 reopens the access log, an ALRM gets the
+        server's one warning."""
+        if signal.SIGALRM in self.asked:
+            server.handle_alarm(signal.SIGALRM, None)
+        if signal.SIGUSR1 in self.asked:
+            server.handle_usr1(signal.SIGUSR1, None)
+        reloads = [sig for sig in self.asked if sig in (signal.SIGHUP, signal.SIGUSR2)]
+        if reloads:
+            server.reload(f"{signal.Signals(reloads[-1]).name} while starting")
+
+
 def drop_privileges(user: str, socket_path: str | None = None) -> None:
     """Become ``user`` (its uid, group and supplementary groups) if started as root;
     stay root only when told so (``--user root``), with a warning either way. A unix
@@ -209,16 +248,17 @@ def _server(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # First: no signal's default action may end the worker before it serves.
+    starting = _Starting()
+    try:
+        return _main(argv, starting)
+    except _Stopped:  # TERM/INT before the socket was made: nothing to close
+        return 0
+
+
+def _main(argv: Sequence[str] | None, starting: _Starting) -> int:
     options = Options.parse(sys.argv[1:] if argv is None else argv)
     logs.setup(options.log_level, options.log_format)
-    # Until the server installs its handlers, TERM/INT while the app loads end the
-    # worker cleanly: the socket is already there for the web server to see.
-    signal.signal(signal.SIGTERM, _stop_while_starting)
-    signal.signal(signal.SIGINT, _stop_while_starting)
-    # HUP/USR2 while starting (their default would kill the worker): reload once serving.
-    reload_asked: list[int] = []
-    for sig in (signal.SIGHUP, signal.SIGUSR2):
-        signal.signal(sig, lambda signum, frame: reload_asked.append(signum))
     handover = take_handover()  # this process's previous interpreter, after a reload
     start_dir = os.getcwd()  # where a relative --chdir starts from, after a reload too
     # A stop while the socket is made waits until the listener exists to be closed (its
@@ -246,11 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handover is not None:
         for kept in handover.conns:
             server.loop.adopt(kept)
-    server.install_signals()
+    starting.hand_over(server)
     if handover is not None:
         server.reloaded()
-    if reload_asked:
-        server.reload(f"{signal.Signals(reload_asked[-1]).name} while starting")
+    starting.replay(server)
 
     def reexec(handover: Handover) -> None:
         # The listening socket stays open across exec, so connections wait in its

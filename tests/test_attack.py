@@ -3,6 +3,7 @@ goes on serving (tests/apps_attack.py has the apps)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from flup.server import fcgi_base as flup
 from fcgi.ops.scoreboard import Scoreboard
 from tests import apps_attack
 from tests.fcgi_client import Client, begin, record, request_bytes
+from tests.gate import Gate
 from tests.procs import python_env, wait_for, worker
 
 
@@ -329,3 +331,84 @@ def test_a_connection_beginning_more_requests_than_fcgi_max_reqs_gets_overloaded
     client.send(request_bytes("/first")[len(begin(1)) :])
     response = client.read_response()
     assert (response.status, response.body) == (200, b"/first")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_list_response_the_peer_breaks_off_before_it_went_out_is_logged_as_aborted(
+    serve, tmp_path, caplog, threads
+):
+    """The whole body is queued at the finish, then the web server's connection goes:
+    499 and the bytes that did go out, and the abort's info line. The app had produced
+    all of it, so for its deferred calls it counts as served (docs/deployment.md)."""
+    from wsgi_app.deferred import DeferredMiddleware, defer, defer_always
+
+    size = 16 << 20  # far past the socket's buffer and the channel's high-water mark
+    ran: list[str] = []
+
+    def inner(environ, start_response):
+        defer(environ, ran.append, "deferred")
+        defer_always(environ, ran.append, "always")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"y" * size]
+
+    access = tmp_path / "access.log"
+    running = serve(DeferredMiddleware(inner), threads=threads, access_log=str(access))
+    client = running.client()
+    with caplog.at_level(logging.INFO):
+        client.send(request_bytes("/big"))
+        assert client.read_record()[0] == flup.FCGI_STDOUT  # a list: all of it was queued
+        client.close()
+        wait_for(lambda: access.exists() and access.read_text(), what="the access-log line")
+        wait_for(lambda: len(ran) == 2, what="the deferred calls")
+    (line,) = [line for line in access.read_text().splitlines() if "/big" in line]
+    status, sent = re.search(r'" (\d+) (\d+) ', line).groups()
+    assert status == "499" and 0 <= int(sent) < size, line
+    assert ran == ["deferred", "always"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "gave up on it (the visitor left)" in m], messages
+    assert running.client().request("/").status == 200  # the worker serves on
+
+
+GATED_IMPORT_APP = """
+import os
+from pathlib import Path
+
+from tests.gate import wait_at
+
+Path(os.environ["IMPORTING"]).touch()
+wait_at(os.environ["IMPORT_GATE"])  # the import waits here until the test opens the gate
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"served"]
+"""
+
+
+def test_signals_while_the_app_imports_do_not_end_the_worker(tmp_path):
+    """A cold start: SIGALRM and SIGUSR1 (whose default actions end a process) and
+    SIGHUP (a reload racing the start) arrive while the app imports. The worker serves;
+    the alarm gets its one warning, the HUP becomes a reload once serving."""
+    (tmp_path / "gated.py").write_text(GATED_IMPORT_APP)
+    importing = tmp_path / "importing"
+    env = python_env(IMPORTING=str(importing), IMPORT_GATE=str(tmp_path / "gate"))
+    log = tmp_path / "app.log"
+    with (
+        Gate(tmp_path / "gate") as gate,
+        worker(tmp_path, "gated:app", "--pythonpath", str(tmp_path), env=env) as (proc, sock),
+    ):
+        wait_for(importing.exists, what="the app's import to begin")
+        for sig in (signal.SIGALRM, signal.SIGUSR1, signal.SIGHUP):
+            proc.send_signal(sig)
+        gate.open()
+        wait_for(
+            lambda: proc.poll() is not None or log.read_text().count("serving on") == 2,
+            30,
+            "the worker to serve, then reload",
+        )
+        assert proc.poll() is None, f"the worker ended ({proc.returncode}): {log.read_text()}"
+        client = Client(str(sock))
+        assert client.request("/").body == b"served"
+        client.close()
+    text = log.read_text()
+    assert "SIGHUP while starting" in text and text.count("SIGALRM ignored") == 1, text

@@ -62,6 +62,40 @@ def test_a_base_exception_is_logged_and_the_ten_calls_after_it_run(caplog, kille
     assert (stats["failed"], stats["done"], stats["running"], stats["queued"]) == (2, 20, 0, 0)
 
 
+async def interrupts_async():
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("killer", [exits_async, interrupts_async], ids=lambda f: f.__name__)
+def test_a_base_exception_under_a_timeout_fails_the_call_once_and_keeps_the_loop(caplog, killer):
+    """Under a timeout (asyncio.wait_for) the coroutine ran in a task of its own, and
+    asyncio re-raised its SystemExit out of the loop: the loop was logged as failed and
+    run again, besides the call's own failure."""
+    ran: list[str] = []
+
+    async def after():
+        ran.append("after")
+
+    def inner(environ, start_response):
+        defer(environ, killer)
+        defer(environ, after)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    app = DeferredMiddleware(inner, timeout=5)
+    with caplog.at_level(logging.ERROR, "wsgi_app.deferred"):
+        call_app(app)
+        wait_for(lambda: ran, what="the call after it")
+        call_app(app)
+        wait_for(lambda: len(ran) == 2, what="the next request's calls")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        f"deferred {killer.__qualname__}() failed (request GET /)"
+    ] * 2
+    stats = app.stats()
+    assert (stats["failed"], stats["done"], stats["running"]) == (2, 2, 0)
+
+
 def test_a_pool_thread_that_dies_anyway_is_replaced(caplog):
     ran: list[str] = []
 

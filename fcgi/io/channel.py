@@ -57,6 +57,9 @@ class Channel:
         self._waiting = 0  # writers waiting on _drained (notify only when there are some)
         self.out: list[bytes | memoryview] = []
         self.out_size = 0
+        self.queued = 0  # bytes ever handed to the socket or the buffer
+        self.written = 0  # bytes the socket ever took
+        self.lost = False  # output was dropped unsent: the peer broke or the socket closed
         self.closed = False
         self.watching_writes = False  # EPOLLOUT is registered (changed on the loop only)
         self.paused = False  # not read while over HIGH_WATER (changed on the loop only)
@@ -136,6 +139,7 @@ class Channel:
                 return
             self.closed = True
             self.proto.close()
+            self.lost = self.lost or bool(self.out)
             self.out.clear()
             self.out_size = 0
             self.sock.close()
@@ -168,16 +172,24 @@ class Channel:
 
     def end_request(
         self, rid: int, chunks: list[bytes] | None = None, incoming: IncomingRequest | None = None
-    ) -> bool:
-        """Queue the last output and END_REQUEST; False if the request had already ended."""
+    ) -> int | None:
+        """Queue the last output and END_REQUEST; None if the request had already ended,
+        else where its output ends in the connection's stream (for ``unsent``)."""
         with self.lock:
             parts = self.proto.end_request(rid, chunks, incoming=incoming)
             if parts is None:
-                return False
+                return None
             attend = self._push(parts)
+            end = self.queued
         if attend or self.out_size > HIGH_WATER:
             self._after_push(attend)
-        return True
+        return end
+
+    def unsent(self, end: int) -> int:
+        """How many of the bytes queued before ``end`` will never go out: those still
+        unsent when the connection dropped its output (the peer broke off), else 0."""
+        with self.lock:
+            return max(0, end - self.written) if self.lost else 0
 
     def cut(self, rid: int, incoming: IncomingRequest | None = None) -> None:
         """End request ``rid`` without END_REQUEST: the connection closes, so the web
@@ -207,6 +219,7 @@ class Channel:
             return False
         out = self.out
         size = sum(map(len, parts))
+        self.queued += size
         if not out and size <= _JOIN_LIMIT:
             # The common case, a small response on a free connection: one send, no queue.
             data = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -217,7 +230,9 @@ class Channel:
             except OSError as exc:
                 log.debug("connection %d: send failed: %s", self.fd, exc)
                 self.proto.close()  # the peer is gone: the loop closes the socket
+                self.lost = True
                 return True
+            self.written += sent
             if sent < size:
                 out.append(memoryview(data)[sent:] if sent else data)
                 self.out_size = size - sent
@@ -297,12 +312,14 @@ class Channel:
             except OSError as exc:
                 log.debug("connection %d: send failed: %s", self.fd, exc)
                 self.proto.close()  # the peer is gone: the loop closes the socket
+                self.lost = True
                 out.clear()
                 self.out_size = 0
                 if self._waiting:
                     self._drained.notify_all()
                 return
             self.out_size -= sent
+            self.written += sent
             self.stalled_since = time.monotonic()
             while sent:
                 size = len(out[0])

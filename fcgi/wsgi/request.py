@@ -12,7 +12,10 @@ cut without END_REQUEST so the web server cannot take the body as complete.
 A request the web server gives up on (the visitor left: ABORT_REQUEST, or the
 connection closed) stops: its iterable is not pulled again and is closed, and
 a ``write()`` raises ``ClientDisconnected``; the access log records 499, as
-nginx does.
+nginx does. So does a response queued whole whose connection breaks while its
+thread waits for it to drain: the bytes counted are those that went out (what
+is still queued once it stops waiting, at most 256 KB, counts as sent, as what
+sits in the kernel's buffers does).
 """
 
 from __future__ import annotations
@@ -325,8 +328,14 @@ class Request:
                 chunks = []
                 size = 0
             chunks.insert(0, self._head)
-        if self.conn.end_request(self.rid, chunks, self.incoming):
-            self.body_bytes += size
+        end = self.conn.end_request(self.rid, chunks, self.incoming)
+        if end is not None:
+            # queued whole; a peer that breaks off while this thread waits for the
+            # output to drain (a large response) leaves part of it unsent: aborted
+            unsent = self.conn.unsent(end)
+            self.body_bytes += max(0, size - unsent)
+            if unsent:
+                self._gone()
         elif self.timed_out:  # --request-timeout ended it first, from its own thread
             return True
         else:

@@ -418,6 +418,10 @@ class DeferredExecutor:
                 extra=tracing.log_fields(batch, call),
             )
             self._end(batch, call, State.FAILED, reason=reason)
+        except _Escaped as escaped:  # the call's own SystemExit or KeyboardInterrupt
+            exc = escaped.__cause__
+            assert exc is not None
+            self._end(batch, call, State.FAILED, (type(exc), exc, exc.__traceback__))
         except BaseException:  # SystemExit too: log it, go on with the next call
             self._end(batch, call, State.FAILED, sys.exc_info())
         else:
@@ -714,8 +718,17 @@ def _is_async(func: Any) -> bool:
         return False
 
 
+class _Escaped(Exception):
+    """A call's SystemExit or KeyboardInterrupt (its ``__cause__``), carried as an
+    ``Exception``: from a task of its own (``asyncio.wait_for`` on Python 3.11) asyncio
+    would re-raise it out of the loop besides handing it to the awaiting call."""
+
+
 async def _as_coroutine(awaitable: Any) -> Any:
-    return await awaitable
+    try:
+        return await awaitable
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _Escaped from exc
 
 
 def _thread_frames() -> dict[int, FrameType]:
