@@ -188,8 +188,10 @@ class Channel:
     def unsent(self, end: int) -> int:
         """How many of the bytes queued before ``end`` will never go out: those still
         unsent when the connection dropped its output (the peer broke off), else 0."""
+        if not self.lost:  # the common case, read without the lock: it only turns True
+            return 0
         with self.lock:
-            return max(0, end - self.written) if self.lost else 0
+            return max(0, end - self.written)
 
     def cut(self, rid: int, incoming: IncomingRequest | None = None) -> None:
         """End request ``rid`` without END_REQUEST: the connection closes, so the web
