@@ -201,12 +201,20 @@ def test_a_call_run_elsewhere_rebuilds_its_result(app, tasks):
 
 def read_fifo(path, count: int) -> list[str]:
     """``count`` lines from the FIFO ``path``: the example's tasks block opening their
-    report file for writing until a reader opens it, so they cannot end before this."""
-    got: list[str] = []
-    while len(got) < count:
-        with open(path) as fifo:  # blocks until a task opens it to write its line
-            got += fifo.read().splitlines()
-    return got
+    report file for writing until a reader opens it, so they cannot end before this.
+    The FIFO stays open for writing here too, so it never reads as ended between two
+    tasks' lines: closed and opened again there, a line written meanwhile was lost."""
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a reader now: tasks go on
+    keeper = os.open(path, os.O_WRONLY)
+    os.set_blocking(reader, True)
+    data = b""
+    try:
+        while data.count(b"\n") < count:
+            data += os.read(reader, 65536)
+    finally:
+        os.close(keeper)
+        os.close(reader)
+    return data.decode().splitlines()
 
 
 @pytest.mark.e2e
