@@ -259,8 +259,13 @@ def exec_in_place(handover: Handover) -> None:
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    hold_signals()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def hold_signals() -> None:
+    """Block what the next interpreter's handlers take over (``release_signals``)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
 
 
 def release_signals() -> None:

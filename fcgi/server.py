@@ -39,7 +39,7 @@ from .ops.accesslog import AccessLog, log_access
 from .ops.answers import Answers
 from .ops.watchdog import Watchdog
 from .options import Options
-from .reload import Handover, check_app, release_signals
+from .reload import Handover, check_app, hold_signals, release_signals
 from .wire import connection as wire
 from .wire.connection import IncomingRequest
 from .wsgi.files import FileWrapper
@@ -166,7 +166,7 @@ class Server:
         self._reexec: Callable[[Handover], None] | None = None
         self.stopped = threading.Event()  # the stop (or a reload's drain) is over
         # what the signal handlers leave for the signal thread: (what, why)
-        self._signaled: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._signaled: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
     @property
     def conns(self) -> dict[int, Channel]:
@@ -189,11 +189,21 @@ class Server:
             signal.signal(signal.SIGALRM, self.handle_alarm)
         release_signals()  # held across the exec of a reload, if this is one
 
+    def _signals_heard(self) -> None:
+        """Before a reload's exec: hold the signals the next interpreter takes over, and
+        wait until the signal thread has acted on (logged) every one that came before."""
+        hold_signals()
+        heard = threading.Event()
+        self._signaled.put(("heard", heard))
+        heard.wait(1.0)
+
     def _act_on_signals(self) -> None:
         """The signal thread: what the handlers asked for that takes a thread or a lock."""
         while True:
             what, why = self._signaled.get()
-            if what == "reload":
+            if what == "heard":
+                why.set()
+            elif what == "reload":
                 self.reload(why)
             elif what == "term" and self._overdue is None:
                 # the graceful stop runs on the loop's thread: a request stuck on that
@@ -449,8 +459,10 @@ class Server:
                     # from this thread, whichever it is: the main one may be held by a
                     # request given up on (--threads 1), so it cannot be waited for
                     if self.handover is not None and self._reexec is not None:
+                        self._signals_heard()
                         self._reexec(self.handover)  # does not return but by raising
                 except OSError:
+                    release_signals()
                     log.exception("the reload's exec failed; stopping")
                     self.exit_code = 1
                 finally:
