@@ -85,12 +85,7 @@ class _Detaching:
 
     def _wait_detached(self, deadline: float) -> bool:
         with self._cond:
-            while self.detached:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+            return self._cond.wait_for(lambda: not self.detached, _left(deadline))
 
 
 class InlineRunner(_Detaching):
@@ -252,12 +247,7 @@ class ThreadRunner(_Detaching):
         for _ in range(self.threads):
             self._queue.put(None)
         with self._cond:
-            while self._workers:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+            return self._cond.wait_for(lambda: not self._workers, _left(deadline))
 
     def _spawn(self) -> None:
         with self._cond:  # started before a stop can see it: join() refuses one not started
@@ -284,3 +274,7 @@ class ThreadRunner(_Detaching):
             with self._cond:
                 self._workers.discard(threading.current_thread())
                 self._cond.notify_all()
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
