@@ -287,6 +287,19 @@ def stack(
     assert not left, f"processes left behind: {left}"
 
 
+def worker_exits(var: Path) -> str:
+    """'' if supervisord saw no worker of the stack at ``var`` exit; otherwise its log
+    and each worker's log (the last 150 lines), so a failure says why it exited."""
+    logs = var / "log"
+    supervisord = (logs / "supervisord.log").read_text()
+    if "exited: app_" not in supervisord:
+        return ""
+    parts = [supervisord]
+    for path in sorted(logs.glob("app_*.log*")):
+        parts.append(f"--- {path.name}:\n" + "\n".join(lines(path)[-150:]))
+    return "\n".join(parts)
+
+
 # name: (binary, Debian package, conf template, command line after the binary)
 WEB_SERVERS = {
     "apache": ("apache2", "apache2", "apache-fcgi.conf", ["-f", "{conf}", "-DFOREGROUND"]),

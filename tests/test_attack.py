@@ -301,6 +301,8 @@ def test_the_access_log_reopens_where_it_was_after_the_app_changes_folder(tmp_pa
     with worker(tmp_path, "tests.apps_attack:moving", *args, cwd=tmp_path) as (proc, sock):
         client = Client(str(sock))
         assert client.request(f"/cd?{elsewhere}").body == b"ok"
+        # the line is written once the response is out, so after the client has it
+        wait_for(lambda: "/cd?" in (tmp_path / "access.log").read_text(), what="the /cd line")
         (tmp_path / "access.log").rename(tmp_path / "access.log.1")
         proc.send_signal(signal.SIGUSR1)
         wait_for(
