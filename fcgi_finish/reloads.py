@@ -73,10 +73,17 @@ def reload(config: Config) -> list[Outcome]:
 def report(outcomes: list[Outcome]) -> tuple[str, bool]:
     """What each worker did, and whether every one serves the new code."""
     lines = []
+    shown: dict[str, str] = {}  # a refusal's text: the first worker that showed it
     for o in outcomes:
         if o.state == "reloaded":
             lines.append(f"{o.name} (pid {o.pid}): reloaded, serving the new code")
+        elif o.state == "refused" and o.detail in shown:  # the pool's workers alike
+            lines.append(
+                f"{o.name} (pid {o.pid}): refused the new code, as {shown[o.detail]} did; "
+                f"the old code keeps serving"
+            )
         elif o.state == "refused":
+            shown[o.detail] = o.name
             lines.append(
                 f"{o.name} (pid {o.pid}): refused the new code; the old code keeps serving:"
             )

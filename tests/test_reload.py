@@ -657,8 +657,8 @@ def test_the_check_request_refuses_a_5xx_with_what_the_app_logged():
 def test_a_refused_django_reload_with_debug_on_is_shown_readable(tmp_path):
     """With DEBUG=True Django's error page fails on the same broken import again, each
     traceback chained to the last: fcgi-finish reload shows the first one's error and
-    the last traceback, at most reloads.LIMIT lines a worker, and says where the whole
-    text is."""
+    the last traceback, at most reloads.LIMIT lines a worker (once for workers that
+    refused alike), and says where the whole text is."""
     from fcgi.reload import check_app
     from fcgi_finish import reloads
 
@@ -679,9 +679,13 @@ def test_a_refused_django_reload_with_debug_on_is_shown_readable(tmp_path):
     outcomes = [
         reloads.Outcome("app:app_00", 11, "refused", failure, log),
         reloads.Outcome("app:app_01", 12, "refused", long, log),
+        reloads.Outcome("app:app_02", 13, "refused", failure, log),
     ]
     text, ok = reloads.report(outcomes)
     assert not ok
+    # the pool's workers refuse alike: a text already shown is not shown again
+    text, again = text.split("app:app_02 (pid 13)")
+    assert again.strip() == ": refused the new code, as app:app_00 did; the old code keeps serving"
     django, other = text.split("app:app_01 (pid 12)")
     assert len(django.splitlines()) <= reloads.LIMIT + 2 and len(other.splitlines()) <= 62
     assert "During handling" not in text and "^^^" not in text
