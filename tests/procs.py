@@ -14,6 +14,7 @@ import pwd
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -58,6 +59,22 @@ def connectable(address: str | tuple[str, int]) -> bool:
         except OSError:
             return False
         return True
+
+
+def serving(address: str) -> bool:
+    """The worker at the unix socket ``address`` answers FCGI_GET_VALUES: its loop runs
+    (a connect alone succeeds as soon as the socket exists, before the app is loaded)."""
+    name = b"FCGI_MAX_CONNS"
+    content = bytes([len(name), 0]) + name
+    query = struct.pack("!BBHHBx", 1, 9, 0, len(content), 0) + content  # FCGI_GET_VALUES
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(address)
+            s.sendall(query)
+            return len(s.recv(8)) > 0
+        except OSError:
+            return False
 
 
 def require(program: str, package: str) -> str:
@@ -143,16 +160,19 @@ def worker(
     env: dict[str, str] | None = None,
     name: str = "app",
     cwd: Path = ROOT,
+    until: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """``python -m fcgi`` on a unix socket in ``tmp``; yields the process and socket path.
+    """``python -m fcgi`` on a unix socket in ``tmp``; yields the process and socket path
+    once it serves (or once ``until(socket path)`` holds: ``connectable`` to act while the
+    app still loads).
     ``python -m`` imports ``fcgi`` from ``cwd`` first."""
     sock = tmp / f"{name}.sock"
     cmd = [sys.executable, "-m", "fcgi", "--bind", f"unix:{sock}", *args, app]
     with running(
         cmd,
         tmp / f"{name}.log",
-        lambda: connectable(str(sock)),
-        f"worker socket {sock}",
+        lambda: (until or serving)(str(sock)),
+        f"worker on {sock}",
         cwd=cwd,
         env=env or python_env(),
     ) as proc:

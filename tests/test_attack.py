@@ -18,7 +18,7 @@ from fcgi.ops.scoreboard import Scoreboard
 from tests import apps_attack
 from tests.fcgi_client import Client, begin, record, request_bytes
 from tests.gate import Gate
-from tests.procs import python_env, wait_for, worker
+from tests.procs import connectable, python_env, wait_for, worker
 
 
 @pytest.mark.parametrize("threads", [1, 4])
@@ -397,7 +397,9 @@ def test_signals_while_the_app_imports_do_not_end_the_worker(tmp_path):
     log = tmp_path / "app.log"
     with (
         Gate(tmp_path / "gate") as gate,
-        worker(tmp_path, "gated:app", "--pythonpath", str(tmp_path), env=env) as (proc, sock),
+        worker(
+            tmp_path, "gated:app", "--pythonpath", str(tmp_path), env=env, until=connectable
+        ) as (proc, sock),
     ):
         wait_for(importing.exists, what="the app's import to begin")
         for sig in (signal.SIGALRM, signal.SIGUSR1, signal.SIGHUP):

@@ -439,7 +439,13 @@ def test_a_stop_with_200000_calls_queued_is_quick_short_and_names_its_cause(
     assert "deferred work at stop: 200000 call(s) taken" in text or "at the hard exit" in text
     assert "loop's thread is held" not in text
     assert text.count("abandoned at stop") <= 100 + 1
-    assert "left pending for the next worker of the app" in text
+    if "at the hard exit" not in text:  # a busy machine may take the stop to its hard exit
+        assert "left pending for the next worker of the app" in text
+    # either way every call that did not run is pending for the next worker, no attempt
+    # used (one that ran as the stop cut it may be pending too: it runs again)
+    found = counts(path)
+    assert 200000 - len(lines(out)) <= found["journal_pending"] <= 200000, found
+    assert found["journal_dead"] == 0
 
 
 STUCK_DRAIN = """

@@ -29,8 +29,10 @@ def test_picklable_calls_run_in_the_helper_the_rest_here(tmp_path, monkeypatch):
     executor = DeferredExecutor(process=True)
     executor.submit(Batch("GET /a", calls=[Call(note_pid), Call(int, ("x",))]))
     executor.submit(Batch("GET /b", calls=[Call(lambda: ran_here.append(os.getpid()))]))
-    wait_for(lambda: executor.snapshot()["done"] == 2, what="both to run")
-    stats = executor.snapshot()
+    # all three ended: two done, the failing one (int("x")) in the helper, counted apart
+    stats = wait_for(
+        lambda: (s := executor.snapshot())["done"] + s["failed"] == 3 and s, what="all to end"
+    )
     assert executor.drain(5) == 0
     pids = [int(line.split()[1]) for line in log.read_text().splitlines()]
     assert pids and pids[0] != os.getpid()  # in the helper

@@ -331,23 +331,34 @@ def test_recycling_every_50_requests_under_load_fails_no_request(tmp_path):
     ):
         pids = set(re.findall(r"pid (\d+)", ctl("status", "app:*")))
         statuses: list[int] = []
-        deadline = time.monotonic() + 10
+        folder = tmp_path / "var" / "log"
+
+        def recycled() -> int:
+            return sum(p.read_text().count("restarting in place") for p in folder.glob("app_*.log"))
+
+        # under load until ten recycles (each one's import check takes longer on a busy
+        # machine, so the load runs until they happened, not for a set time)
+        deadline = time.monotonic() + 90
+        done = threading.Event()
 
         def load() -> None:
             with HTTP(port) as client:
-                while time.monotonic() < deadline:
+                while not done.is_set() and time.monotonic() < deadline:
                     statuses.append(client.get("/ping")[0].status)
 
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join(60)
+        try:
+            wait_for(lambda: recycled() >= 10, 90, "ten recycles under load")
+        finally:
+            done.set()
+            for t in threads:
+                t.join(60)
         assert set(re.findall(r"pid (\d+)", ctl("status", "app:*"))) == pids
-    logs = "".join(p.read_text() for p in (tmp_path / "var" / "log").glob("app_*.log"))
-    recycles = logs.count("restarting in place")
-    assert recycles >= 10, f"only {recycles} recycles in 10 s"
-    assert len(statuses) >= 50 * recycles  # every recycle came after its 50 requests
+    logs = "".join(p.read_text() for p in folder.glob("app_*.log"))
+    asked = [int(n) for n in re.findall(r"recycling after (\d+) requests", logs)]
+    assert asked and min(asked) >= 50  # every recycle came after its 50 requests
     assert set(statuses) == {200}, f"{len(statuses)} requests, {statuses.count(502)} were 502"
     exits = worker_exits(tmp_path / "var")
     assert not exits, exits  # recycled in place: supervisord saw no exit
