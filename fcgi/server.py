@@ -335,7 +335,10 @@ class Server:
             for key, value in answer.items():
                 counts[key] = counts.get(key, 0) + value
         shown = ("registered", "done", "failed", "abandoned", "queued", "running")
-        return ", ".join(f"{key} {counts[key]}" for key in shown if key in counts)
+        totals = ", ".join(f"{key} {counts[key]}" for key in shown if key in counts)
+        if counts.get("journal_pending"):  # abandoned here, not lost: the journal keeps them
+            totals += f"; {counts['journal_pending']} pending in the journal for the next worker"
+        return totals
 
     def handle_quit(self, signum: int, frame: Any) -> None:
         log.warning("SIGQUIT: stopping at once, dropping running requests and deferred work")

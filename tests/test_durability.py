@@ -458,6 +458,7 @@ def stuck(seconds_left):
 def app(environ, start_response):
     environ["fcgi.add_drain_hook"](stuck)
     environ["fcgi.add_stats_hook"](lambda: {"registered": 7, "done": 5, "queued": 2})
+    environ["fcgi.add_stats_hook"](lambda: {"journal_pending": 2})  # as a journal's
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"ok"]
 """
@@ -478,5 +479,8 @@ def test_a_stop_cut_by_its_hard_exit_names_the_hook_that_held_it_and_writes_the_
         assert proc.wait(30) == 3
     text = (tmp_path / "app.log").read_text()
     assert "not stopped 2 s after the stop began: the drain hook stuck (deferred work's" in text
-    assert "deferred work at the hard exit: registered 7, done 5, queued 2" in text
+    assert (
+        "deferred work at the hard exit: registered 7, done 5, queued 2; 2 pending in the "
+        "journal for the next worker" in text
+    )
     assert "loop's thread is held" not in text
