@@ -229,6 +229,11 @@ def check_app(
                 stderr=subprocess.STDOUT,
                 timeout=timeout,
                 cwd=folder,
+                # a session of its own: a stop sent to the worker's process group
+                # (supervisord's stopasgroup, Ctrl-C) is the worker's to act on; it
+                # killed the check, which then read as broken code. The check still
+                # ends with the worker (its watch on its parent)
+                start_new_session=True,
             )
         except subprocess.TimeoutExpired:
             return f"importing {app} took over {timeout:.0f} s"

@@ -97,6 +97,8 @@ class Server:
         # interpreter in this process with the listening socket and the idle kept-alive
         # connections (fcgi.reload): supervisord sees no exit, nginx no close.
         self.reloading = False
+        self._terminated = False  # TERM or INT: a stop that no reload may turn into one
+        self._exec_thread: int | None = None  # the thread that execs a reload, once it has begun
         self._checking = False  # the new code is being imported in a child process
         self._check_again = False  # a reload was asked for during that check
         self.handover: Handover | None = None  # what the next interpreter adopts
@@ -191,8 +193,10 @@ class Server:
 
     def _signals_heard(self) -> None:
         """Before a reload's exec: hold the signals the next interpreter takes over, and
-        wait until the signal thread has acted on (logged) every one that came before."""
+        wait until the signal thread has acted on (logged) every one that came before;
+        from here, one that comes is kept for the next interpreter (``_for_next``)."""
         hold_signals()
+        self._exec_thread = threading.get_ident()
         heard = threading.Event()
         self._signaled.put(("heard", heard))
         heard.wait(1.0)
@@ -220,10 +224,25 @@ class Server:
                     "are ignored without a word"
                 )
 
+    def _for_next(self, signum: int) -> bool:
+        """True if a reload's exec is under way: the signal is made pending on the thread
+        that execs, which holds it, so it outlives the exec and reaches the next
+        interpreter's handlers (other threads may take it, and would drop it with the
+        process image)."""
+        thread = self._exec_thread
+        if thread is None:
+            return False
+        signal.pthread_kill(thread, signum)
+        return True
+
     def handle_alarm(self, signum: int, frame: Any) -> None:
+        if self._for_next(signum):
+            return
         self._signaled.put(("alarm", ""))  # SimpleQueue.put: safe in a signal handler
 
     def handle_reload(self, signum: int, frame: Any) -> None:
+        if self._for_next(signum):
+            return
         self._signaled.put(("reload", signal.Signals(signum).name))
 
     def reload(self, why: str) -> None:
@@ -268,7 +287,10 @@ class Server:
             return
         if not self.stopping:
             self.reloading = True
-            self.stop()
+            if self._terminated:  # a TERM between the line above and the one before
+                self.reloading = False
+            else:
+                self.stop()
 
     def _record_reload(self, state: str, detail: str = "") -> None:
         """The reload's outcome, where ``fcgi-finish reload`` reads it (the scoreboard)."""
@@ -284,10 +306,15 @@ class Server:
         self._record_reload("reloaded")
 
     def handle_usr1(self, signum: int, frame: Any) -> None:
+        if self._for_next(signum):
+            return
         if self.access_log is not None:
             self.access_log.reopen()
 
     def handle_term(self, signum: int, frame: Any) -> None:
+        if self._for_next(signum):
+            return
+        self._terminated = True
         self.reloading = False  # a real stop wins over a reload under way
         self._signaled.put(("term", ""))  # the signal thread bounds the stop
         self.stop()
@@ -442,7 +469,8 @@ class Server:
                 log.exception("a request's thread failed after the loop left it")
         finally:
             if self._owner is token:
-                if self.reloading and self.exit_code != 1:
+                # a stop begun as a stop closed the socket: it never hands it over
+                if self.reloading and not self._terminated and self.exit_code != 1:
                     kept = self.loop.keep_idle()
                     listener = self.listener
                     self.handover = Handover(
@@ -465,6 +493,7 @@ class Server:
                         self._signals_heard()
                         self._reexec(self.handover)  # does not return but by raising
                 except OSError:
+                    self._exec_thread = None  # what was held is this interpreter's again
                     release_signals()
                     log.exception("the reload's exec failed; stopping")
                     self.exit_code = 1

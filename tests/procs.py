@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -305,6 +306,12 @@ def stack(
         assert stopped.returncode == 0, stopped.stderr
     left = left_running(pids)
     assert not left, f"processes left behind: {left}"
+    # a worker that failed on its own (exit status 1: a traceback, a fault of the worker)
+    # fails whichever test it happened in, with the workers' logs that say why
+    failed = re.search(
+        r"exited: app_\d+ \(exit status 1;", (var / "log" / "supervisord.log").read_text()
+    )
+    assert not failed, worker_exits(var)
 
 
 def worker_exits(var: Path) -> str:

@@ -515,3 +515,32 @@ def test_the_scoreboard_refresher_has_ended_when_the_slot_is_given_up(tmp_path):
     listener.close()
     assert not refresher.is_alive()
     assert not folder.exists()  # private: removed with the worker
+
+
+def test_reload_outcomes_recorded_from_two_threads_at_once_are_all_counted(tmp_path):
+    """A reloaded interpreter records "reloaded" on its main thread while the SIGHUP
+    held across its exec records "checking" on another: both wrote the same temporary
+    file, and one failed (FileNotFoundError) or one count was lost."""
+    from fcgi.ops.scoreboard import Scoreboard, read_reload
+
+    board = Scoreboard(tmp_path / "board", private=True)
+    errors: list[BaseException] = []
+
+    def record(state: str) -> None:
+        try:
+            for _ in range(200):
+                board.reload_outcome(state)
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=record, args=(s,)) for s in ("checking", "reloaded")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        record_ = read_reload(tmp_path / "board", os.getpid())
+        assert (record_["attempt"], record_["reloads"]) == (200, 200)
+    finally:
+        board.close()

@@ -525,6 +525,62 @@ def test_a_stop_during_a_reloads_import_check_leaves_no_check_process(tmp_path):
                 os.kill(check, signal.SIGKILL)
 
 
+HANGING_CHECK_SLOW_REQUEST_APP = """
+import os
+import time
+
+if os.path.exists("hang"):  # the reload's import check: it hangs (a database down)
+    with open("check.pid", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+
+
+def app(environ, start_response):
+    open("request-began", "w").close()
+    time.sleep(1)  # holds the stop a second: the worker sees its check end meanwhile
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+
+def test_a_stop_sent_to_the_workers_process_group_during_a_check_refuses_nothing(tmp_path):
+    """supervisord stops a worker with a TERM to its process group (stopasgroup): the
+    reload check in that group died of it, and the worker logged the new code as
+    refused (CI: "recycling after 1056 requests: the new code is refused ... exit status
+    -15"). The stop is the worker's to act on; the check ends with it."""
+    (tmp_path / "hanging.py").write_text(HANGING_CHECK_SLOW_REQUEST_APP)
+    sock = str(tmp_path / "app.sock")
+    log_path = tmp_path / "app.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            fcgi_command("--bind", f"unix:{sock}", "hanging:app"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=python_env(),
+            process_group=0,  # its own group, as supervisord starts it
+        )
+    pid_file = tmp_path / "check.pid"
+    try:
+        wait_for(lambda: "serving on" in log_path.read_text(), what="the worker to serve")
+        (tmp_path / "hang").touch()
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the check to hang")
+        client = Client(sock)
+        client.send(request_bytes("/"))
+        wait_for((tmp_path / "request-began").exists, what="the request to run")
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert client.read_response().status == 200
+        client.close()
+        assert proc.wait(30) == 0
+        wait_for(lambda: _gone(int(pid_file.read_text())), what="the check to end with it")
+    finally:
+        stop(proc)
+        if pid_file.exists() and pid_file.read_text() and not _gone(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert "refused" not in log_path.read_text()
+
+
 @pytest.mark.slow
 def test_sighup_while_the_app_loads_reloads_once_serving(tmp_path):
     (tmp_path / "slowstart.py").write_text(
@@ -582,6 +638,48 @@ def test_an_alarm_due_while_a_reload_imports_the_app_does_not_kill_the_worker(tm
         client = Client(sock)
         assert body(client) == str(proc.pid)
         client.close()
+
+
+SLOW_EXIT_APP = """
+import atexit
+import time
+
+
+def _slow_exit():  # as a journal that says which calls ended, or a pool closing
+    with open("exiting", "a") as f:
+        f.write("exiting\\n")
+    time.sleep(2)
+
+
+atexit.register(_slow_exit)
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_a_reload_runs_the_apps_exit_hooks_stops_the_next_interpreter(
+    tmp_path,
+):
+    """A reload's drain is over and the old interpreter runs the app's exit hooks, just
+    before the exec: a SIGTERM then was taken by another thread, queued for a signal
+    thread that the exec ended, and lost: the new interpreter served on. It is kept for
+    the next interpreter, which stops."""
+    (tmp_path / "slowexit.py").write_text(SLOW_EXIT_APP)
+    sock = str(tmp_path / "app.sock")
+    marker = tmp_path / "exiting"
+    with logged_worker(tmp_path, "--bind", f"unix:{sock}", "slowexit:app") as (proc, log_path):
+        wait_for(lambda: "serving on" in log_path.read_text(), what="the worker to serve")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(marker.exists, 30, "the old interpreter's exit hooks")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
+    text = log_path.read_text()
+    assert "reloaded: serving the new code" in text and "stopped after" in text
+    assert marker.read_text().count("exiting") == 2  # each interpreter ran its hooks
 
 
 @pytest.mark.slow

@@ -115,6 +115,7 @@ class Scoreboard:
         self._file = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
         self._map = mmap.mmap(self._file.fileno(), SLOT.size)
         self._lock = threading.Lock()  # request threads and the refresher write the slot
+        self._reload_lock = threading.Lock()  # the reload record, read, changed, replaced
         self._running: dict[int, tuple[float, str, str, int]] = {}  # by thread
         self.values: dict[str, Any] = dict.fromkeys(NAMES, 0)
         self.values.update(pid=os.getpid(), start_time=time.time(), method=b"", uri=b"")
@@ -210,17 +211,20 @@ class Scoreboard:
         """Record this worker's reload: ``checking`` (a new attempt), ``refused`` (with
         the check's output) or ``reloaded`` (the new code serves)."""
         pid = os.getpid()
-        record = read_reload(self.dir, pid) or {"attempt": 0, "reloads": 0, "refused": 0}
-        if state == "checking":
-            record["attempt"] += 1
-        elif state == "reloaded":
-            record["reloads"] += 1
-        elif state == "refused":
-            record["refused"] += 1
-        record.update(pid=pid, state=state, detail=detail[-20000:], time=time.time())
-        tmp = self.reload_path.with_name(f"{pid}.reload.new")
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, self.reload_path)
+        # one writer at a time: a reloaded interpreter says "reloaded" from its main
+        # thread while a SIGHUP held across the exec begins its check ("checking")
+        with self._reload_lock:
+            record = read_reload(self.dir, pid) or {"attempt": 0, "reloads": 0, "refused": 0}
+            if state == "checking":
+                record["attempt"] += 1
+            elif state == "reloaded":
+                record["reloads"] += 1
+            elif state == "refused":
+                record["refused"] += 1
+            record.update(pid=pid, state=state, detail=detail[-20000:], time=time.time())
+            tmp = self.reload_path.with_name(f"{pid}.reload.new")
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+            os.replace(tmp, self.reload_path)
         with self._lock:
             self.values["reloads"] = record["reloads"]
             self.values["reloads_refused"] = record["refused"]
