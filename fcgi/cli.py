@@ -36,7 +36,7 @@ from .io.listener import Listener, ListenError, open_listener
 from .ops import logs
 from .ops.scoreboard import pool_folder, runtime_dir
 from .options import Options
-from .reload import Handover, exec_in_place, take_handover
+from .reload import Handover, exec_in_place, release_signals, take_handover
 from .server import Server
 
 EXIT_USAGE = 2
@@ -251,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # First: no signal's default action may end the worker before it serves.
     starting = _Starting()
     try:
+        # held across a reload's exec (reload.HELD_SIGNALS): the handlers above take them
+        # now, and every thread the app starts as it loads, and its children, have none
+        # blocked
+        release_signals()
         return _main(argv, starting)
     except _Stopped:  # TERM/INT before the socket was made: nothing to close
         return 0
@@ -286,9 +290,9 @@ def _main(argv: Sequence[str] | None, starting: _Starting) -> int:
     if handover is not None:
         for kept in handover.conns:
             server.loop.adopt(kept)
-    starting.hand_over(server)
-    if handover is not None:
+    if handover is not None:  # before a HUP may begin the next check, which says "checking"
         server.reloaded()
+    starting.hand_over(server)
     starting.replay(server)
 
     def reexec(handover: Handover) -> None:

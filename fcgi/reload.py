@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -68,7 +69,7 @@ import os, sys, threading, time, traceback
 def _orphaned(worker):
     while os.getppid() == worker:
         time.sleep(0.2)
-    os._exit(1)
+    os.killpg(0, 9)  # this check and what the app started in it: SIGKILL
 
 threading.Thread(target=_orphaned, args=(int(sys.argv[1]),), daemon=True).start()
 from fcgi.cli import AppLoadError, load_app, setup_path
@@ -221,13 +222,12 @@ def check_app(
     # open long after the check has ended, and reading it to its end would wait for it
     with tempfile.TemporaryFile() as out:
         try:
-            result = subprocess.run(
+            check = subprocess.Popen(
                 [sys.executable, "-c", _CHECK, str(os.getpid()), app, check_path, *pythonpath],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                timeout=timeout,
                 cwd=folder,
                 # a session of its own: a stop sent to the worker's process group
                 # (supervisord's stopasgroup, Ctrl-C) is the worker's to act on; it
@@ -235,18 +235,30 @@ def check_app(
                 # ends with the worker (its watch on its parent)
                 start_new_session=True,
             )
-        except subprocess.TimeoutExpired:
-            return f"importing {app} took over {timeout:.0f} s"
         except OSError as exc:
             return f"cannot start {sys.executable}: {exc}"
+        try:
+            returncode = check.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return f"importing {app} took over {timeout:.0f} s"
+        finally:
+            _end_group(check)
         out.seek(0)
         text = out.read().decode(errors="replace").strip()
     lines = text.splitlines()
-    if result.returncode == 0 and PASSED in lines:
+    if returncode == 0 and PASSED in lines:
         return None
-    if result.returncode == 0:  # (an exit status read as 0: SIGCHLD ignored)
+    if returncode == 0:  # (an exit status read as 0: SIGCHLD ignored)
         return text or "the check ended without its verdict"
-    return text or f"exit status {result.returncode}"
+    return text or f"exit status {returncode}"
+
+
+def _end_group(check: subprocess.Popen) -> None:
+    """End the check and whatever the app started in it as it was imported: out of the
+    worker's process group, a stop of the pool would no longer reach them."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # none left
+        os.killpg(check.pid, signal.SIGKILL)
+    check.wait()
 
 
 def exec_in_place(handover: Handover) -> None:

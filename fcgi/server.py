@@ -189,7 +189,6 @@ class Server:
         # for would end the worker (the default action) with every request on it.
         if signal.getsignal(signal.SIGALRM) is signal.SIG_DFL:
             signal.signal(signal.SIGALRM, self.handle_alarm)
-        release_signals()  # held across the exec of a reload, if this is one
 
     def _signals_heard(self) -> None:
         """Before a reload's exec: hold the signals the next interpreter takes over, and
@@ -200,6 +199,8 @@ class Server:
         heard = threading.Event()
         self._signaled.put(("heard", heard))
         heard.wait(1.0)
+        if self._terminated:  # a TERM since the reload was decided: the next one stops
+            signal.pthread_kill(self._exec_thread, signal.SIGTERM)
 
     def _act_on_signals(self) -> None:
         """The signal thread: what the handlers asked for that takes a thread or a lock."""

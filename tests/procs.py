@@ -306,22 +306,29 @@ def stack(
         assert stopped.returncode == 0, stopped.stderr
     left = left_running(pids)
     assert not left, f"processes left behind: {left}"
-    # a worker that failed on its own (exit status 1: a traceback, a fault of the worker)
-    # fails whichever test it happened in, with the workers' logs that say why
+    # a worker that failed on its own (exit status 1: a traceback, a fault of the worker;
+    # or a signal's default action) fails whichever test it happened in, with the
+    # workers' logs that say why; a SIGKILL is a test's own
+    supervisord = (var / "log" / "supervisord.log").read_text()
     failed = re.search(
-        r"exited: app_\d+ \(exit status 1;", (var / "log" / "supervisord.log").read_text()
+        r"(?:exited|stopped): app_\d+ \((?:exit status 1\b|terminated by SIG(?!KILL))",
+        supervisord,
     )
-    assert not failed, worker_exits(var)
+    assert not failed, worker_logs(var)
 
 
 def worker_exits(var: Path) -> str:
-    """'' if supervisord saw no worker of the stack at ``var`` exit; otherwise its log
-    and each worker's log (the last 150 lines), so a failure says why it exited."""
-    logs = var / "log"
-    supervisord = (logs / "supervisord.log").read_text()
-    if "exited: app_" not in supervisord:
+    """'' if supervisord saw no worker of the stack at ``var`` exit; otherwise
+    ``worker_logs``, which say why it exited."""
+    if "exited: app_" not in (var / "log" / "supervisord.log").read_text():
         return ""
-    parts = [supervisord]
+    return worker_logs(var)
+
+
+def worker_logs(var: Path) -> str:
+    """supervisord's log of the stack at ``var`` and each worker's (the last 150 lines)."""
+    logs = var / "log"
+    parts = [(logs / "supervisord.log").read_text()]
     for path in sorted(logs.glob("app_*.log*")):
         parts.append(f"--- {path.name}:\n" + "\n".join(lines(path)[-150:]))
     return "\n".join(parts)
