@@ -249,10 +249,16 @@ class Server:
     def reload(self, why: str) -> None:
         """Reload in place once the new code is known to import (the check runs in a
         thread of its own); from any thread but a signal handler (``handle_reload``)."""
+        # A reload asked for while one is under way is answered by it: a new attempt on
+        # the record, which that reload's outcome then closes (``fcgi-finish reload``
+        # waits for an outcome of an attempt it began).
         if self.stopping:
             log.info("%s: a reload or stop is already under way", why)
+            if self.reloading:
+                self._record_reload("checking")
             return
         if self._checking:  # the check may have read the code before this change
+            self._record_reload("checking")
             self._check_again = True
             log.info("%s: the new code is checked again once the check under way ends", why)
             return

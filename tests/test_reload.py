@@ -687,6 +687,54 @@ def test_a_sigterm_while_a_reload_runs_the_apps_exit_hooks_stops_the_next_interp
     assert "restarting in place" in text and text.count("serving on") == 1, text
 
 
+HELD_DRAIN_APP = """
+import os
+import time
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/slow":  # holds a reload's drain until told
+        open("request-began", "w").close()
+        while not os.path.exists("release"):
+            time.sleep(0.02)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+
+def test_a_sighup_during_a_reloads_drain_is_answered_by_that_reload(tmp_path):
+    """`fcgi-finish reload` waits for the outcome of an attempt it began; a SIGHUP that
+    landed while a reload drained (or checked) began none, and the reload waited out
+    its deadline with "no outcome in time" although the worker served the new code."""
+    from fcgi.ops.scoreboard import read_reload
+
+    (tmp_path / "helddrain.py").write_text(HELD_DRAIN_APP)
+    board = tmp_path / "board"
+    sock = str(tmp_path / "app.sock")
+    args = ("--bind", f"unix:{sock}", "--threads", "2", "--status-path", "/status")
+    args += ("--scoreboard", str(board))
+    with logged_worker(tmp_path, *args, "helddrain:app") as (proc, log_path):
+        wait_for(lambda: "serving on" in log_path.read_text(), what="the worker to serve")
+        client = Client(sock)
+        client.send(request_bytes("/slow"))
+        wait_for((tmp_path / "request-began").exists, what="the request to run")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloading: finishing" in log_path.read_text(), 30, "the drain")
+        before = read_reload(board, proc.pid)["attempt"]
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "already under way" in log_path.read_text(), what="the second HUP")
+        assert read_reload(board, proc.pid)["attempt"] == before + 1
+        (tmp_path / "release").touch()
+        assert client.read_response().status == 200
+        client.close()
+        wait_for(
+            lambda: (r := read_reload(board, proc.pid))["state"] == "reloaded" and r,
+            30,
+            "the reload's outcome",
+        )
+        assert read_reload(board, proc.pid)["attempt"] == before + 1
+
+
 MASK_APP = """
 import signal
 
