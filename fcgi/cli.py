@@ -94,6 +94,8 @@ def load_app(spec: str) -> Callable[..., Any]:
         raise AppLoadError(
             f"module {module_name!r} has no {attr!r}; check the name after the colon"
         ) from None
+    except Exception as exc:  # a module __getattr__ that imports lazily (the demo's)
+        raise AppRaised(f"loading {spec!r} raised {type(exc).__name__}: {exc}") from exc
     if not callable(app):
         raise AppLoadError(f"{spec} is a {type(app).__name__}, not a WSGI callable")
     return app

@@ -242,3 +242,19 @@ def test_a_folder_closed_to_the_workers_user_is_named_with_its_mode(shared_dir):
     inside, stdlib = answers.split("|")
     assert inside == f"{closed} (mode 700)"
     assert stdlib in ("", "/root (mode 700)")  # Debian's Python is open; pyenv's under /root
+
+
+LAZY_APP = """
+def __getattr__(name):  # a package that imports its app lazily, as wsgi_app.demo does
+    raise RuntimeError("the database is down")
+"""
+
+
+def test_an_app_whose_lazy_import_raises_is_refused_with_its_traceback(tmp_path):
+    """The demo's `application` is a module __getattr__ that imports it: a failure
+    there (its journal locked) escaped as a bare traceback and exit 1, which
+    supervisord restarted as a crash, not the refusal (exit 2) of a broken app."""
+    (tmp_path / "lazy.py").write_text(LAZY_APP)
+    result = run("--bind", "127.0.0.1:0", "--pythonpath", str(tmp_path), "lazy:application")
+    assert result.returncode == 2, result.stderr
+    assert "loading 'lazy:application' raised RuntimeError: the database is down" in (result.stderr)

@@ -914,3 +914,23 @@ def test_a_relative_journal_path_stays_the_same_file_after_the_app_changes_folde
         thread.join(10)
         assert seen == [["m:call"]]
     assert list(elsewhere.iterdir()) == []
+
+
+def test_workers_that_make_a_new_journal_at_once_all_start(tmp_path: Path) -> None:
+    """A new file takes WAL mode under an exclusive lock, and SQLite answers a worker
+    that loses that race "database is locked" at once: one worker of a fresh two-worker
+    stack exited at start (CI). Here another connection holds the write lock of the
+    new file for half a second, as the winner does; the journal waits for it."""
+    path = tmp_path / "j.sqlite3"
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    winner = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    winner.execute("BEGIN IMMEDIATE")
+    done = threading.Timer(0.5, lambda: winner.execute("COMMIT"))
+    done.start()
+    try:
+        with contextlib.closing(Journal(path, app="one")) as journal:
+            assert journal.counts() == {"journal_pending": 0, "journal_dead": 0}
+    finally:
+        done.join()
+        winner.close()
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -70,6 +70,26 @@ INSERT_ROWS = 1000  # calls per INSERT statement (SQLite's limit on variables: 3
 BOARD_SLOTS = 4096  # calls running at once that a death is counted against
 
 
+WAL_WAIT = 30.0  # seconds a new journal's switch to WAL waits for the other workers
+
+
+def _into_wal(db: sqlite3.Connection) -> None:
+    """WAL mode, which a new file takes under an exclusive lock. Workers that start
+    together race for it, and SQLite answers the losers "locked" at once: its busy wait
+    could deadlock there. So each tries again until the winner is done (CI: a worker of
+    a fresh stack exited with "database is locked")."""
+    deadline = time.monotonic() + WAL_WAIT
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class JournalError(Exception):
     """The journal cannot be used as set (a path the worker cannot write); the message
     names the path and the fix. ``setup_error``: a worker that loads the app prints it
@@ -158,7 +178,7 @@ class Journal(Takeover):
             make_private(self.path.with_name(self.path.name + suffix), journal_log.FILE_MODE)
         db = self._db()
         db.execute("PRAGMA page_size=1024")  # a new file only: rows are small, so are commits
-        db.execute("PRAGMA journal_mode=WAL")
+        _into_wal(db)
         if db.execute("PRAGMA user_version").fetchone()[0] >= VERSION:
             return  # the usual case: a look, no write
         with self._writing:
