@@ -253,9 +253,9 @@ class Server:
         # the record, which that reload's outcome then closes (``fcgi-finish reload``
         # waits for an outcome of an attempt it began).
         if self.stopping:
-            log.info("%s: a reload or stop is already under way", why)
             if self.reloading:
                 self._record_reload("checking")
+            log.info("%s: a reload or stop is already under way", why)
             return
         if self._checking:  # the check may have read the code before this change
             self._record_reload("checking")

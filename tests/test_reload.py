@@ -716,17 +716,20 @@ def test_a_sighup_during_a_reloads_drain_is_answered_by_that_reload(tmp_path):
     with logged_worker(tmp_path, *args, "helddrain:app") as (proc, log_path):
         wait_for(lambda: "serving on" in log_path.read_text(), what="the worker to serve")
         client = Client(sock)
-        client.send(request_bytes("/slow"))
-        wait_for((tmp_path / "request-began").exists, what="the request to run")
-        proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "reloading: finishing" in log_path.read_text(), 30, "the drain")
-        before = read_reload(board, proc.pid)["attempt"]
-        proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "already under way" in log_path.read_text(), what="the second HUP")
-        assert read_reload(board, proc.pid)["attempt"] == before + 1
-        (tmp_path / "release").touch()
-        assert client.read_response().status == 200
-        client.close()
+        try:
+            client.send(request_bytes("/slow"))
+            wait_for((tmp_path / "request-began").exists, what="the request to run")
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "reloading: finishing" in log_path.read_text(), 30, "the drain")
+            before = read_reload(board, proc.pid)["attempt"]
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "already under way" in log_path.read_text(), what="the second HUP")
+            # recorded before that line is logged
+            assert read_reload(board, proc.pid)["attempt"] == before + 1
+        finally:
+            (tmp_path / "release").touch()
+            assert client.read_response().status == 200
+            client.close()
         wait_for(
             lambda: (r := read_reload(board, proc.pid))["state"] == "reloaded" and r,
             30,
