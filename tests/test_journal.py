@@ -933,4 +933,5 @@ def test_workers_that_make_a_new_journal_at_once_all_start(tmp_path: Path) -> No
     finally:
         done.join()
         winner.close()
-    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
