@@ -467,7 +467,7 @@ def test_a_reload_checks_the_new_code_in_the_apps_folder_after_the_app_chdirs(tm
         client.close()
 
 
-HANGING_IMPORT_APP = """
+HANGING_IMPORT = """
 import os
 import time
 
@@ -475,12 +475,16 @@ if os.path.exists("hang"):  # the reload's import check: it hangs (a database do
     with open("check.pid", "w") as f:
         f.write(str(os.getpid()))
     time.sleep(60)
-
+"""
+HANGING_IMPORT_APP = (
+    HANGING_IMPORT
+    + """
 
 def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"ok"]
 """
+)
 
 
 def test_broken_new_code_is_refused_when_the_app_ignores_sigchld(reloadable):
@@ -531,15 +535,9 @@ def test_a_stop_during_a_reloads_import_check_leaves_no_check_process(tmp_path):
                 os.kill(check, signal.SIGKILL)
 
 
-HANGING_CHECK_SLOW_REQUEST_APP = """
-import os
-import time
-
-if os.path.exists("hang"):  # the reload's import check: it hangs (a database down)
-    with open("check.pid", "w") as f:
-        f.write(str(os.getpid()))
-    time.sleep(60)
-
+HANGING_CHECK_SLOW_REQUEST_APP = (
+    HANGING_IMPORT
+    + """
 
 def app(environ, start_response):
     open("request-began", "w").close()
@@ -547,6 +545,7 @@ def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"ok"]
 """
+)
 
 
 def test_a_stop_sent_to_the_workers_process_group_during_a_check_refuses_nothing(tmp_path):
